@@ -1,0 +1,145 @@
+"""Shared fixtures: tiny causal LMs built from a config, and a tiny multi-task corpus.
+
+The hub is never reached: ``HF_HUB_OFFLINE=1`` is set before transformers is imported, models are
+built from a ``LlamaConfig`` with a seeded init, and the tokenizer is the packaged SmolLM2 one.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+TINY_CONFIG: dict[str, Any] = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=True,
+)
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything() -> None:
+    torch.manual_seed(0)
+    random.seed(0)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The packaged SmolLM2-135M-Instruct folder (built from its GGUF on first use)."""
+    from tclora.assets import ensure_model
+
+    return ensure_model()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm2_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+def build_tiny_llama(vocab_size: int, seed: int = 0, **overrides: Any) -> Any:
+    """A 2-layer Llama with hidden size 32, initialised from ``seed``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, **{**TINY_CONFIG, **overrides})
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def tiny_llama(tokenizer: Any) -> Any:
+    return build_tiny_llama(len(tokenizer))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> Path:
+    """A saved tiny Llama folder with the SmolLM2 tokenizer: loadable by ``resolve_model``."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny_llama(len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def make_multitask_samples(per_task: int = 30, seed: int = 0) -> list[dict[str, str]]:
+    """Four tasks with clearly different input formats: arithmetic, translation, sentiment, code."""
+    rng = random.Random(seed)
+    words = {
+        "cat": "chat",
+        "dog": "chien",
+        "house": "maison",
+        "water": "eau",
+        "bread": "pain",
+        "apple": "pomme",
+        "book": "livre",
+        "sun": "soleil",
+        "tree": "arbre",
+        "car": "voiture",
+    }
+    good = ["loved", "enjoyed", "adored", "liked"]
+    bad = ["hated", "disliked", "loathed", "despised"]
+    things = ["the film", "this restaurant", "the new phone", "that concert", "the hotel"]
+    samples: list[dict[str, str]] = []
+    for _ in range(per_task):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        samples.append(
+            {
+                "prompt": f"What is {a} + {b}? Answer with a number.",
+                "response": str(a + b),
+                "task": "arithmetic",
+            }
+        )
+        en = rng.choice(sorted(words))
+        samples.append(
+            {
+                "prompt": f"Translate the English word '{en}' into French.",
+                "response": words[en],
+                "task": "translation",
+            }
+        )
+        positive = rng.random() < 0.5
+        verb = rng.choice(good if positive else bad)
+        samples.append(
+            {
+                "prompt": f"Review: I {verb} {rng.choice(things)}. Is this review "
+                "positive or negative?",
+                "response": "positive" if positive else "negative",
+                "task": "sentiment",
+            }
+        )
+        x = rng.randint(1, 9)
+        k = rng.randint(2, 5)
+        samples.append(
+            {
+                "prompt": f"```python\ndef f(x):\n    return x * {k}\nprint(f({x}))\n```\n"
+                "What does this code print?",
+                "response": str(x * k),
+                "task": "code",
+            }
+        )
+    return samples
+
+
+@pytest.fixture
+def multitask_samples() -> list[dict[str, str]]:
+    return make_multitask_samples()
+
+
+@pytest.fixture
+def multitask_jsonl(tmp_path: Path, multitask_samples: list[dict[str, str]]) -> Path:
+    path = tmp_path / "multitask.jsonl"
+    path.write_text("".join(json.dumps(s) + "\n" for s in multitask_samples))
+    return path
