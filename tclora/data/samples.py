@@ -1,0 +1,96 @@
+"""The sample record and the pure functions over sample lists (hashing, text, splitting)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Message", "Prompt", "Sample", "content_hash", "prompt_text", "split_train_val"]
+
+Message = dict[str, Any]
+"""One chat message: ``{"role": "user" | "system" | "assistant", "content": str}``."""
+
+Prompt = str | list[Message]
+"""A prompt is plain text or a list of chat messages."""
+
+
+@dataclass
+class Sample:
+    """One training example.
+
+    Attributes:
+        prompt: Plain text, or chat messages (rendered later with the tokenizer's chat template).
+        response: The target text; the loss is computed on its tokens only.
+        task: Name of the task the sample came from. Used for statistics and evaluation only,
+            never as a clustering input.
+        source: Which source (file, registry task, dataset) the sample was read from.
+    """
+
+    prompt: Prompt
+    response: str
+    task: str
+    source: str = ""
+
+
+def prompt_text(prompt: Prompt) -> str:
+    """Return the plain text of a prompt, as fed to the sentence encoder.
+
+    Chat messages are joined by newlines, content only (no role tags or template tokens), so the
+    embedding reflects what the sample asks and not how a tokenizer formats it.
+
+    Args:
+        prompt: Plain text or a list of ``{"role", "content"}`` messages.
+
+    Returns:
+        The text.
+    """
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(str(m.get("content", "")) for m in prompt)
+
+
+def content_hash(samples: Sequence[Sample]) -> str:
+    """Hash the content of a sample list (prompt, response and task, in order).
+
+    Args:
+        samples: The samples.
+
+    Returns:
+        A hex sha256 digest; equal lists give equal digests, any edited, added, removed or
+        reordered sample changes it.
+    """
+    digest = hashlib.sha256()
+    for sample in samples:
+        record = [sample.prompt, sample.response, sample.task]
+        digest.update(json.dumps(record, ensure_ascii=False, sort_keys=True).encode("utf-8"))
+        digest.update(b"\x1e")
+    return digest.hexdigest()
+
+
+def split_train_val(
+    num_samples: int, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``range(num_samples)`` into seeded train and validation index sets.
+
+    Args:
+        num_samples: Number of samples.
+        val_fraction: Fraction in ``[0, 1)`` held out for validation (rounded up, so any positive
+            fraction holds out at least one sample; never all of them).
+        seed: Seed of the permutation.
+
+    Returns:
+        ``(train, val)``: sorted ``int64`` index arrays that partition ``range(num_samples)``.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction!r} must be in [0, 1)")
+    num_val = min(math.ceil(num_samples * val_fraction), max(num_samples - 1, 0))
+    order = np.random.default_rng(seed).permutation(num_samples)
+    val = np.sort(order[:num_val]).astype(np.int64)
+    train = np.sort(order[num_val:]).astype(np.int64)
+    return train, val

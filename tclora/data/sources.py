@@ -1,0 +1,451 @@
+"""Readers: one source (file, folder, evals-registry task, Hugging Face dataset) -> samples.
+
+A source is written as a string or a dict:
+
+* ``"data/train.jsonl"``, ``"data/"`` -- a local JSONL / JSON / Parquet / CSV file, or a folder
+  searched recursively for such files (a folder holding a ``save_to_disk`` dataset is read with
+  ``datasets.load_from_disk``);
+* ``"registry:<task>"`` -- an evals-registry task from :func:`tclora.assets.corpus_dir`
+  (``{"input": [messages], "ideal": answer}`` lines);
+* ``"hf:<name>"`` -- a Hugging Face ``datasets`` name (needs the optional ``datasets`` package and,
+  unless cached, the network);
+* ``{"path" | "registry" | "hf": ..., "prompt_field": ..., "response_field": ...,
+  "task_field": ..., "task": ..., "max_samples": ..., "split": ..., "name": ...}`` -- the same
+  with per-source options.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import json
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tclora.data.samples import Prompt, Sample
+
+__all__ = [
+    "FILE_SUFFIXES",
+    "SOURCE_KINDS",
+    "DataSourceError",
+    "SourceSpec",
+    "load_source",
+    "load_sources",
+    "parse_source",
+]
+
+SOURCE_KINDS = ("path", "registry", "hf")
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+_OPTION_KEYS = {
+    "prompt_field",
+    "response_field",
+    "task_field",
+    "task",
+    "max_samples",
+    "split",
+    "name",
+}
+
+
+class DataSourceError(ValueError):
+    """A source cannot be read: missing file, unknown type, empty data, missing field."""
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One parsed source.
+
+    Attributes:
+        kind: ``"path"``, ``"registry"`` or ``"hf"``.
+        location: The file or folder, the registry task name, or the dataset name.
+        prompt_field: Record field holding the prompt (text or chat messages). ``None`` picks
+            the kind's default: ``"input"`` for the registry, ``"prompt"`` otherwise.
+        response_field: Record field holding the response; a list takes its first element.
+            ``None`` picks ``"ideal"`` for the registry, ``"response"`` otherwise.
+        task_field: Record field holding the task name. ``None`` uses ``"task"`` when a record
+            has it; set explicitly, every record must have it.
+        task: A fixed task name for the whole source (used when no task field is found).
+            Defaults to the file stem, registry task or dataset name.
+        max_samples: Keep at most this many samples, a seeded random subset in original order.
+        split: Split of a Hugging Face dataset.
+        name: Configuration name of a Hugging Face dataset.
+    """
+
+    kind: str
+    location: str
+    prompt_field: str | None = None
+    response_field: str | None = None
+    task_field: str | None = None
+    task: str | None = None
+    max_samples: int | None = None
+    split: str = "train"
+    name: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def label(self) -> str:
+        """A short human-readable name of the source (used in messages and as ``Sample.source``)."""
+        return self.location if self.kind == "path" else f"{self.kind}:{self.location}"
+
+
+def parse_source(source: str | Mapping[str, Any]) -> SourceSpec:
+    """Parse one source string or dict, checking its type and options (reads nothing).
+
+    Args:
+        source: See the module docstring.
+
+    Returns:
+        The parsed :class:`SourceSpec`.
+
+    Raises:
+        DataSourceError: Unknown source type, unknown option, or a bad ``max_samples``.
+    """
+    if isinstance(source, str | Path):
+        text = str(source)
+        prefix, sep, rest = text.partition(":")
+        if sep and prefix in ("registry", "hf"):
+            if not rest:
+                raise DataSourceError(f"source {text!r}: nothing after {prefix + ':'!r}")
+            return SourceSpec(kind=prefix, location=rest)
+        if sep and len(prefix) > 1 and not Path(text).exists() and "/" not in prefix:
+            raise DataSourceError(
+                f"source {text!r}: unknown source type {prefix!r}; allowed: a local file or "
+                "folder path, 'registry:<task>' or 'hf:<dataset name>'"
+            )
+        return SourceSpec(kind="path", location=text)
+    if not isinstance(source, Mapping):
+        raise DataSourceError(
+            f"source {source!r}: unknown source type {type(source).__name__}; allowed: a string "
+            "(path, 'registry:<task>', 'hf:<name>') or a dict with one of the keys "
+            f"{list(SOURCE_KINDS)}"
+        )
+    kinds = [k for k in SOURCE_KINDS if k in source]
+    if len(kinds) != 1:
+        raise DataSourceError(
+            f"source {dict(source)!r}: unknown source type; a source dict needs exactly one of "
+            f"the keys {list(SOURCE_KINDS)}, got {kinds or 'none'}"
+        )
+    unknown = sorted(set(source) - set(SOURCE_KINDS) - _OPTION_KEYS)
+    if unknown:
+        raise DataSourceError(
+            f"source {dict(source)!r}: unknown option(s) {unknown}; allowed: {sorted(_OPTION_KEYS)}"
+        )
+    max_samples = source.get("max_samples")
+    if max_samples is not None and (
+        isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
+    ):
+        raise DataSourceError(
+            f"source {dict(source)!r}: max_samples={max_samples!r} must be a positive integer or None"
+        )
+    options = {k: source[k] for k in _OPTION_KEYS if k in source}
+    return SourceSpec(kind=kinds[0], location=str(source[kinds[0]]), **options)
+
+
+def _default_fields(spec: SourceSpec) -> tuple[str, str]:
+    if spec.kind == "registry":
+        return spec.prompt_field or "input", spec.response_field or "ideal"
+    return spec.prompt_field or "prompt", spec.response_field or "response"
+
+
+def _as_prompt(value: Any, where: str, prompt_field: str) -> Prompt:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(
+        isinstance(m, Mapping) and "content" in m and "role" in m for m in value
+    ):
+        return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
+    raise DataSourceError(
+        f"{where}: field {prompt_field!r} must be a string or a list of "
+        f'{{"role", "content"}} chat messages, got {type(value).__name__}: {str(value)[:80]!r}'
+    )
+
+
+def _as_response(value: Any) -> str | None:
+    if isinstance(value, list | tuple):
+        value = value[0] if value else None
+    if value is None:
+        return None
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _records_to_samples(
+    records: Iterable[tuple[str, Mapping[str, Any]]],
+    spec: SourceSpec,
+    default_task: str,
+    lenient: bool,
+) -> list[Sample]:
+    """Map raw records to samples. ``lenient`` skips incomplete records with a counted warning."""
+    prompt_field, response_field = _default_fields(spec)
+    samples: list[Sample] = []
+    skipped = 0
+    for where, record in records:
+        if not isinstance(record, Mapping):
+            raise DataSourceError(
+                f"{where}: expected a JSON object per record, got {type(record).__name__}"
+            )
+        missing = [
+            f
+            for f in (prompt_field, response_field)
+            if f not in record or _as_response(record[f]) is None and f == response_field
+        ]
+        if spec.task_field is not None and spec.task_field not in record:
+            missing.append(spec.task_field)
+        if missing:
+            if lenient:
+                skipped += 1
+                continue
+            raise DataSourceError(
+                f"{where}: missing field(s) {missing}; the record has {sorted(record)}. Set "
+                "prompt_field / response_field / task_field in the source dict to map them"
+            )
+        task_field = spec.task_field or "task"
+        if task_field in record and record[task_field] is not None:
+            task = str(record[task_field])
+        else:
+            task = spec.task or default_task
+        response = _as_response(record[response_field])
+        assert response is not None
+        samples.append(
+            Sample(
+                prompt=_as_prompt(record[prompt_field], where, prompt_field),
+                response=response,
+                task=task,
+                source=spec.label,
+            )
+        )
+    if skipped:
+        warnings.warn(
+            f"source {spec.label!r}: skipped {skipped} record(s) without "
+            f"{prompt_field!r}/{response_field!r}; kept {len(samples)}",
+            stacklevel=3,
+        )
+    return samples
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{number}", json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataSourceError(f"{path}:{number}: not valid JSON ({err.msg})") from err
+
+
+def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataSourceError(f"{path}: not valid JSON ({err.msg})") from err
+    if isinstance(data, Mapping):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataSourceError(
+                f"{path}: expected a JSON list of records (or an object holding exactly one such "
+                f"list), got an object with keys {sorted(data)[:10]}"
+            )
+        data = lists[0]
+    if not isinstance(data, list):
+        raise DataSourceError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    for number, record in enumerate(data):
+        yield f"{path}[{number}]", record
+
+
+def _iter_csv(path: Path) -> Iterator[tuple[str, Any]]:
+    with open(path, encoding="utf-8", newline="") as handle:
+        for number, row in enumerate(csv.DictReader(handle), start=2):
+            yield f"{path}:{number}", row
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as err:
+        raise DataSourceError(
+            f"{path}: reading Parquet needs the optional package pyarrow; install it with "
+            "`pip install pyarrow`, or convert the file to JSONL"
+        ) from err
+    for number, record in enumerate(pq.read_table(path).to_pylist()):
+        yield f"{path}[{number}]", record
+
+
+_READERS = {
+    ".jsonl": _iter_jsonl,
+    ".json": _iter_json,
+    ".csv": _iter_csv,
+    ".parquet": _iter_parquet,
+}
+
+
+def _is_saved_hf_dataset(folder: Path) -> bool:
+    return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
+
+
+def _import_datasets(what: str) -> Any:
+    try:
+        import datasets
+    except ImportError as err:
+        raise DataSourceError(
+            f"{what}: Hugging Face datasets need the optional package `datasets`, which is not "
+            "installed; install it with `pip install datasets`, or export the data to JSONL"
+        ) from err
+    return datasets
+
+
+def _read_hf(spec: SourceSpec, saved_folder: Path | None = None) -> list[Sample]:
+    datasets = _import_datasets(f"source {spec.label!r}")
+    if saved_folder is not None:
+        data = datasets.load_from_disk(str(saved_folder))
+        name = saved_folder.name
+    else:
+        try:
+            data = datasets.load_dataset(spec.location, spec.name, split=spec.split)
+        except Exception as err:  # noqa: BLE001 -- re-raised with the reason and a way out
+            raise DataSourceError(
+                f"source {spec.label!r}: could not load the Hugging Face dataset "
+                f"(split={spec.split!r}, name={spec.name!r}): {type(err).__name__}: "
+                f"{str(err).splitlines()[0][:300] if str(err) else ''}. Offline, use a local "
+                "file or a folder saved with `Dataset.save_to_disk`"
+            ) from err
+        name = spec.location.rsplit("/", 1)[-1]
+    if isinstance(data, Mapping):  # a DatasetDict
+        if spec.split not in data:
+            raise DataSourceError(
+                f"source {spec.label!r}: split={spec.split!r} not found; available: {sorted(data)}"
+            )
+        data = data[spec.split]
+    records = ((f"{spec.label}[{i}]", row) for i, row in enumerate(data))
+    return _records_to_samples(records, spec, default_task=name, lenient=False)
+
+
+def _read_path(spec: SourceSpec) -> list[Sample]:
+    path = Path(spec.location).expanduser()
+    if not path.exists():
+        raise DataSourceError(f"source {spec.location!r}: no such file or folder")
+    if path.is_dir():
+        if _is_saved_hf_dataset(path):
+            return _read_hf(spec, saved_folder=path)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _READERS)
+        if not files:
+            raise DataSourceError(
+                f"source {spec.location!r}: the folder holds no data files "
+                f"(looked for {list(FILE_SUFFIXES)} recursively)"
+            )
+    else:
+        if path.suffix not in _READERS:
+            raise DataSourceError(
+                f"source {spec.location!r}: unknown file type {path.suffix!r}; allowed: "
+                f"{list(FILE_SUFFIXES)}"
+            )
+        files = [path]
+    samples: list[Sample] = []
+    for file in files:
+        records = _READERS[file.suffix](file)
+        samples += _records_to_samples(records, spec, default_task=file.stem, lenient=False)
+    return samples
+
+
+def _read_registry(spec: SourceSpec) -> list[Sample]:
+    from tclora.assets import corpus_dir
+
+    root = corpus_dir()
+    folder = root / spec.location
+    if not folder.is_dir():
+        known = sorted(p.name for p in root.iterdir() if p.is_dir())
+        close = difflib.get_close_matches(spec.location, known, n=5)
+        raise DataSourceError(
+            f"source {spec.label!r}: no evals-registry task {spec.location!r} under {root}"
+            + (f"; did you mean {close}?" if close else f" ({len(known)} tasks are available)")
+        )
+    files = sorted(folder.rglob("*.jsonl"))
+    samples: list[Sample] = []
+    for file in files:
+        records: Iterator[tuple[str, Any]] = _iter_jsonl(file)
+        samples += _records_to_samples(records, spec, default_task=spec.location, lenient=True)
+    if not samples:
+        raise DataSourceError(
+            f"source {spec.label!r}: the registry task yields no usable samples "
+            f"({len(files)} JSONL file(s), none with a chat-message {_default_fields(spec)[0]!r} "
+            f"and an {_default_fields(spec)[1]!r}); it uses another schema. Pick another task or "
+            "set prompt_field / response_field"
+        )
+    return samples
+
+
+def _cap(samples: list[Sample], max_samples: int | None, seed: int) -> list[Sample]:
+    if max_samples is None or len(samples) <= max_samples:
+        return samples
+    keep = np.sort(np.random.default_rng(seed).choice(len(samples), max_samples, replace=False))
+    return [samples[i] for i in keep]
+
+
+def load_source(spec: SourceSpec | str | Mapping[str, Any], seed: int = 42) -> list[Sample]:
+    """Read one source into samples.
+
+    Args:
+        spec: A parsed :class:`SourceSpec`, or a source string / dict for :func:`parse_source`.
+        seed: Seed of the ``max_samples`` subset.
+
+    Returns:
+        The samples, in file order.
+
+    Raises:
+        DataSourceError: The source is missing, of an unknown type, empty, or lacks a field.
+    """
+    if not isinstance(spec, SourceSpec):
+        spec = parse_source(spec)
+    if spec.kind == "path":
+        samples = _read_path(spec)
+    elif spec.kind == "registry":
+        samples = _read_registry(spec)
+    else:
+        samples = _read_hf(spec)
+    if not samples:
+        raise DataSourceError(f"source {spec.label!r}: empty data (no samples)")
+    return _cap(samples, spec.max_samples, seed)
+
+
+def load_sources(
+    sources: Sequence[str | Mapping[str, Any] | SourceSpec],
+    seed: int = 42,
+    prompt_field: str | None = None,
+    response_field: str | None = None,
+    task_field: str | None = None,
+) -> list[Sample]:
+    """Read and concatenate several sources.
+
+    Args:
+        sources: Source strings, dicts or specs (see the module docstring).
+        seed: Seed of the per-source ``max_samples`` subsets.
+        prompt_field: Default prompt field for sources that do not set one.
+        response_field: Default response field for sources that do not set one.
+        task_field: Default task field for sources that do not set one.
+
+    Returns:
+        All samples, source after source.
+
+    Raises:
+        DataSourceError: Empty ``sources``, or any source that cannot be read.
+    """
+    if isinstance(sources, str | Mapping) or not sources:
+        raise DataSourceError(
+            f"sources={sources!r}: expected a non-empty list of sources (paths, "
+            "'registry:<task>', 'hf:<name>' or dicts)"
+        )
+    specs = [s if isinstance(s, SourceSpec) else parse_source(s) for s in sources]
+    samples: list[Sample] = []
+    for spec in specs:
+        spec = replace(
+            spec,
+            prompt_field=spec.prompt_field or prompt_field,
+            response_field=spec.response_field or response_field,
+            task_field=spec.task_field or task_field,
+        )
+        samples += load_source(spec, seed=seed)
+    return samples
