@@ -1,0 +1,418 @@
+"""Joint CP decomposition of stacked LoRA deltas, per module, with two engines.
+
+For one module the T adapters' deltas ``ΔW_t = s_t B_t A_t`` form ``X`` (``T × d_out × d_in``) and
+a rank-``R`` CP model ``X ≈ Σ_q λ_q c_q ⊗ u_q ⊗ v_q`` gives task loadings ``C`` (``T × R``), output
+factors ``U`` (``d_out × R``) and input factors ``V`` (``d_in × R``).
+
+Engines:
+    ``"dense"``: ``tensorly.decomposition.parafac`` on the dense tensor (the reference; PyTorch
+        backend set with ``tl.backend_context`` for the call only, so tensorly's global backend is
+        left as it was).
+    ``"factored"``: the same ALS sweeps with every product computed from ``A_t`` and ``B_t``:
+        ``O(Σr·(d_in + d_out)·R)`` per sweep instead of ``O(T·d_out·d_in·R)`` and memory
+        ``O((d_in + d_out)·(Σr + R))`` instead of ``O(T·d_out·d_in)``. From the same initial factors
+        it reproduces tensorly's iterates (same mode order, same normal equations, same error
+        formula and stopping rule); its SVD initialisation is computed exactly from the factors
+        (a Tucker compression ``X = K ×₂ Q_B ×₃ Q_A``), its random one draws the same numbers.
+
+Results are normalised: unit-norm columns in ``C``, ``U``, ``V``; the magnitudes in ``λ``;
+each loading column oriented so that ``Σ_t c_tq ≥ 0`` (then the largest ``|u_q|`` entry positive,
+with ``v_q`` flipped alongside); components sorted by ``λ`` descending.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import tensorly as tl
+import torch
+from tensorly.cp_tensor import CPTensor
+from torch import Tensor
+
+from tclora.merge.stack import AdapterStack
+
+__all__ = ["CPResult", "cp_decompose", "cp_als_factored", "fold_in", "initialize_factored"]
+
+Engine = Literal["factored", "dense"]
+Init = Literal["svd", "random"]
+
+
+@dataclass
+class CPResult:
+    """CP decomposition of one module's stacked deltas.
+
+    Attributes:
+        cp: ``CPTensor((λ, [C, U, V]))``, normalised (unit columns, magnitudes in ``λ``).
+        fit_error: relative error ``‖X − [[λ; C, U, V]]‖_F / ‖X‖_F``.
+        n_iter: ALS sweeps run.
+        norm: ``‖X‖_F`` (used by ``fold_in`` to update ``fit_error``).
+        rank_requested: the rank asked for (``cp.rank`` is smaller when it was clamped).
+    """
+
+    cp: CPTensor
+    fit_error: float
+    n_iter: int
+    norm: float = math.nan
+    rank_requested: int = 0
+
+    @property
+    def weights(self) -> Tensor:
+        """``λ`` (length ``R``)."""
+        return self.cp.weights
+
+    @property
+    def loadings(self) -> Tensor:
+        """``C`` (``T × R``), unit columns."""
+        return self.cp.factors[0]
+
+
+# --------------------------------------------------------------------------- public entry
+def cp_decompose(
+    stack: AdapterStack,
+    rank: int,
+    engine: Engine = "factored",
+    *,
+    n_iter_max: int = 100,
+    tol: float = 1e-8,
+    init: Init = "svd",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+) -> dict[str, CPResult]:
+    """Rank-``rank`` CP decomposition of every module's stacked deltas.
+
+    Args:
+        stack: the adapters.
+        rank: CP rank ``R`` (≥ 1). A module's stack has CP rank at most ``Σ_t r_t``; a larger
+            ``rank`` is clamped to ``Σ_t r_t`` for that module with a ``UserWarning`` (the extra
+            components could only be degenerate).
+        engine: ``"factored"`` (never builds ``ΔW``) or ``"dense"`` (tensorly ``parafac``).
+        n_iter_max: maximum ALS sweeps (≥ 1).
+        tol: stop when the relative error changes by less than ``tol`` between sweeps
+            (tensorly's ``abs_rec_error`` criterion); ``0`` runs all ``n_iter_max`` sweeps.
+        init: ``"svd"`` (leading singular vectors of each unfolding) or ``"random"``
+            (``numpy.random.RandomState(seed)`` uniform draws, as tensorly).
+        seed: random state for ``init="random"`` and for padding an SVD init (``R > T``).
+        dtype: computation dtype (``torch.float64`` or ``torch.float32``).
+
+    Returns:
+        ``module -> CPResult`` for every module of the stack.
+
+    Raises:
+        ValueError: bad ``rank``, ``engine``, ``init``, ``n_iter_max``, ``tol`` or ``dtype``.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"rank must be a positive int, got rank={rank!r}")
+    if engine not in ("factored", "dense"):
+        raise ValueError(f"engine must be 'factored' or 'dense', got engine={engine!r}")
+    if init not in ("svd", "random"):
+        raise ValueError(f"init must be 'svd' or 'random', got init={init!r}")
+    if isinstance(n_iter_max, bool) or not isinstance(n_iter_max, int) or n_iter_max < 1:
+        raise ValueError(f"n_iter_max must be an int ≥ 1, got n_iter_max={n_iter_max!r}")
+    if not (math.isfinite(tol) and tol >= 0):
+        raise ValueError(f"tol must be a finite number ≥ 0, got tol={tol!r}")
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got dtype={dtype}")
+
+    clamped: dict[str, int] = {}
+    results: dict[str, CPResult] = {}
+    for module in stack.module_names:
+        cap = stack.total_rank(module)
+        r_eff = min(rank, cap)
+        if r_eff < rank:
+            clamped[module] = cap
+        factors = stack.scaled_factors(module, dtype)
+        if engine == "factored":
+            (c, u, v), errors, norm = cp_als_factored(
+                factors, r_eff, n_iter_max=n_iter_max, tol=tol, init=init, seed=seed
+            )
+        else:
+            (c, u, v), errors, norm = _cp_als_dense(
+                factors, r_eff, n_iter_max=n_iter_max, tol=tol, init=init, seed=seed
+            )
+        results[module] = CPResult(
+            cp=normalize_cp(c, u, v),
+            fit_error=float(errors[-1]),
+            n_iter=len(errors),
+            norm=norm,
+            rank_requested=rank,
+        )
+    if clamped:
+        caps = sorted(set(clamped.values()))
+        warnings.warn(
+            f"rank={rank} exceeds the CP rank the stack can have (Σ_t r_t = {caps}) on "
+            f"{len(clamped)} module(s), e.g. {next(iter(clamped))!r}; clamped to Σ_t r_t there",
+            UserWarning,
+            stacklevel=2,
+        )
+    return results
+
+
+# --------------------------------------------------------------------------- dense engine
+def _cp_als_dense(
+    factors: Sequence[tuple[Tensor, Tensor]],
+    rank: int,
+    *,
+    n_iter_max: int,
+    tol: float,
+    init: Init,
+    seed: int,
+) -> tuple[list[Tensor], list[float], float]:
+    """tensorly ``parafac`` on the dense ``T × d_out × d_in`` tensor (unnormalised factors)."""
+    from tensorly.decomposition import parafac
+
+    x = torch.stack([b @ a for a, b in factors])
+    with tl.backend_context("pytorch"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs")
+        cp, errors = parafac(
+            x,
+            rank,
+            n_iter_max=n_iter_max,
+            init=init,
+            svd="truncated_svd",
+            tol=tol,
+            random_state=seed,
+            normalize_factors=False,
+            return_errors=True,
+            linesearch=False,
+        )
+        norm = float(torch.linalg.vector_norm(x))
+    return list(cp.factors), [float(e) for e in errors], norm
+
+
+# ------------------------------------------------------------------------ factored engine
+class _Concat:
+    """The T adapters side by side: ``B_cat = [B̃_1 … B̃_T]``, ``A_cat = [A_1; …; A_T]``."""
+
+    def __init__(self, factors: Sequence[tuple[Tensor, Tensor]]) -> None:
+        self.T = len(factors)
+        self.ranks = [int(a.shape[0]) for a, _ in factors]
+        self.a = torch.cat([a for a, _ in factors], dim=0)  # Σr × d_in
+        self.b = torch.cat([b for _, b in factors], dim=1)  # d_out × Σr
+        self.task = torch.repeat_interleave(
+            torch.arange(self.T, device=self.a.device), torch.tensor(self.ranks, device=self.a.device)
+        )
+        same = self.task[:, None] == self.task[None, :]
+        # ‖X‖² = Σ_t sum((B̃_tᵀB̃_t) ∗ (A_t A_tᵀ)): the block diagonal of the Σr × Σr Hadamard product.
+        self.norm_sq = float(((self.b.T @ self.b) * (self.a @ self.a.T) * same).sum())
+
+    def per_task(self, rows: Tensor) -> Tensor:
+        """Sum rows (``Σr × R``) within each adapter → ``T × R``."""
+        out = torch.zeros(self.T, rows.shape[1], dtype=rows.dtype, device=rows.device)
+        return out.index_add_(0, self.task, rows)
+
+
+def _svd_flip_u(u: Tensor) -> Tensor:
+    """tensorly's ``svd_flip`` on ``U``: the largest-magnitude entry of each column positive."""
+    idx = torch.argmax(u.abs(), dim=0)
+    signs = torch.sign(u[idx, torch.arange(u.shape[1])])
+    return u * signs
+
+
+def initialize_factored(
+    factors: Sequence[tuple[Tensor, Tensor]], rank: int, init: Init = "svd", seed: int = 0
+) -> list[Tensor]:
+    """Initial ``[C, U, V]`` equal to tensorly's ``initialize_cp`` on the dense stack.
+
+    ``"random"`` draws ``C``, ``U``, ``V`` from ``numpy.random.RandomState(seed).random_sample`` in
+    that order. ``"svd"`` takes the leading left singular vectors of each unfolding, computed
+    exactly from a Tucker compression: ``B_cat = Q_B R_B``, ``A_catᵀ = Q_A R_A`` and the core
+    ``K_t = R_B[:, t] R_A[:, t]ᵀ`` (``T × k_B × k_A``, ``k ≤ Σr``), so the mode-2/3 unfoldings are
+    ``Q_B K_(2)(…)ᵀ`` / ``Q_A K_(3)(…)ᵀ`` with orthonormal right factors. Mode 1 is scaled by its
+    singular values; modes with fewer rows than ``rank`` are padded with random columns — as
+    tensorly does. (When an unfolding has fewer nonzero singular values than ``rank`` the
+    trailing singular vectors are arbitrary in both engines.)
+
+    Args:
+        factors: per adapter ``(A_t, B̃_t)`` with the scaling folded into ``B̃_t``.
+        rank: CP rank.
+        init: ``"svd"`` or ``"random"``.
+        seed: numpy random state.
+
+    Returns:
+        ``[C (T×R), U (d_out×R), V (d_in×R)]`` in the dtype/device of the factors.
+    """
+    cat = _Concat(factors)
+    ctx = {"dtype": cat.a.dtype, "device": cat.a.device}
+    shape = (cat.T, int(cat.b.shape[0]), int(cat.a.shape[1]))
+    rng = np.random.RandomState(seed)
+    if init == "random":
+        return [torch.tensor(rng.random_sample((s, rank)), **ctx) for s in shape]
+    q_b, r_b = torch.linalg.qr(cat.b)
+    q_a, r_a = torch.linalg.qr(cat.a.T)
+    core = torch.stack(
+        [r_b[:, cat.task == t] @ r_a[:, cat.task == t].T for t in range(cat.T)]
+    )  # T × k_B × k_A
+    out: list[Tensor] = []
+    for mode in range(3):
+        unfolded = torch.movedim(core, mode, 0).reshape(core.shape[mode], -1)
+        u, s, _ = torch.linalg.svd(unfolded, full_matrices=False)
+        if mode == 1:
+            u = q_b @ u
+        elif mode == 2:
+            u = q_a @ u
+        n = min(rank, min(shape[mode], math.prod(shape) // shape[mode]))
+        u = _svd_flip_u(u[:, :n])
+        if mode == 0:
+            k = min(rank, s.numel(), n)
+            u = torch.cat([u[:, :k] * s[:k], u[:, k:]], dim=1)
+        if shape[mode] < rank:
+            pad = torch.tensor(rng.random_sample((shape[mode], rank - shape[mode])), **ctx)
+            u = torch.cat([u, pad], dim=1)
+        out.append(u[:, :rank])
+    return out
+
+
+def _solve(gram: Tensor, mttkrp: Tensor) -> Tensor:
+    """``mttkrp · gram⁻¹`` as tensorly computes it: ``solve(gramᵀ, mttkrpᵀ)ᵀ``."""
+    return torch.linalg.solve(gram.T, mttkrp.T).T
+
+
+def cp_als_factored(
+    factors: Sequence[tuple[Tensor, Tensor]],
+    rank: int,
+    *,
+    n_iter_max: int = 100,
+    tol: float = 1e-8,
+    init: Init | Sequence[Tensor] = "svd",
+    seed: int = 0,
+) -> tuple[list[Tensor], list[float], float]:
+    """CP-ALS on ``X[t] = B̃_t A_t`` without forming ``X``.
+
+    Per sweep (``P = B_catᵀ U``, ``Q = A_cat V``, both ``Σr × R``; ``c(k)`` the loading row of the
+    adapter owning LoRA row ``k``):
+
+    * mode T:     ``M[t, q] = Σ_{k∈t} P[k, q] Q[k, q]``  →  ``C = M (UᵀU ∗ VᵀV)⁻¹``
+    * mode d_out: ``M = B_cat (Q ∗ C[task])``            →  ``U = M (CᵀC ∗ VᵀV)⁻¹``
+    * mode d_in:  ``M = A_catᵀ (P ∗ C[task])``           →  ``V = M (CᵀC ∗ UᵀU)⁻¹``
+    * error:      ``‖X − X̂‖² = ‖X‖² + sum(CᵀC ∗ UᵀU ∗ VᵀV) − 2 sum(M_{d_in} ∗ V)``
+
+    Args:
+        factors: per adapter ``(A_t r_t×d_in, B̃_t d_out×r_t)``, scaling folded into ``B̃_t``.
+        rank: CP rank ``R``.
+        n_iter_max: maximum sweeps.
+        tol: stop when ``|err_{i-1} − err_i| < tol`` (0: never).
+        init: ``"svd"``, ``"random"`` or explicit initial ``[C, U, V]``.
+        seed: numpy random state for the initialisation.
+
+    Returns:
+        ``([C, U, V], errors, ‖X‖)``: unnormalised factors, the relative error after each sweep.
+    """
+    cat = _Concat(factors)
+    if isinstance(init, str):
+        c, u, v = initialize_factored(factors, rank, init, seed)
+    else:
+        c, u, v = (f.to(dtype=cat.a.dtype, device=cat.a.device).clone() for f in init)
+    norm = math.sqrt(max(cat.norm_sq, 0.0))
+    denom = norm if norm > 0 else 1.0
+    errors: list[float] = []
+    for iteration in range(n_iter_max):
+        p = cat.b.T @ u
+        q = cat.a @ v
+        c = _solve((u.T @ u) * (v.T @ v), cat.per_task(p * q))
+        u = _solve((c.T @ c) * (v.T @ v), cat.b @ (q * c[cat.task]))
+        p = cat.b.T @ u
+        m_v = cat.a.T @ (p * c[cat.task])
+        v = _solve((c.T @ c) * (u.T @ u), m_v)
+        iprod = float((m_v * v).sum())
+        model_sq = float(((c.T @ c) * (u.T @ u) * (v.T @ v)).sum())
+        errors.append(math.sqrt(abs(cat.norm_sq + model_sq - 2 * iprod)) / denom)
+        if tol and iteration >= 1 and abs(errors[-2] - errors[-1]) < tol:
+            break
+    return [c, u, v], errors, norm
+
+
+# --------------------------------------------------------------------------- normalisation
+def normalize_cp(c: Tensor, u: Tensor, v: Tensor) -> CPTensor:
+    """Unit columns, magnitudes in ``λ``, canonical signs, components sorted by ``λ`` descending.
+
+    Args:
+        c: ``T × R`` loadings.
+        u: ``d_out × R``.
+        v: ``d_in × R``.
+
+    Returns:
+        ``CPTensor((λ, [C, U, V]))`` representing the same tensor.
+    """
+    norms = [torch.linalg.vector_norm(f, dim=0) for f in (c, u, v)]
+    weights = norms[0] * norms[1] * norms[2]
+    c, u, v = (f / torch.where(n == 0, torch.ones_like(n), n) for f, n in zip((c, u, v), norms, strict=True))
+    s1 = torch.where(c.sum(0) < 0, -1.0, 1.0).to(c.dtype)
+    c, u = c * s1, u * s1
+    idx = torch.argmax(u.abs(), dim=0)
+    s2 = torch.where(u[idx, torch.arange(u.shape[1])] < 0, -1.0, 1.0).to(u.dtype)
+    u, v = u * s2, v * s2
+    order = torch.argsort(weights, descending=True, stable=True)
+    return CPTensor((weights[order], [c[:, order], u[:, order], v[:, order]]))
+
+
+# ------------------------------------------------------------------------------ fold-in
+def fold_in(
+    cp: Mapping[str, CPResult], factors: Mapping[str, tuple[Tensor, Tensor, float]]
+) -> tuple[dict[str, CPResult], dict[str, float]]:
+    """Add a new adapter to existing CP decompositions with ``U`` and ``V`` fixed.
+
+    Its loadings solve ``min_c ‖ΔW − Σ_q λ_q c_q u_q v_qᵀ‖_F`` (normal equations
+    ``(UᵀU ∗ VᵀV ∗ λλᵀ) c = λ ∗ diag(UᵀΔW V)``, with ``UᵀΔW V`` computed from the factors), i.e.
+    the ALS loading update for one more slice. The extended CP has ``T + 1`` rows of loadings,
+    re-normalised to unit columns (``λ`` absorbs the change); its ``fit_error`` covers the
+    extended stack.
+
+    Args:
+        cp: ``module -> CPResult`` from ``cp_decompose``.
+        factors: ``module -> (A r×d_in, B d_out×r, scaling)`` of the new adapter, for exactly the
+            modules of ``cp``.
+
+    Returns:
+        ``(extended, residuals)``: the extended CP per module and the new adapter's relative
+        residual ``‖ΔW − ΔŴ‖ / ‖ΔW‖`` per module.
+
+    Raises:
+        ValueError: module sets or shapes that differ, or non-finite weights.
+    """
+    if set(cp) != set(factors):
+        only_cp, only_new = sorted(set(cp) - set(factors)), sorted(set(factors) - set(cp))
+        raise ValueError(
+            f"module sets differ: only in cp: {only_cp[:5]}; only in factors: {only_new[:5]}"
+        )
+    extended: dict[str, CPResult] = {}
+    residuals: dict[str, float] = {}
+    for module, res in cp.items():
+        lam, (c, u, v) = res.cp
+        a, b, scaling = factors[module]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or (b.shape[0], a.shape[1]) != (
+            u.shape[0],
+            v.shape[0],
+        ):
+            raise ValueError(
+                f"shapes differ on module {module!r}: the CP has d_out×d_in {u.shape[0]}×{v.shape[0]}, "
+                f"the new adapter has lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}"
+            )
+        if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all()) and math.isfinite(scaling)):
+            raise ValueError(f"non-finite weights (nan/inf) in the new adapter, module {module!r}")
+        a = a.to(u.dtype)
+        b = b.to(u.dtype) * scaling
+        p, q = b.T @ u, a @ v  # r × R
+        m = lam * (p * q).sum(0)  # λ_q u_qᵀ ΔW v_q
+        gram = (u.T @ u) * (v.T @ v) * torch.outer(lam, lam)
+        new_c = torch.linalg.lstsq(gram, m[:, None]).solution[:, 0]
+        x_sq = float(((b.T @ b) * (a @ a.T)).sum())
+        r_sq = max(x_sq - 2 * float(new_c @ m) + float(new_c @ gram @ new_c), 0.0)
+        residuals[module] = math.sqrt(r_sq / x_sq) if x_sq > 0 else 0.0
+        c_ext = torch.cat([c, new_c[None]], dim=0)
+        col = torch.linalg.vector_norm(c_ext, dim=0)
+        safe = torch.where(col == 0, torch.ones_like(col), col)
+        old_abs = res.fit_error * res.norm
+        norm = math.sqrt(res.norm**2 + x_sq)
+        extended[module] = CPResult(
+            cp=CPTensor((lam * col, [c_ext / safe, u, v])),
+            fit_error=math.sqrt(old_abs**2 + r_sq) / norm if norm > 0 else 0.0,
+            n_iter=res.n_iter,
+            norm=norm,
+            rank_requested=res.rank_requested,
+        )
+    return extended, residuals
