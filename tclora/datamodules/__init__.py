@@ -1,0 +1,5 @@
+"""Lightning data modules."""
+
+from tclora.datamodules.cluster import ClusterDataModule
+
+__all__ = ["ClusterDataModule"]
