@@ -1,0 +1,633 @@
+"""LoRAModule: one frozen causal LM, K LoRA adapters, each trained only on its own cluster.
+
+Design (why one optimizer with automatic optimization is sound here):
+
+* Every adapter ``cluster_k`` gets its own AdamW *param group*. A batch of cluster ``k`` activates
+  adapter ``k`` only, so the other adapters are not part of the autograd graph and their
+  ``.grad`` stays ``None`` (Lightning zeroes gradients with ``set_to_none=True``).
+  ``torch.optim.AdamW`` skips every parameter whose gradient is ``None``: no weight decay, no
+  moment update, no step-count increment (the step count is per-parameter state). As a guard for
+  strategies that write zero gradients for unused parameters, :meth:`on_before_optimizer_step`
+  additionally sets the gradients of every inactive adapter to ``None``.
+* Each group's learning rate is computed from *that adapter's* step count
+  (:func:`lr_at_step`), so an adapter's schedule does not depend on how many batches the other
+  clusters had.
+* LoRA dropout draws from a random stream per adapter (:meth:`LoRAModule._adapter_rng`), so the
+  dropout masks an adapter sees do not depend on the other adapters either.
+
+Together this gives the central invariant: after one fit of K adapters, adapter ``k`` equals a
+fit of that adapter alone on the same batches in the same order with the same seed. Manual
+optimization with K optimizers would give the same result but breaks Lightning features that
+assume automatic optimization (gradient accumulation, clipping, DeepSpeed's engine step), so it is
+not used.
+
+Distributed notes:
+
+* DDP: all lora parameters require grad when the model is wrapped, so the reducer registers
+  every adapter; inactive adapters are unused in a step, which needs
+  ``strategy="ddp_find_unused_parameters_true"`` (checked in :meth:`setup`). The reducer leaves
+  the gradients of globally unused parameters untouched (``None``). All ranks must train the same
+  cluster at the same step (the cluster data module's sampler guarantees it; checked every step).
+* FSDP: use ``use_orig_params=True`` (adapters have mixed ``requires_grad``) and
+  ``state_dict_type="full"`` so that :meth:`on_save_checkpoint` can drop the frozen base.
+* DeepSpeed: use ``exclude_frozen_parameters=True``; the exact invariant is only guaranteed where
+  the optimizer sees the original parameters (single device, DDP, FSDP with
+  ``use_orig_params=True``), because DeepSpeed steps flattened partitions.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from typing_extensions import override
+
+from tclora.assets import resolve_model
+
+__all__ = ["LoRAModule", "lr_at_step", "linear_module_names", "DEFAULT_ADAPTER_PREFIX"]
+
+DEFAULT_ADAPTER_PREFIX = "cluster_"
+_SCHEDULES = ("constant", "linear", "cosine")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_RNG_SEED_STRIDE = 1_000_003  # separates the dropout streams of different ranks
+
+
+def lr_at_step(
+    step: int,
+    *,
+    base_lr: float,
+    schedule: str = "constant",
+    warmup_steps: int = 0,
+    total_steps: int | None = None,
+) -> float:
+    """Learning rate of an adapter's next optimizer step.
+
+    Warmup is linear and reaches ``base_lr`` at the last warmup step (the first step is not
+    wasted at lr 0); after warmup, ``linear`` decays linearly and ``cosine`` along a half cosine
+    to 0 at ``total_steps``.
+
+    Args:
+        step: Number of optimizer steps this adapter has already taken (0 for its first step).
+        base_lr: Peak learning rate.
+        schedule: ``"constant"``, ``"linear"`` or ``"cosine"``.
+        warmup_steps: Number of warmup steps (0 for none).
+        total_steps: Steps of the whole schedule; required for ``linear`` and ``cosine``.
+
+    Returns:
+        The learning rate for step ``step``.
+    """
+    if step < 0:
+        raise ValueError(f"step={step} must be >= 0")
+    if schedule not in _SCHEDULES:
+        raise ValueError(f"schedule={schedule!r} is not one of {list(_SCHEDULES)}")
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return base_lr
+    if total_steps is None or total_steps <= 0:
+        raise ValueError(f"total_steps={total_steps} must be a positive int for {schedule!r}")
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "linear":
+        return base_lr * (1.0 - progress)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Leaf names of the linear layers a LoRA can target, output embeddings excluded.
+
+    Args:
+        model: A transformers causal LM (or any module).
+
+    Returns:
+        Sorted unique leaf names, e.g. ``["down_proj", "gate_proj", ..., "v_proj"]`` for Llama.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    output = None
+    get_output = getattr(model, "get_output_embeddings", None)
+    if callable(get_output):
+        output = get_output()
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear | Conv1D) and module is not output and name
+    }
+    return sorted(names)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move folder ``tmp`` to ``final`` atomically, replacing an existing ``final``."""
+    if final.exists():
+        trash = final.with_name(f".{final.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+@contextmanager
+def _real_device_context() -> Iterator[None]:
+    """Leave a surrounding ``torch.device("meta")`` context: pretrained weights must be real.
+
+    A meta-initialised base would be re-initialised randomly by FSDP's ``reset_parameters``;
+    loading the checkpoint on CPU instead lets FSDP shard the real weights.
+    """
+    if torch.empty(0).device.type == "meta":
+        rank_zero_info("LoRAModule: loading the pretrained base on CPU (not on the meta device).")
+        with torch.device("cpu"):
+            yield
+    else:
+        yield
+
+
+class LoRAModule(LightningModule):
+    """A frozen causal LM with K LoRA adapters; each batch trains its own cluster's adapter.
+
+    Args:
+        model: Base causal LM: a local folder, a packaged alias (``"smollm2-135m-instruct"``) or a
+            Hugging Face hub id (``"microsoft/Phi-3-mini-4k-instruct"``).
+        num_adapters: Number of adapters K. ``None`` takes it from the data module's
+            ``num_clusters`` (the CLI links it); a value that differs from it is an error.
+        r: LoRA rank (> 0).
+        lora_alpha: LoRA scaling numerator (> 0); scaling is ``alpha / r`` (``alpha / sqrt(r)``
+            with ``use_rslora``).
+        lora_dropout: Dropout on the LoRA input, in [0, 1). Each adapter draws from its own random
+            stream, so the invariant holds with dropout too.
+        target_modules: Leaf names of the linear layers to adapt. ``None``: every linear layer of
+            the model except the output embeddings (the attention and MLP projections).
+        use_rslora: Rank-stabilised LoRA scaling ``alpha / sqrt(r)``.
+        lr: Peak AdamW learning rate (> 0).
+        weight_decay: AdamW decoupled weight decay (>= 0); applied to an adapter only on its own
+            steps.
+        warmup_steps: Linear warmup steps, counted per adapter.
+        lr_schedule: ``"constant"``, ``"linear"`` or ``"cosine"`` decay after warmup, per adapter.
+        max_steps_per_adapter: Length of the decay schedule in steps of one adapter. ``None``:
+            the trainer's estimated steps divided by K.
+        dtype: Dtype of the frozen base, ``"float32"`` or ``"bfloat16"`` (adapters stay fp32).
+        gradient_checkpointing: Recompute activations in the backward pass (non-reentrant).
+        adapter_prefix: Adapter ``k`` is named ``f"{adapter_prefix}{k}"``.
+        init_seed: Adapter ``k`` is initialised (and draws its dropout) from seed
+            ``init_seed + k``, so it equals a single-adapter model built with that seed.
+        export_dir: If set, every adapter is exported there as a peft folder at the end of fit.
+    """
+
+    model: Any  # peft.PeftModel after configure_model
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m-instruct",
+        num_adapters: int | None = None,
+        r: int = 8,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.0,
+        target_modules: list[str] | None = None,
+        use_rslora: bool = False,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        lr_schedule: Literal["constant", "linear", "cosine"] = "constant",
+        max_steps_per_adapter: int | None = None,
+        dtype: Literal["float32", "bfloat16"] = "float32",
+        gradient_checkpointing: bool = False,
+        adapter_prefix: str = DEFAULT_ADAPTER_PREFIX,
+        init_seed: int = 0,
+        export_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        _check(
+            num_adapters is None or num_adapters >= 1,
+            "num_adapters",
+            num_adapters,
+            "an int >= 1 or None",
+        )
+        _check(r > 0, "r", r, "an int > 0 (the LoRA rank)")
+        _check(lora_alpha > 0, "lora_alpha", lora_alpha, "a number > 0")
+        _check(0.0 <= lora_dropout < 1.0, "lora_dropout", lora_dropout, "a float in [0, 1)")
+        _check(
+            target_modules is None or len(target_modules) > 0,
+            "target_modules",
+            target_modules,
+            "None or a non-empty list of module names",
+        )
+        _check(lr > 0 and math.isfinite(lr), "lr", lr, "a finite float > 0")
+        _check(weight_decay >= 0, "weight_decay", weight_decay, "a float >= 0")
+        _check(warmup_steps >= 0, "warmup_steps", warmup_steps, "an int >= 0")
+        _check(lr_schedule in _SCHEDULES, "lr_schedule", lr_schedule, str(list(_SCHEDULES)))
+        _check(
+            max_steps_per_adapter is None or max_steps_per_adapter > 0,
+            "max_steps_per_adapter",
+            max_steps_per_adapter,
+            "an int > 0 or None",
+        )
+        _check(dtype in _DTYPES, "dtype", dtype, str(list(_DTYPES)))
+        _check(bool(adapter_prefix), "adapter_prefix", adapter_prefix, "a non-empty string")
+        self.save_hyperparameters()
+        # Resolve the model before any expensive work (the data module's setup runs first in fit).
+        self.model_path = resolve_model(model)
+        self.model = None
+        self.adapter_names: list[str] = []
+        self.strict_loading = False  # checkpoints hold the adapters only, never the frozen base
+        self._adapter_steps: list[int] = []
+        self._rng_states: dict[int, tuple[Tensor, Tensor | None]] = {}
+        self._pending: set[int] = set()
+        self._schedule_total: int | None = max_steps_per_adapter
+        self._batch_start = 0.0
+        self._val_sum: Tensor | None = None
+        self._val_tokens: Tensor | None = None
+
+    @property
+    def _hp(self) -> Any:
+        return self.hparams
+
+    # ------------------------------------------------------------------ model
+    def _resolve_num_adapters(self) -> int:
+        given = self._hp.num_adapters
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        data_k = getattr(datamodule, "num_clusters", None) if datamodule is not None else None
+        if given is not None and data_k is not None and int(data_k) != int(given):
+            raise ValueError(
+                f"num_adapters={given} but the data module has num_clusters={data_k}: there must "
+                "be exactly one adapter per cluster (leave num_adapters unset to take it from "
+                "the data module)"
+            )
+        k = given if given is not None else data_k
+        if k is None:
+            raise ValueError(
+                "num_adapters=None and no data module with num_clusters is attached: pass "
+                "num_adapters or fit with a data module that exposes num_clusters"
+            )
+        return int(k)
+
+    @override
+    def configure_model(self) -> None:
+        """Build the base model and the K adapters (idempotent; FSDP/DeepSpeed-friendly)."""
+        k = self._resolve_num_adapters()
+        if self.model is not None:
+            if k != len(self.adapter_names):
+                raise ValueError(
+                    f"num_adapters={k} differs from the {len(self.adapter_names)} adapters "
+                    "already built"
+                )
+            return
+        with _real_device_context():
+            self._build(k)
+
+    def _build(self, k: int) -> None:
+        """Load the base, check the target modules, add K adapters seeded ``init_seed + i``."""
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        hp = self._hp
+        base = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=_DTYPES[hp.dtype])
+        available = linear_module_names(base)
+        targets = list(hp.target_modules) if hp.target_modules is not None else available
+        missing = sorted(set(targets) - set(available))
+        if missing:
+            raise ValueError(
+                f"target_modules={list(hp.target_modules or [])} names modules the model "
+                f"{hp.model!r} does not have: {missing}. Its linear modules are: {available}"
+            )
+        if hp.gradient_checkpointing:
+            base.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        base.config.use_cache = False
+        base.train()  # from_pretrained returns eval mode; Lightning keeps a module's mode
+        config = LoraConfig(
+            r=hp.r,
+            lora_alpha=hp.lora_alpha,
+            lora_dropout=hp.lora_dropout,
+            target_modules=targets,
+            use_rslora=hp.use_rslora,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        names = [f"{hp.adapter_prefix}{i}" for i in range(k)]
+        peft_model = None
+        for i, name in enumerate(names):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(hp.init_seed + i)
+                if peft_model is None:
+                    peft_model = get_peft_model(base, copy.deepcopy(config), adapter_name=name)
+                else:
+                    peft_model.add_adapter(name, copy.deepcopy(config))
+        assert peft_model is not None
+        # Register every adapter as trainable before a strategy wraps the model (DDP's reducer
+        # only tracks parameters that require grad when it is built).
+        tuner: Any = peft_model.base_model
+        tuner.set_adapter(names[0])
+        for pname, param in peft_model.named_parameters():
+            param.requires_grad_(_is_lora(pname))
+        self.model = peft_model
+        self.adapter_names = names
+        self.hparams["num_adapters"] = k
+        if len(self._adapter_steps) != k:
+            self._adapter_steps = [0] * k
+
+    def adapter_parameters(self, index: int) -> list[tuple[str, nn.Parameter]]:
+        """Named parameters of adapter ``index`` (in a stable order)."""
+        name = self.adapter_names[index]
+        return [
+            (n, p)
+            for n, p in self.model.named_parameters()
+            if _is_lora(n) and (f".{name}." in n or n.endswith(f".{name}"))
+        ]
+
+    def activate(self, index: int) -> None:
+        """Route the forward pass through adapter ``index`` only."""
+        self.model.base_model.set_adapter(self.adapter_names[index])
+
+    # -------------------------------------------------------------- optimizer
+    def _total_steps(self) -> int | None:
+        hp = self._hp
+        if hp.lr_schedule == "constant":
+            return None
+        if hp.max_steps_per_adapter is not None:
+            return int(hp.max_steps_per_adapter)
+        total = max(1, math.ceil(self.trainer.estimated_stepping_batches / len(self.adapter_names)))
+        rank_zero_info(
+            f"LoRAModule: max_steps_per_adapter=None, using {total} (estimated steps / K)"
+        )
+        return total
+
+    def lr_for(self, index: int) -> float:
+        """Learning rate of adapter ``index``'s next step, from its own step count."""
+        hp = self._hp
+        return lr_at_step(
+            self._adapter_steps[index],
+            base_lr=hp.lr,
+            schedule=hp.lr_schedule,
+            warmup_steps=hp.warmup_steps,
+            total_steps=self._schedule_total,
+        )
+
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        self._schedule_total = self._total_steps()
+        groups = []
+        for i, name in enumerate(self.adapter_names):
+            params = [p for _, p in self.adapter_parameters(i)]
+            if not params:
+                raise RuntimeError(f"adapter {name} has no parameters")
+            groups.append({"params": params, "lr": self.lr_for(i), "adapter": name})
+        return torch.optim.AdamW(groups, lr=self._hp.lr, weight_decay=self._hp.weight_decay)
+
+    @override
+    def setup(self, stage: str) -> None:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = self.trainer.strategy
+        if (
+            isinstance(strategy, DDPStrategy)
+            and strategy.world_size > 1
+            and not strategy._ddp_kwargs.get("find_unused_parameters", False)
+        ):
+            raise ValueError(
+                f"strategy={type(strategy).__name__} without find_unused_parameters: inactive "
+                "adapters are unused in a step, use strategy='ddp_find_unused_parameters_true'"
+            )
+
+    # --------------------------------------------------------------- training
+    def _batch_cluster(self, batch: Mapping[str, Tensor]) -> int:
+        cid = batch["cluster_id"]
+        first = int(cid.reshape(-1)[0])
+        if bool((cid != first).any()):
+            raise ValueError(
+                f"batch cluster_id={cid.tolist()} mixes clusters; every batch must hold one cluster"
+            )
+        if not 0 <= first < len(self.adapter_names):
+            raise ValueError(
+                f"batch cluster_id={first} is outside the {len(self.adapter_names)} adapters "
+                f"{self.adapter_names}"
+            )
+        return first
+
+    @contextmanager
+    def _adapter_rng(self, index: int) -> Iterator[None]:
+        """Run the block on adapter ``index``'s own random stream (only when dropout is on)."""
+        if self._hp.lora_dropout == 0:
+            yield
+            return
+        device = self.device
+        on_cuda = device.type == "cuda"
+        cuda_index = device.index if device.index is not None else 0
+        with torch.random.fork_rng(devices=[cuda_index] if on_cuda else []):
+            state = self._rng_states.get(index)
+            if state is None:
+                torch.manual_seed(self._hp.init_seed + index + _RNG_SEED_STRIDE * self.global_rank)
+            else:
+                torch.set_rng_state(state[0])
+                if on_cuda and state[1] is not None:
+                    torch.cuda.set_rng_state(state[1], device)
+            yield
+            self._rng_states[index] = (
+                torch.get_rng_state(),
+                torch.cuda.get_rng_state(device) if on_cuda else None,
+            )
+
+    def _forward_loss(self, batch: Mapping[str, Tensor]) -> Tensor:
+        out = self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            labels=batch["labels"],
+        )
+        return out.loss
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._batch_start = time.perf_counter()
+
+    @override
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        index = self._batch_cluster(batch)
+        if self.trainer.world_size > 1:
+            gathered = self.all_gather(torch.tensor(index, device=self.device))
+            assert isinstance(gathered, Tensor)
+            clusters = gathered.reshape(-1)
+            if bool((clusters != index).any()):
+                raise ValueError(
+                    f"ranks train different clusters {clusters.tolist()} at step "
+                    f"{self.global_step}; the sampler must give all ranks the same cluster per step"
+                )
+        self.activate(index)
+        lr = self.lr_for(index)
+        for optimizer in self.trainer.optimizers:
+            optimizer.param_groups[index]["lr"] = lr
+        self._pending.add(index)
+        with self._adapter_rng(index):
+            loss = self._forward_loss(batch)
+        if not bool(torch.isfinite(loss.detach())):
+            raise FloatingPointError(
+                f"non-finite loss {float(loss.detach())} at global step {self.global_step} "
+                f"(batch {batch_idx}) for adapter {self.adapter_names[index]} (cluster {index})"
+            )
+        size = int(batch["input_ids"].shape[0])
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
+        self.log(f"train/loss_cluster_{index}", loss.detach(), batch_size=size)
+        self.log(f"lr/cluster_{index}", lr, batch_size=size)
+        return loss
+
+    @override
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        for i, group in enumerate(optimizer.param_groups):
+            if i not in self._pending:
+                for p in group["params"]:
+                    p.grad = None
+        for i in self._pending:
+            self._adapter_steps[i] += 1
+        self._pending.clear()
+
+    @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        elapsed = time.perf_counter() - self._batch_start
+        mask = batch.get("attention_mask")
+        tokens = int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+        if elapsed > 0:
+            # Throughput of all ranks (each rank sees a batch of the same shape).
+            rate = tokens * self.trainer.world_size / elapsed
+            self.log("train/tokens_per_s", rate, batch_size=int(batch["input_ids"].shape[0]))
+
+    # ------------------------------------------------------------- validation
+    @override
+    def on_validation_epoch_start(self) -> None:
+        k = len(self.adapter_names)
+        self._val_sum = torch.zeros(k, dtype=torch.float64, device=self.device)
+        self._val_tokens = torch.zeros(k, dtype=torch.float64, device=self.device)
+
+    @override
+    def validation_step(
+        self, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> Tensor:
+        index = self._batch_cluster(batch)
+        self.activate(index)
+        loss = self._forward_loss(batch).detach()
+        tokens = (batch["labels"][:, 1:] != -100).sum()
+        assert self._val_sum is not None and self._val_tokens is not None
+        if bool(tokens > 0):
+            self._val_sum[index] += loss.double() * tokens
+            self._val_tokens[index] += tokens
+        return loss
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        assert self._val_sum is not None and self._val_tokens is not None
+        sums = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
+        tokens = self.trainer.strategy.reduce(self._val_tokens, reduce_op="sum")
+        for i in range(len(self.adapter_names)):
+            if tokens[i] > 0:
+                self.log(f"val/loss_cluster_{i}", (sums[i] / tokens[i]).float())
+        if tokens.sum() > 0:
+            self.log("val/loss", (sums.sum() / tokens.sum()).float(), prog_bar=True)
+
+    # ------------------------------------------------------------ checkpoints
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict")
+        if state is not None:
+            checkpoint["state_dict"] = {k: v for k, v in state.items() if _is_lora(k)}
+        checkpoint["tclora"] = {
+            "adapter_names": list(self.adapter_names),
+            "adapter_steps": list(self._adapter_steps),
+            "rng_states": {
+                i: [s[0], s[1]] if s[1] is not None else [s[0]] for i, s in self._rng_states.items()
+            },
+        }
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        info = checkpoint.get("tclora")
+        if info is None:
+            raise ValueError("checkpoint has no 'tclora' entry: it was not written by LoRAModule")
+        if self.adapter_names and list(info["adapter_names"]) != self.adapter_names:
+            raise ValueError(
+                f"checkpoint adapters {info['adapter_names']} differ from this model's "
+                f"{self.adapter_names}"
+            )
+        state = checkpoint.get("state_dict")
+        if state is not None and self.model is not None:
+            expected = {k for k, _ in self.named_parameters() if _is_lora(k)}
+            absent = sorted(expected - set(state))
+            if absent:
+                raise ValueError(
+                    f"checkpoint lacks {len(absent)} adapter weights, e.g. {absent[:3]}"
+                )
+            if self._trainer is None:
+                # load_from_checkpoint: complete the state dict with the freshly loaded frozen
+                # base (references, no copies) so that loading reports no missing keys.
+                for key, value in self.state_dict().items():
+                    state.setdefault(key, value)
+        self._adapter_steps = [int(s) for s in info["adapter_steps"]]
+        self._rng_states = {
+            int(i): (s[0], s[1] if len(s) > 1 else None) for i, s in info["rng_states"].items()
+        }
+
+    # ----------------------------------------------------------------- export
+    def export_adapters(self, out_dir: str | os.PathLike[str]) -> list[Path]:
+        """Write every adapter as a standard peft folder ``out_dir/<adapter name>``.
+
+        Each folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` and loads with
+        ``PeftModel.from_pretrained(base, folder)``. Folders are written to a temporary name and
+        moved into place, so a reader never sees a half-written adapter.
+
+        Args:
+            out_dir: Parent folder (created if needed).
+
+        Returns:
+            The adapter folders, in adapter order.
+        """
+        if self.model is None:
+            raise RuntimeError("export_adapters() needs the model: call configure_model() first")
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        folders: list[Path] = []
+        for name in self.adapter_names:
+            state = get_peft_model_state_dict(self.model, adapter_name=name)
+            tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+            tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out))
+            try:
+                save_file(
+                    tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"}
+                )
+                config = copy.deepcopy(self.model.peft_config[name])
+                config.inference_mode = True
+                config.save_pretrained(str(tmp))
+                final = out / name
+                _replace_dir(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            folders.append(final)
+        return folders
+
+    @override
+    def on_fit_end(self) -> None:
+        export_dir = self._hp.export_dir
+        if export_dir is not None and self.trainer.is_global_zero:
+            folders = self.export_adapters(export_dir)
+            rank_zero_info(f"LoRAModule: exported {len(folders)} adapters to {export_dir}")
+
+
+def _is_lora(name: str) -> bool:
+    return "lora_" in name
+
+
+def _check(ok: bool, name: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is invalid; expected {allowed}")

@@ -1,0 +1,423 @@
+"""LoRAModule: the per-adapter invariant, export round trip, resume, checkpoint size, errors."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_everything
+from torch.utils.data import DataLoader
+
+from tclora.assets import ModelNotFoundError
+from tclora.module import LoRAModule, linear_module_names, lr_at_step
+
+LLAMA_LINEARS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
+# ----------------------------------------------------------------------------- helpers
+def make_batch(cluster: int, seed: int, rows: int = 2, length: int = 12) -> dict[str, torch.Tensor]:
+    """A cluster-pure batch in the ClusterDataModule format (no padding, 3 prompt tokens)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(100, 2000, (rows, length), generator=gen)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": labels,
+        "cluster_id": torch.full((rows,), cluster, dtype=torch.long),
+    }
+
+
+class ListDataModule(LightningDataModule):
+    """Yields a fixed list of batches in order; validation is one loader per cluster."""
+
+    def __init__(
+        self,
+        batches: list[dict[str, torch.Tensor]],
+        num_clusters: int,
+        val_batches: list[list[dict[str, torch.Tensor]]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.batches = batches
+        self.num_clusters = num_clusters
+        self.val_batches = val_batches
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.batches, batch_size=None, shuffle=False)  # type: ignore[arg-type]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        assert self.val_batches is not None
+        return [DataLoader(v, batch_size=None) for v in self.val_batches]  # type: ignore[arg-type]
+
+
+def make_trainer(tmp_path: Path | None = None, **kwargs: Any) -> Trainer:
+    defaults: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=str(tmp_path) if tmp_path else None,
+    )
+    defaults.update(kwargs)
+    return Trainer(**defaults)
+
+
+def fit(
+    model_dir: Path,
+    batches: list[dict[str, torch.Tensor]],
+    num_clusters: int,
+    trainer_kwargs: dict[str, Any] | None = None,
+    **module_kwargs: Any,
+) -> tuple[LoRAModule, Trainer]:
+    seed_everything(0)
+    kwargs: dict[str, Any] = dict(model=str(model_dir), r=4, lora_alpha=8, lr=1e-2)
+    kwargs.update(module_kwargs)
+    module = LoRAModule(**kwargs)
+    trainer = make_trainer(**(trainer_kwargs or {}))
+    trainer.fit(module, datamodule=ListDataModule(batches, num_clusters))
+    return module, trainer
+
+
+def adapter_weights(module: LoRAModule, index: int) -> dict[str, torch.Tensor]:
+    """Adapter ``index``'s weights, renamed as if it were adapter 0."""
+    name = module.adapter_names[index]
+    return {
+        n.replace(f".{name}.", ".cluster_0."): p.detach().clone()
+        for n, p in module.adapter_parameters(index)
+    }
+
+
+# ----------------------------------------------------------------------------- pure math
+def test_lr_schedules() -> None:
+    assert lr_at_step(0, base_lr=1.0) == 1.0
+    assert lr_at_step(0, base_lr=1.0, warmup_steps=4) == pytest.approx(0.25)
+    assert lr_at_step(3, base_lr=1.0, warmup_steps=4) == pytest.approx(1.0)
+    lin = [lr_at_step(s, base_lr=1.0, schedule="linear", total_steps=4) for s in range(5)]
+    assert lin == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+    cos = lr_at_step(2, base_lr=2.0, schedule="cosine", warmup_steps=1, total_steps=5)
+    assert cos == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi * 0.25)))
+    with pytest.raises(ValueError, match="total_steps=None must be a positive int"):
+        lr_at_step(0, base_lr=1.0, schedule="cosine")
+    with pytest.raises(ValueError, match="schedule='step' is not one of"):
+        lr_at_step(0, base_lr=1.0, schedule="step")
+
+
+def test_linear_module_names(tiny_llama: Any) -> None:
+    assert linear_module_names(tiny_llama) == LLAMA_LINEARS
+
+
+# ----------------------------------------------------------------------------- model building
+def test_configure_model_builds_k_seeded_adapters(tiny_model_dir: Path) -> None:
+    module = LoRAModule(model=str(tiny_model_dir), num_adapters=3, r=4, init_seed=5)
+    module.configure_model()
+    module.configure_model()  # idempotent
+    assert module.adapter_names == ["cluster_0", "cluster_1", "cluster_2"]
+    targets = set(module.model.peft_config["cluster_0"].target_modules)
+    assert targets == set(LLAMA_LINEARS)
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert len(trainable) == 3 * 2 * 2 * len(LLAMA_LINEARS)  # K x layers x (A, B) x modules
+    # adapter k of a K-adapter model == adapter 0 of a one-adapter model seeded init_seed + k
+    single = LoRAModule(model=str(tiny_model_dir), num_adapters=1, r=4, init_seed=6)
+    single.configure_model()
+    torch.testing.assert_close(adapter_weights(module, 1), adapter_weights(single, 0))
+    a0, a1 = adapter_weights(module, 0), adapter_weights(module, 1)
+    assert any(not torch.equal(a0[k], a1[k]) for k in a0)
+
+
+def test_configure_model_under_meta_device_loads_real_weights(tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    module = LoRAModule(model=str(tiny_model_dir), num_adapters=2, r=4)
+    with torch.device("meta"):  # what Trainer.init_module(empty_init=True) does under FSDP
+        module.configure_model()
+    assert all(p.device.type == "cpu" for p in module.parameters())
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ref = dict(reference.named_parameters())
+    for name, param in module.model.named_parameters():
+        if "lora_" not in name:
+            key = name.removeprefix("base_model.model.").replace(".base_layer", "")
+            torch.testing.assert_close(param, ref[key], rtol=0, atol=0)
+
+
+def test_bfloat16_and_gradient_checkpointing(tiny_model_dir: Path) -> None:
+    batches = [make_batch(0, 1), make_batch(1, 2)]
+    module, _ = fit(
+        tiny_model_dir, batches, 2, dtype="bfloat16", gradient_checkpointing=True, num_adapters=2
+    )
+    base = module.model.get_base_model()
+    assert base.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert base.is_activation_checkpointing
+    for i in range(2):
+        weights = adapter_weights(module, i)
+        assert all(w.dtype == torch.float32 for w in weights.values())
+        assert any("lora_B" in n and w.abs().sum() > 0 for n, w in weights.items())
+
+
+# ----------------------------------------------------------------------------- the invariant
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_k_adapter_fit_equals_single_adapter_fits(tiny_model_dir: Path, dropout: float) -> None:
+    order = [0, 1, 1, 0, 2, 0, 1, 2]
+    batches = [make_batch(c, seed=i) for i, c in enumerate(order)]
+    common = dict(
+        lora_dropout=dropout,
+        weight_decay=0.1,
+        warmup_steps=1,
+        lr_schedule="linear",
+        max_steps_per_adapter=4,
+    )
+    joint, _ = fit(tiny_model_dir, batches, 3, **common)  # K from the data module
+    assert joint.adapter_names == ["cluster_0", "cluster_1", "cluster_2"]
+    for k in range(3):
+        own = [{**b, "cluster_id": torch.zeros_like(b["cluster_id"])} for b in batches]
+        own = [b for b, c in zip(own, order, strict=True) if c == k]
+        alone, _ = fit(tiny_model_dir, own, 1, init_seed=k, **common)
+        got, want = adapter_weights(joint, k), adapter_weights(alone, 0)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        assert any("lora_B" in n and w.abs().sum() > 0 for n, w in got.items())  # it trained
+        assert joint._adapter_steps[k] == order.count(k)
+
+
+class _Snapshots(Callback):
+    def __init__(self) -> None:
+        self.weights: list[dict[str, torch.Tensor]] = []
+        self.states: list[dict[str, dict[str, torch.Tensor]]] = []
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: Any, *args: Any) -> None:
+        module: LoRAModule = pl_module
+        optimizer = trainer.optimizers[0]
+        names = dict(module.adapter_parameters(1))
+        self.weights.append({n: p.detach().clone() for n, p in names.items()})
+        self.states.append(
+            {
+                n: {k: v.clone() for k, v in optimizer.state[p].items()}
+                for n, p in names.items()
+                if p in optimizer.state
+            }
+        )
+
+
+def test_adamw_never_touches_inactive_adapter(tiny_model_dir: Path) -> None:
+    """Weight decay > 0 and momentum from a step of adapter 1: adapter 0's steps leave it alone."""
+    batches = [make_batch(1, 0), make_batch(0, 1), make_batch(0, 2), make_batch(0, 3)]
+    snaps = _Snapshots()
+    module, trainer = fit(
+        tiny_model_dir,
+        batches,
+        2,
+        trainer_kwargs=dict(callbacks=[snaps]),
+        weight_decay=0.5,
+        lr=0.1,
+    )
+    assert snaps.states[0], "adapter 1 has optimizer state after its own step"
+    for later_w, later_s in zip(snaps.weights[1:], snaps.states[1:], strict=True):
+        for n, w in later_w.items():
+            assert torch.equal(w, snaps.weights[0][n])  # bitwise
+        assert later_s.keys() == snaps.states[0].keys()
+        for n, state in later_s.items():
+            for key, value in state.items():
+                assert torch.equal(value, snaps.states[0][n][key])
+    groups = trainer.optimizers[0].param_groups
+    assert [g["adapter"] for g in groups] == ["cluster_0", "cluster_1"]
+    assert module._adapter_steps == [3, 1]
+
+
+# ----------------------------------------------------------------------------- validation/logging
+def test_logs_losses_lr_and_throughput(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    batches = [make_batch(0, 0), make_batch(1, 1)]
+    val = [[make_batch(0, 10)], [make_batch(1, 11), make_batch(1, 12)]]
+    seed_everything(0)
+    module = LoRAModule(model=str(tiny_model_dir), r=4, lr=1e-2, warmup_steps=2)
+    trainer = make_trainer(
+        logger=TensorBoardLogger(str(tmp_path), name="tb"),
+        limit_val_batches=None,
+        log_every_n_steps=1,
+    )
+    trainer.fit(module, datamodule=ListDataModule(batches, 2, val))
+    metrics = trainer.callback_metrics
+    for key in ["train/loss", "train/loss_cluster_0", "train/loss_cluster_1", "train/tokens_per_s"]:
+        assert key in metrics, key
+    assert float(metrics["lr/cluster_1"]) == pytest.approx(0.005)  # warmup step 1 of 2
+    # validation: per-cluster token-weighted means, recomputed by hand
+    module.eval()
+    expected = []
+    with torch.no_grad():
+        for k, loaders in enumerate(val):
+            module.activate(k)
+            losses = [module._forward_loss(b) for b in loaders]
+            expected.append(torch.stack(losses).mean())
+    torch.testing.assert_close(metrics["val/loss_cluster_0"], expected[0])
+    torch.testing.assert_close(metrics["val/loss_cluster_1"], expected[1])
+    overall = (expected[0] + 2 * expected[1]) / 3  # same token count per batch
+    torch.testing.assert_close(metrics["val/loss"], overall)
+    assert list(Path(trainer.logger.log_dir).glob("events.out.tfevents.*"))  # type: ignore[union-attr]
+
+
+# ----------------------------------------------------------------------------- export
+def test_export_round_trip_identical_logits(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    batches = [make_batch(0, 0), make_batch(1, 1), make_batch(1, 2)]
+    export = tmp_path / "adapters"
+    module, _ = fit(tiny_model_dir, batches, 2, export_dir=str(export), use_rslora=True)
+    folders = sorted(p.name for p in export.iterdir())
+    assert folders == ["cluster_0", "cluster_1"]  # no temporary leftovers
+    probe = make_batch(0, 99)
+    module.eval()
+    for k, name in enumerate(module.adapter_names):
+        folder = export / name
+        assert (folder / "adapter_config.json").is_file()
+        assert (folder / "adapter_model.safetensors").is_file()
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        loaded = PeftModel.from_pretrained(base, folder).eval()
+        module.activate(k)
+        with torch.no_grad():
+            want = module.model(input_ids=probe["input_ids"]).logits
+            got = loaded(input_ids=probe["input_ids"]).logits
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        with loaded.disable_adapter(), torch.no_grad():
+            plain = loaded(input_ids=probe["input_ids"]).logits
+        assert not torch.allclose(plain, want)  # the adapter changes the output
+    # exporting again replaces the folders atomically
+    again = module.export_adapters(export)
+    assert [p.name for p in again] == ["cluster_0", "cluster_1"]
+    assert sorted(p.name for p in export.iterdir()) == ["cluster_0", "cluster_1"]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def test_checkpoint_holds_only_adapters(tiny_model_dir: Path, tmp_path: Path) -> None:
+    batches = [make_batch(0, 0), make_batch(1, 1)]
+    module, trainer = fit(tiny_model_dir, batches, 2, weight_decay=0.1)
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=True)
+    keys = list(ckpt["state_dict"])
+    lora_keys = {n for n, _ in module.named_parameters() if "lora_" in n}
+    assert set(keys) == lora_keys
+    assert len(ckpt["optimizer_states"][0]["param_groups"]) == 2
+    base_bytes = sum(
+        p.numel() * p.element_size() for n, p in module.named_parameters() if "lora_" not in n
+    )
+    assert path.stat().st_size < 0.1 * base_bytes, (path.stat().st_size, base_bytes)
+    assert ckpt["tclora"]["adapter_steps"] == [1, 1]
+    # load_from_checkpoint rebuilds the base from the hub/folder and restores the adapters
+    restored = LoRAModule.load_from_checkpoint(path)
+    torch.testing.assert_close(adapter_weights(restored, 1), adapter_weights(module, 1))
+
+
+def test_resume_equals_uninterrupted_fit(tiny_model_dir: Path, tmp_path: Path) -> None:
+    order = [0, 1, 0, 1, 1]
+    batches = [make_batch(c, seed=i) for i, c in enumerate(order)]
+    common: dict[str, Any] = dict(
+        lora_dropout=0.1,
+        weight_decay=0.1,
+        warmup_steps=2,
+        lr_schedule="cosine",
+        max_steps_per_adapter=8,
+    )
+    full, _ = fit(tiny_model_dir, batches, 2, trainer_kwargs=dict(max_epochs=3), **common)
+    first, trainer = fit(tiny_model_dir, batches, 2, trainer_kwargs=dict(max_epochs=1), **common)
+    path = tmp_path / "epoch1.ckpt"
+    trainer.save_checkpoint(path)
+    seed_everything(123)  # resuming must not depend on the global seed
+    resumed = LoRAModule(model=str(tiny_model_dir), r=4, lora_alpha=8, lr=1e-2, **common)
+    make_trainer(max_epochs=3).fit(resumed, datamodule=ListDataModule(batches, 2), ckpt_path=path)
+    for k in range(2):
+        torch.testing.assert_close(
+            adapter_weights(resumed, k), adapter_weights(full, k), rtol=0, atol=1e-6
+        )
+        assert not torch.allclose(
+            torch.cat([w.flatten() for w in adapter_weights(first, k).values()]),
+            torch.cat([w.flatten() for w in adapter_weights(full, k).values()]),
+        )
+    assert resumed._adapter_steps == full._adapter_steps == [6, 9]
+
+
+# ----------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(r=0), r"r=0 is invalid; expected an int > 0"),
+        (dict(r=-2), r"r=-2 is invalid"),
+        (dict(num_adapters=0), r"num_adapters=0 is invalid; expected an int >= 1"),
+        (dict(lora_alpha=0), r"lora_alpha=0 is invalid"),
+        (dict(lora_dropout=1.0), r"lora_dropout=1.0 is invalid; expected a float in \[0, 1\)"),
+        (dict(target_modules=[]), r"target_modules=\[\] is invalid"),
+        (dict(lr=0.0), r"lr=0.0 is invalid"),
+        (dict(weight_decay=-1.0), r"weight_decay=-1.0 is invalid"),
+        (dict(warmup_steps=-1), r"warmup_steps=-1 is invalid"),
+        (dict(lr_schedule="step"), r"lr_schedule='step' is invalid"),
+        (dict(max_steps_per_adapter=0), r"max_steps_per_adapter=0 is invalid"),
+        (dict(dtype="float16"), r"dtype='float16' is invalid; expected \['float32', 'bfloat16'\]"),
+        (dict(adapter_prefix=""), r"adapter_prefix='' is invalid"),
+    ],
+)
+def test_bad_arguments(tiny_model_dir: Path, kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        LoRAModule(model=str(tiny_model_dir), **kwargs)
+
+
+def test_model_not_found(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError, match="no such local folder"):
+        LoRAModule(model=str(tmp_path / "missing"))
+    with pytest.raises(ModelNotFoundError, match="hub is unreachable"):
+        LoRAModule(model="no-such-org/no-such-model")
+
+
+def test_unknown_target_module_lists_available(tiny_model_dir: Path) -> None:
+    module = LoRAModule(model=str(tiny_model_dir), num_adapters=1, target_modules=["q_proj", "qkv"])
+    with pytest.raises(ValueError, match=r"does not have: \['qkv'\]\. Its linear modules are: "):
+        module.configure_model()
+
+
+def test_adapter_count_must_match_cluster_count(tiny_model_dir: Path) -> None:
+    with pytest.raises(ValueError, match="num_adapters=3 but the data module has num_clusters=2"):
+        fit(tiny_model_dir, [make_batch(0, 0)], 2, num_adapters=3)
+    module = LoRAModule(model=str(tiny_model_dir))
+    with pytest.raises(ValueError, match="num_adapters=None and no data module"):
+        module.configure_model()
+
+
+def test_batch_errors(tiny_model_dir: Path) -> None:
+    mixed = make_batch(0, 0)
+    mixed["cluster_id"] = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=r"cluster_id=\[0, 1\] mixes clusters"):
+        fit(tiny_model_dir, [mixed], 2)
+    with pytest.raises(ValueError, match=r"cluster_id=2 is outside the 2 adapters"):
+        fit(tiny_model_dir, [make_batch(2, 0)], 2)
+
+
+class _PoisonAdapter(Callback):
+    def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
+        for name, param in pl_module.adapter_parameters(1):
+            if "lora_B" in name:
+                param.data.fill_(float("nan"))
+
+
+def test_non_finite_loss_names_cluster_and_step(tiny_model_dir: Path) -> None:
+    batches = [make_batch(0, 0), make_batch(1, 1)]
+    with pytest.raises(
+        FloatingPointError, match=r"non-finite loss nan at global step 1 .*cluster_1"
+    ):
+        fit(tiny_model_dir, batches, 2, trainer_kwargs=dict(callbacks=[_PoisonAdapter()]))
+
+
+def test_ddp_without_find_unused_is_rejected(tiny_model_dir: Path) -> None:
+    module = LoRAModule(model=str(tiny_model_dir), num_adapters=2)
+    module.trainer = make_trainer(devices=2, strategy="ddp")
+    with pytest.raises(ValueError, match="use strategy='ddp_find_unused_parameters_true'"):
+        module.setup("fit")
+    module.trainer = make_trainer(devices=2, strategy="ddp_find_unused_parameters_true")
+    module.setup("fit")  # accepted
