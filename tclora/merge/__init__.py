@@ -1,0 +1,46 @@
+"""TC-LoRA's parameter level: merge LoRA adapters through a joint CP decomposition of their deltas.
+
+Pure tensor math (torch, tensorly, peft's merge utilities); no Lightning. Flow:
+``AdapterStack`` → ``cp_decompose`` → ``merge_cp`` (or ``merge_baseline``) → ``MergedAdapter`` →
+``merge_report`` / ``install_adapter`` / ``export_adapter`` / ``fold_into_base``; ``fold_in`` adds
+a new adapter to an existing decomposition.
+"""
+
+from tclora.merge.baselines import BASELINES, iso_c, knots_ties, merge_baseline, tsv
+from tclora.merge.cp import CPResult, cp_als_factored, cp_decompose, fold_in, initialize_factored
+from tclora.merge.export import export_adapter, fold_into_base, install_adapter, merged_lora_config
+from tclora.merge.rules import (
+    CP_RULES,
+    MergedAdapter,
+    component_analysis,
+    merge_cp,
+    merge_report,
+    merge_report_per_module,
+    ties_loadings,
+)
+from tclora.merge.stack import AdapterStack
+
+__all__ = [
+    "BASELINES",
+    "CP_RULES",
+    "AdapterStack",
+    "CPResult",
+    "MergedAdapter",
+    "component_analysis",
+    "cp_als_factored",
+    "cp_decompose",
+    "export_adapter",
+    "fold_in",
+    "fold_into_base",
+    "initialize_factored",
+    "install_adapter",
+    "iso_c",
+    "knots_ties",
+    "merge_baseline",
+    "merge_cp",
+    "merge_report",
+    "merge_report_per_module",
+    "merged_lora_config",
+    "ties_loadings",
+    "tsv",
+]

@@ -194,7 +194,8 @@ class _Concat:
         self.a = torch.cat([a for a, _ in factors], dim=0)  # Σr × d_in
         self.b = torch.cat([b for _, b in factors], dim=1)  # d_out × Σr
         self.task = torch.repeat_interleave(
-            torch.arange(self.T, device=self.a.device), torch.tensor(self.ranks, device=self.a.device)
+            torch.arange(self.T, device=self.a.device),
+            torch.tensor(self.ranks, device=self.a.device),
         )
         same = self.task[:, None] == self.task[None, :]
         # ‖X‖² = Σ_t sum((B̃_tᵀB̃_t) ∗ (A_t A_tᵀ)): the block diagonal of the Σr × Σr Hadamard product.
@@ -237,11 +238,13 @@ def initialize_factored(
         ``[C (T×R), U (d_out×R), V (d_in×R)]`` in the dtype/device of the factors.
     """
     cat = _Concat(factors)
-    ctx = {"dtype": cat.a.dtype, "device": cat.a.device}
+    dtype, device = cat.a.dtype, cat.a.device
     shape = (cat.T, int(cat.b.shape[0]), int(cat.a.shape[1]))
     rng = np.random.RandomState(seed)
     if init == "random":
-        return [torch.tensor(rng.random_sample((s, rank)), **ctx) for s in shape]
+        return [
+            torch.tensor(rng.random_sample((s, rank)), dtype=dtype, device=device) for s in shape
+        ]
     q_b, r_b = torch.linalg.qr(cat.b)
     q_a, r_a = torch.linalg.qr(cat.a.T)
     core = torch.stack(
@@ -261,7 +264,9 @@ def initialize_factored(
             k = min(rank, s.numel(), n)
             u = torch.cat([u[:, :k] * s[:k], u[:, k:]], dim=1)
         if shape[mode] < rank:
-            pad = torch.tensor(rng.random_sample((shape[mode], rank - shape[mode])), **ctx)
+            pad = torch.tensor(
+                rng.random_sample((shape[mode], rank - shape[mode])), dtype=dtype, device=device
+            )
             u = torch.cat([u, pad], dim=1)
         out.append(u[:, :rank])
     return out
@@ -340,7 +345,10 @@ def normalize_cp(c: Tensor, u: Tensor, v: Tensor) -> CPTensor:
     """
     norms = [torch.linalg.vector_norm(f, dim=0) for f in (c, u, v)]
     weights = norms[0] * norms[1] * norms[2]
-    c, u, v = (f / torch.where(n == 0, torch.ones_like(n), n) for f, n in zip((c, u, v), norms, strict=True))
+    c, u, v = (
+        f / torch.where(n == 0, torch.ones_like(n), n)
+        for f, n in zip((c, u, v), norms, strict=True)
+    )
     s1 = torch.where(c.sum(0) < 0, -1.0, 1.0).to(c.dtype)
     c, u = c * s1, u * s1
     idx = torch.argmax(u.abs(), dim=0)
@@ -384,15 +392,25 @@ def fold_in(
     for module, res in cp.items():
         lam, (c, u, v) = res.cp
         a, b, scaling = factors[module]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or (b.shape[0], a.shape[1]) != (
-            u.shape[0],
-            v.shape[0],
+        if (
+            a.ndim != 2
+            or b.ndim != 2
+            or a.shape[0] != b.shape[1]
+            or (b.shape[0], a.shape[1])
+            != (
+                u.shape[0],
+                v.shape[0],
+            )
         ):
             raise ValueError(
                 f"shapes differ on module {module!r}: the CP has d_out×d_in {u.shape[0]}×{v.shape[0]}, "
                 f"the new adapter has lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}"
             )
-        if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all()) and math.isfinite(scaling)):
+        if not (
+            bool(torch.isfinite(a).all())
+            and bool(torch.isfinite(b).all())
+            and math.isfinite(scaling)
+        ):
             raise ValueError(f"non-finite weights (nan/inf) in the new adapter, module {module!r}")
         a = a.to(u.dtype)
         b = b.to(u.dtype) * scaling

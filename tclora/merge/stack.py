@@ -109,7 +109,9 @@ class AdapterStack:
 
     # ------------------------------------------------------------ constructors
     @classmethod
-    def from_peft_model(cls, model: Any, adapter_names: Sequence[str] | None = None) -> AdapterStack:
+    def from_peft_model(
+        cls, model: Any, adapter_names: Sequence[str] | None = None
+    ) -> AdapterStack:
         """Read LoRA adapters from a ``PeftModel`` (or a module with LoRA layers injected).
 
         Args:
@@ -126,7 +128,9 @@ class AdapterStack:
         """
         from peft.tuners.lora import LoraLayer
 
-        layers = [(strip_peft_prefix(n), m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+        layers = [
+            (strip_peft_prefix(n), m) for n, m in model.named_modules() if isinstance(m, LoraLayer)
+        ]
         if not layers:
             raise ValueError("model has no LoRA layers (expected a PeftModel with LoRA adapters)")
         configs: Mapping[str, Any] = getattr(model, "peft_config", None) or {}
@@ -150,7 +154,9 @@ class AdapterStack:
         _check_count(names)
         weights: dict[str, list[Factors]] = {}
         for module, layer in layers:
-            present = [n for n in names if n in layer.lora_A or n in getattr(layer, "lora_embedding_A", {})]
+            present = [
+                n for n in names if n in layer.lora_A or n in getattr(layer, "lora_embedding_A", {})
+            ]
             if not present:
                 continue
             for n in present:
@@ -160,20 +166,20 @@ class AdapterStack:
                         f"(embedding/conv LoRA is not supported)"
                     )
                 if layer.use_dora.get(n, False):
-                    raise ValueError(f"adapter {n!r} on module {module!r} uses DoRA, which is not B@A")
+                    raise ValueError(
+                        f"adapter {n!r} on module {module!r} uses DoRA, which is not B@A"
+                    )
                 if getattr(layer, "lora_bias", {}).get(n, False):
-                    raise ValueError(f"adapter {n!r} on module {module!r} has a LoRA bias (lora_bias)")
+                    raise ValueError(
+                        f"adapter {n!r} on module {module!r} has a LoRA bias (lora_bias)"
+                    )
             missing = [n for n in names if n not in present]
             if missing:
                 raise ValueError(
                     f"module sets differ: module {module!r} has adapters {present} but not {missing}"
                 )
             weights[module] = [
-                (
-                    layer.lora_A[n].weight.detach().clone(),
-                    layer.lora_B[n].weight.detach().clone(),
-                    float(layer.scaling[n]),
-                )
+                (_weight(layer.lora_A[n]), _weight(layer.lora_B[n]), float(layer.scaling[n]))
                 for n in names
             ]
         if names[0] in configs:
@@ -181,7 +187,12 @@ class AdapterStack:
         else:
             ranks = {int(w[0][0].shape[0]) for w in weights.values()}
             lora_config = LoraConfig(r=max(ranks), target_modules=sorted(weights))
-        return cls(names=list(names), module_names=sorted(weights), lora_config=lora_config, weights=weights)
+        return cls(
+            names=list(names),
+            module_names=sorted(weights),
+            lora_config=lora_config,
+            weights=weights,
+        )
 
     @classmethod
     def from_folders(
@@ -218,10 +229,21 @@ class AdapterStack:
             if mods != modules[0]:
                 raise ValueError(_module_diff_message(adapter_names[0], modules[0], name, mods))
         weights = {m: [f[m] for f in per_adapter] for m in sorted(modules[0])}
-        return cls(names=adapter_names, module_names=sorted(weights), lora_config=configs[0], weights=weights)
+        return cls(
+            names=adapter_names,
+            module_names=sorted(weights),
+            lora_config=configs[0],
+            weights=weights,
+        )
 
 
 # --------------------------------------------------------------------------- helpers
+def _weight(linear: Any) -> Tensor:
+    """A detached copy of a LoRA ``nn.Linear``'s weight."""
+    weight: Tensor = linear.weight
+    return weight.detach().clone()
+
+
 def _check_count(items: Sequence[Any], what: str = "adapters") -> None:
     if len(items) < 2:
         raise ValueError(f"need at least 2 {what} to merge, got {len(items)}: {list(items)}")
@@ -282,10 +304,14 @@ def _read_folder(path: Path) -> tuple[LoraConfig, dict[str, Factors]]:
         raise FileNotFoundError(f"{cfg_path} not found: {path} is not a peft adapter folder")
     raw = json.loads(cfg_path.read_text())
     if raw.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{path}: peft_type={raw.get('peft_type')!r}, only LORA adapters can be merged")
+        raise ValueError(
+            f"{path}: peft_type={raw.get('peft_type')!r}, only LORA adapters can be merged"
+        )
     config = LoraConfig.from_pretrained(str(path))
     if config.use_dora:
-        raise ValueError(f"{path}: use_dora=True, DoRA adapters are not B@A and cannot be merged here")
+        raise ValueError(
+            f"{path}: use_dora=True, DoRA adapters are not B@A and cannot be merged here"
+        )
     st_path, bin_path = path / "adapter_model.safetensors", path / "adapter_model.bin"
     if st_path.is_file():
         from safetensors.torch import load_file
