@@ -243,7 +243,7 @@ class LoRAModule(LightningModule):
         self._adapter_steps: list[int] = []
         self._rng_states: dict[int, tuple[Tensor, Tensor | None]] = {}
         self._pending: set[int] = set()
-        self._schedule_total: int | None = max_steps_per_adapter
+        self._schedule_lengths_: list[int | None] = []
         self._batch_start = 0.0
         self._val_sum: Tensor | None = None
         self._val_tokens: Tensor | None = None
@@ -352,17 +352,33 @@ class LoRAModule(LightningModule):
         self.model.base_model.set_adapter(self.adapter_names[index])
 
     # -------------------------------------------------------------- optimizer
-    def _total_steps(self) -> int | None:
+    def _schedule_lengths(self) -> list[int | None]:
+        """Length of every adapter's decay schedule, in that adapter's own steps.
+
+        ``max_steps_per_adapter`` if given; else, when the train loader's sampler exposes
+        ``num_batches_per_cluster()`` (``ClusterBatchSampler``) and the fit is bounded by
+        ``max_epochs``, each cluster's own number of optimizer steps; else the trainer's
+        estimated steps divided by K.
+        """
         hp = self._hp
+        k = len(self.adapter_names)
         if hp.lr_schedule == "constant":
-            return None
+            return [None] * k
         if hp.max_steps_per_adapter is not None:
-            return int(hp.max_steps_per_adapter)
-        total = max(1, math.ceil(self.trainer.estimated_stepping_batches / len(self.adapter_names)))
-        rank_zero_info(
-            f"LoRAModule: max_steps_per_adapter=None, using {total} (estimated steps / K)"
-        )
-        return total
+            return [int(hp.max_steps_per_adapter)] * k
+        trainer = self.trainer
+        estimated = trainer.estimated_stepping_batches  # also loads the train dataloader
+        per_epoch = _batches_per_cluster(trainer.train_dataloader)
+        if per_epoch is not None and len(per_epoch) == k and trainer.max_steps == -1:
+            epochs = trainer.max_epochs if trainer.max_epochs is not None else 1
+            accumulate = trainer.accumulate_grad_batches
+            lengths: list[int | None] = [
+                max(1, math.ceil(n * epochs / accumulate)) for n in per_epoch
+            ]
+        else:
+            lengths = [max(1, math.ceil(estimated / k))] * k
+        rank_zero_info(f"LoRAModule: max_steps_per_adapter=None, schedule lengths {lengths}")
+        return lengths
 
     def lr_for(self, index: int) -> float:
         """Learning rate of adapter ``index``'s next step, from its own step count."""
@@ -372,12 +388,16 @@ class LoRAModule(LightningModule):
             base_lr=hp.lr,
             schedule=hp.lr_schedule,
             warmup_steps=hp.warmup_steps,
-            total_steps=self._schedule_total,
+            total_steps=(
+                self._schedule_lengths_[index]
+                if self._schedule_lengths_
+                else hp.max_steps_per_adapter
+            ),
         )
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        self._schedule_total = self._total_steps()
+        self._schedule_lengths_ = self._schedule_lengths()
         groups = []
         for i, name in enumerate(self.adapter_names):
             params = [p for _, p in self.adapter_parameters(i)]
@@ -622,6 +642,20 @@ class LoRAModule(LightningModule):
         if export_dir is not None and self.trainer.is_global_zero:
             folders = self.export_adapters(export_dir)
             rank_zero_info(f"LoRAModule: exported {len(folders)} adapters to {export_dir}")
+
+
+def _batches_per_cluster(loader: Any) -> list[int] | None:
+    """``num_batches_per_cluster()`` of a loader's cluster sampler, if it has one."""
+    for holder in (
+        loader,
+        getattr(loader, "batch_sampler", None),
+        getattr(loader, "sampler", None),
+    ):
+        for candidate in (holder, getattr(holder, "cluster_sampler", None)):
+            counts = getattr(candidate, "num_batches_per_cluster", None)
+            if callable(counts):
+                return [int(n) for n in counts()]
+    return None
 
 
 def _is_lora(name: str) -> bool:

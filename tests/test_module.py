@@ -421,3 +421,25 @@ def test_ddp_without_find_unused_is_rejected(tiny_model_dir: Path) -> None:
         module.setup("fit")
     module.trainer = make_trainer(devices=2, strategy="ddp_find_unused_parameters_true")
     module.setup("fit")  # accepted
+
+
+def test_schedule_length_follows_each_clusters_own_batches(tiny_model_dir: Path) -> None:
+    """Without max_steps_per_adapter, adapter k decays over its own cluster's steps."""
+
+    class CountingSampler:
+        def num_batches_per_cluster(self) -> list[int]:
+            return [3, 1]
+
+    class Counted(ListDataModule):
+        def train_dataloader(self) -> DataLoader:
+            loader = super().train_dataloader()
+            loader.cluster_sampler = CountingSampler()  # type: ignore[attr-defined]
+            return loader
+
+    batches = [make_batch(0, 0), make_batch(1, 1), make_batch(0, 2), make_batch(0, 3)]
+    seed_everything(0)
+    module = LoRAModule(model=str(tiny_model_dir), r=4, lr=1.0, lr_schedule="linear")
+    make_trainer(max_epochs=2).fit(module, datamodule=Counted(batches, 2))
+    assert module._schedule_lengths_ == [6, 2]
+    assert module.lr_for(0) == 0.0 and module.lr_for(1) == 0.0  # both schedules ran out
+    assert module._adapter_steps == [6, 2]
