@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from tclora.assets import ModelNotFoundError
@@ -443,3 +444,70 @@ def test_schedule_length_follows_each_clusters_own_batches(tiny_model_dir: Path)
     assert module._schedule_lengths_ == [6, 2]
     assert module.lr_for(0) == 0.0 and module.lr_for(1) == 0.0  # both schedules ran out
     assert module._adapter_steps == [6, 2]
+
+
+class ResumableBatches:
+    """A stateful iterable of batches: Lightning saves its position and resumes mid-epoch."""
+
+    def __init__(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        self.batches = batches
+        self.position = 0
+        self._resume_at = 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Any:
+        start, self._resume_at = self._resume_at, 0
+        for i in range(start, len(self.batches)):
+            self.position = i + 1
+            yield self.batches[i]
+        self.position = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume_at = int(state["position"])
+
+
+class ResumableDataModule(ListDataModule):
+    def train_dataloader(self) -> Any:
+        return ResumableBatches(self.batches)
+
+
+def test_resume_mid_epoch_equals_uninterrupted_fit(tiny_model_dir: Path, tmp_path: Path) -> None:
+    order = [0, 1, 1, 0, 1, 0]
+    batches = [make_batch(c, seed=i) for i, c in enumerate(order)]
+    common: dict[str, Any] = dict(
+        model=str(tiny_model_dir),
+        r=4,
+        lr=1e-2,
+        lora_dropout=0.1,
+        weight_decay=0.1,
+        warmup_steps=2,
+        lr_schedule="linear",
+        max_steps_per_adapter=6,
+    )
+    seed_everything(0)
+    full = LoRAModule(**common)
+    make_trainer(max_epochs=2).fit(full, datamodule=ResumableDataModule(batches, 2))
+    seed_everything(0)
+    first = LoRAModule(**common)
+    # a checkpoint written by ModelCheckpoint during the epoch (not after fit ended)
+    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1)
+    trainer = make_trainer(max_epochs=2, max_steps=4, enable_checkpointing=True, callbacks=[saver])
+    trainer.fit(first, datamodule=ResumableDataModule(batches, 2))
+    path = tmp_path / "epoch=0-step=4.ckpt"
+    assert path.is_file(), sorted(tmp_path.iterdir())
+    assert first._adapter_steps == [2, 2]
+    seed_everything(7)
+    resumed = LoRAModule(**common)
+    make_trainer(max_epochs=2).fit(
+        resumed, datamodule=ResumableDataModule(batches, 2), ckpt_path=path
+    )
+    assert resumed._adapter_steps == full._adapter_steps == [6, 6]
+    for k in range(2):
+        torch.testing.assert_close(
+            adapter_weights(resumed, k), adapter_weights(full, k), rtol=0, atol=1e-6
+        )
