@@ -604,7 +604,7 @@ def plot_clusters(
     fig = Figure(figsize=(6, 5), dpi=100)
     ax = fig.add_subplot()
     markers = "os^vD<>pP*hX"
-    task_names = sorted(set(tasks)) if tasks is not None else [None]
+    task_names: list[str | None] = [None] if tasks is None else list(sorted(set(tasks)))
     for j, task in enumerate(task_names):
         mask = (
             np.ones(len(points), bool)

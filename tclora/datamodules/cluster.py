@@ -276,11 +276,12 @@ class ClusterBatchSampler(DistributedSampler):
 
     Every epoch, each cluster's members are shuffled (seeded by ``seed``, ``epoch`` and the
     cluster) and cut into *global* batches of ``batch_size × num_replicas`` samples. The global
-    batch at step ``s`` is split in ``num_replicas`` contiguous, disjoint shards, one per rank.
-    A cluster's last global batch is padded, by repeating that cluster's samples from the
-    start of its shuffled order, only up to a multiple of ``num_replicas``, so every rank
-    yields the same number of batches, of the same cluster, at every step (lockstep). With one
-    process nothing is repeated and the last batch of a cluster may be smaller.
+    batch at step ``s`` is split in ``num_replicas`` contiguous, disjoint shards, one per rank,
+    whose sizes differ by at most one (a cluster's last global batch may be short). Only a last
+    global batch with fewer samples than ranks is padded, by repeating that cluster's samples
+    from the start of its shuffled order. So every rank yields the same number of batches, of
+    the same cluster, at every step (lockstep), nothing is dropped, and with one process nothing
+    is repeated.
 
     It subclasses :class:`~torch.utils.data.DistributedSampler` because it is one: Lightning
     then neither replaces it with its own distributed sampler nor wraps it, and calls its
@@ -337,9 +338,8 @@ class ClusterBatchSampler(DistributedSampler):
         out = []
         for start in range(0, len(order), size):
             chunk = order[start : start + size]
-            short = -len(chunk) % self.num_replicas
-            if short:
-                chunk = np.concatenate([chunk, np.resize(order, short)])
+            if len(chunk) < self.num_replicas:  # too few to give every rank one sample
+                chunk = np.concatenate([chunk, np.resize(order, self.num_replicas - len(chunk))])
             out.append(chunk)
         return out
 
@@ -351,8 +351,7 @@ class ClusterBatchSampler(DistributedSampler):
         for cluster in self.cluster_sequence(epoch):
             chunk = per_cluster[cluster][used[cluster]]
             used[cluster] += 1
-            share = len(chunk) // self.num_replicas
-            yield chunk[self.rank * share : (self.rank + 1) * share].tolist()
+            yield np.array_split(chunk, self.num_replicas)[self.rank].tolist()
 
     @override
     def __iter__(self) -> Iterator[list[int]]:
