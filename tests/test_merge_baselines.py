@@ -147,7 +147,9 @@ def test_truncation_error_is_reported(stack: AdapterStack) -> None:
         s = torch.linalg.svdvals(mean)
         errs.append(float(s[2:].norm() / s.norm()))
         assert merged.lowrank[m][1].shape == (2, 16)
-        assert float((merged.delta(m).double() - mean).norm() / mean.norm()) == pytest.approx(errs[-1], rel=1e-4)
+        assert float((merged.delta(m).double() - mean).norm() / mean.norm()) == pytest.approx(
+            errs[-1], rel=1e-4
+        )
     assert merged.info["truncation_error"] == pytest.approx(sum(errs) / 2, rel=1e-4)
     assert merged.info["truncation_error_max"] == pytest.approx(max(errs), rel=1e-4)
     lowrank = merge_baseline(stack, "tsv", rank=3)
@@ -166,7 +168,9 @@ def test_knots_matches_dense_reference(stack: AdapterStack) -> None:
         # singular vectors have a sign freedom; align the factored ones to the dense ones
         b, a = (x.double() for x in merged.lowrank[m])
         signs = torch.sign(((b / s) * u).sum(0))
-        v_merged = merge_utils.ties([v * signs for v in v_t], torch.ones(3, dtype=torch.float64), 0.4)
+        v_merged = merge_utils.ties(
+            [v * signs for v in v_t], torch.ones(3, dtype=torch.float64), 0.4
+        )
         expected = (u * s * signs) @ v_merged.T
         assert_close(merged.delta(m).double(), expected, atol=1e-4, rtol=0)
 
@@ -198,7 +202,10 @@ def test_tsv_matches_dense_reference(stack: AdapterStack) -> None:
         (dict(method="ties", density=0.0), r"density must be in \(0, 1\], got density=0.0"),
         (dict(method="ties", density=1.5), r"density must be in \(0, 1\], got density=1.5"),
         (dict(method="uniform", scale=math.nan), r"scale must be a finite number, got scale=nan"),
-        (dict(method="ties", majority_sign_method="vote"), r"majority_sign_method must be 'total' or 'frequency', got 'vote'"),
+        (
+            dict(method="ties", majority_sign_method="vote"),
+            r"majority_sign_method must be 'total' or 'frequency', got 'vote'",
+        ),
     ],
 )
 def test_baseline_errors(stack: AdapterStack, kwargs: dict, match: str) -> None:

@@ -12,6 +12,7 @@ from torch.testing import assert_close
 
 from tclora.merge import AdapterStack, cp_decompose, fold_in
 
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a loaded 2-core machine."""
@@ -47,7 +48,10 @@ def cp_rank_stack(t: int = 4, rank: int = 3, d_out: int = 16, d_in: int = 12, se
     v = torch.randn(d_in, rank, generator=g, dtype=torch.float64)
     weights = {m: [(v.T.clone(), u * c[i], 1.0) for i in range(t)] for m in MODULES}
     stack = AdapterStack(
-        names=[f"a{i}" for i in range(t)], module_names=[], lora_config=LoraConfig(), weights=weights
+        names=[f"a{i}" for i in range(t)],
+        module_names=[],
+        lora_config=LoraConfig(),
+        weights=weights,
     )
     return stack, (c, u, v)
 
@@ -69,7 +73,9 @@ def test_known_cp_rank_is_recovered(engine: str) -> None:
         # every true output factor is matched by one recovered unit column (up to sign)
         u_hat = r.cp.factors[1]
         cos = (u / u.norm(dim=0)).T @ u_hat
-        assert_close(cos.abs().max(dim=1).values, torch.ones(3, dtype=torch.float64), atol=1e-4, rtol=0)
+        assert_close(
+            cos.abs().max(dim=1).values, torch.ones(3, dtype=torch.float64), atol=1e-4, rtol=0
+        )
         # normalised output: unit columns, λ descending, loadings summing non-negatively
         for f in r.cp.factors:
             assert_close(f.norm(dim=0), torch.ones(3, dtype=torch.float64))
@@ -123,7 +129,9 @@ def test_tensorly_backend_is_not_leaked() -> None:
 
 def test_rank_above_stack_rank_is_clamped_with_warning() -> None:
     stack = random_stack([1, 2])
-    with pytest.warns(UserWarning, match=r"rank=9 exceeds the CP rank the stack can have \(Σ_t r_t = \[3\]\)"):
+    with pytest.warns(
+        UserWarning, match=r"rank=9 exceeds the CP rank the stack can have \(Σ_t r_t = \[3\]\)"
+    ):
         res = cp_decompose(stack, 9, n_iter_max=5)
     assert all(r.cp.weights.shape == (3,) and r.rank_requested == 9 for r in res.values())
 
@@ -185,19 +193,27 @@ def test_fold_in_new_adapter_fit_error_matches_dense() -> None:
         x = torch.cat([stack.deltas(m).double(), x_new[None]])
         rec = dense_tensor_of(ext[m].cp)
         assert ext[m].fit_error == pytest.approx(float((x - rec).norm() / x.norm()), rel=1e-8)
-        assert residual[m] == pytest.approx(float((x_new - rec[-1]).norm() / x_new.norm()), rel=1e-8)
+        assert residual[m] == pytest.approx(
+            float((x_new - rec[-1]).norm() / x_new.norm()), rel=1e-8
+        )
 
 
 def test_fold_in_errors() -> None:
     stack = random_stack([2, 2])
     res = cp_decompose(stack, 2, n_iter_max=5)
     good = {m: stack.factors(m)[0] for m in MODULES}
-    with pytest.raises(ValueError, match=r"module sets differ: only in cp: \['model.layers.0.self_attn.q_proj'\]"):
+    with pytest.raises(
+        ValueError, match=r"module sets differ: only in cp: \['model.layers.0.self_attn.q_proj'\]"
+    ):
         fold_in(res, {MODULES[0]: good[MODULES[0]]})
     bad_shape = {**good, MODULES[0]: (torch.randn(2, 7), torch.randn(24, 2), 1.0)}
-    with pytest.raises(ValueError, match=r"shapes differ on module 'model.layers.0.mlp.up_proj'.*24×20"):
+    with pytest.raises(
+        ValueError, match=r"shapes differ on module 'model.layers.0.mlp.up_proj'.*24×20"
+    ):
         fold_in(res, bad_shape)
     a = torch.randn(2, 20)
     a[0, 0] = math.nan
-    with pytest.raises(ValueError, match=r"non-finite weights \(nan/inf\) in the new adapter, module"):
+    with pytest.raises(
+        ValueError, match=r"non-finite weights \(nan/inf\) in the new adapter, module"
+    ):
         fold_in(res, {**good, MODULES[1]: (a, torch.randn(24, 2), 1.0)})

@@ -26,6 +26,7 @@ from tclora.merge import (
 )
 from tclora.merge.cp import normalize_cp
 
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a loaded 2-core machine."""
@@ -47,7 +48,11 @@ def make_stack(adapters: list[dict[str, tuple[torch.Tensor, torch.Tensor, float]
 def random_adapter(r: int, d_out: int = 18, d_in: int = 14, seed: int = 0, scaling: float = 2.0):
     g = torch.Generator().manual_seed(seed)
     return {
-        m: (torch.randn(r, d_in, generator=g, dtype=torch.float64), torch.randn(d_out, r, generator=g, dtype=torch.float64), scaling)
+        m: (
+            torch.randn(r, d_in, generator=g, dtype=torch.float64),
+            torch.randn(d_out, r, generator=g, dtype=torch.float64),
+            scaling,
+        )
         for m in MODULES
     }
 
@@ -70,7 +75,9 @@ def test_every_rule_returns_the_adapter_for_copies(
     merged = merge_cp(copies, copies_cp, rule)
     for m in MODULES:
         target = copies.delta(m, 0)
-        assert_close(merged.delta(m).double(), target, atol=1e-4 * float(target.abs().max()), rtol=0)
+        assert_close(
+            merged.delta(m).double(), target, atol=1e-4 * float(target.abs().max()), rtol=0
+        )
     assert merged.method == f"cp:{rule}" and merged.scale == 1.0 and merged.rank == 3
 
 
@@ -109,9 +116,13 @@ def test_sum_components_is_the_authors_rule_with_loading_norm_sqrt_t() -> None:
     with tl.backend_context("pytorch"):
         from tensorly.decomposition import parafac
 
-        (_, (c_t, u_t, v_t)) = parafac(x, 3, n_iter_max=30, init="svd", tol=0, normalize_factors=False)
+        (_, (c_t, u_t, v_t)) = parafac(
+            x, 3, n_iter_max=30, init="svd", tol=0, normalize_factors=False
+        )
     authors = u_t @ v_t.T  # mttl CPMergeAfter: loadings dropped, factors unnormalised
-    cp = {mod: CPResult(cp=normalize_cp(c_t, u_t, v_t), fit_error=0.0, n_iter=30) for mod in MODULES}
+    cp = {
+        mod: CPResult(cp=normalize_cp(c_t, u_t, v_t), fit_error=0.0, n_iter=30) for mod in MODULES
+    }
     ours = merge_cp(stack, cp, "sum_components").delta(m).double()
     sign = torch.where(c_t.sum(0) < 0, -1.0, 1.0).double()
     rescaled = (u_t * sign * c_t.norm(dim=0) / math.sqrt(3)) @ v_t.T
@@ -137,7 +148,9 @@ def test_merge_report_matches_dense() -> None:
         d, s = merged.delta(m).double(), stack.deltas(m).double().sum(0)
         assert per[m]["norm"] == pytest.approx(float(d.norm()), rel=1e-6)
         assert per[m]["norm_mean"] == pytest.approx(float(s.norm()) / 3, rel=1e-9)
-        assert per[m]["cosine_to_sum"] == pytest.approx(float((d * s).sum() / d.norm() / s.norm()), rel=1e-6)
+        assert per[m]["cosine_to_sum"] == pytest.approx(
+            float((d * s).sum() / d.norm() / s.norm()), rel=1e-6
+        )
     rep = merge_report(stack, merged)
     total = math.sqrt(sum(per[m]["norm"] ** 2 for m in MODULES))
     assert rep["norm"] == pytest.approx(total)
@@ -148,30 +161,54 @@ def test_merge_report_matches_dense() -> None:
 
 def test_component_analysis_shared_vs_specific() -> None:
     t = 4
-    c = torch.stack([torch.full((t,), 0.5, dtype=torch.float64), torch.eye(t, dtype=torch.float64)[2]], dim=1)
+    c = torch.stack(
+        [torch.full((t,), 0.5, dtype=torch.float64), torch.eye(t, dtype=torch.float64)[2]], dim=1
+    )
     u, v = torch.eye(6, 2, dtype=torch.float64), torch.eye(5, 2, dtype=torch.float64)
-    res = {m: CPResult(cp=CPTensor((torch.tensor([3.0, 1.0], dtype=torch.float64), [c, u, v])), fit_error=0.0, n_iter=1) for m in MODULES}
+    res = {
+        m: CPResult(
+            cp=CPTensor((torch.tensor([3.0, 1.0], dtype=torch.float64), [c, u, v])),
+            fit_error=0.0,
+            n_iter=1,
+        )
+        for m in MODULES
+    }
     out = component_analysis(res)
     assert out["modules"] == sorted(MODULES)
-    assert_close(out["evenness"], torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=torch.float64), atol=1e-12, rtol=0)
+    assert_close(
+        out["evenness"],
+        torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=torch.float64),
+        atol=1e-12,
+        rtol=0,
+    )
     assert_close(out["heatmap"][:, 0], torch.full((t,), 0.25, dtype=torch.float64))
     assert_close(out["heatmap"][:, 1], torch.eye(t, dtype=torch.float64)[2])
     assert out["shared_fraction"] == pytest.approx(9 / 10)
     assert out["mean_evenness"] == pytest.approx(9 / 10)
-    assert_close(out["adapter_energy"], torch.tensor([2.25, 2.25, 3.25, 2.25], dtype=torch.float64) / 10)
+    assert_close(
+        out["adapter_energy"], torch.tensor([2.25, 2.25, 3.25, 2.25], dtype=torch.float64) / 10
+    )
 
 
 def test_rule_errors(copies: AdapterStack) -> None:
     cp = cp_decompose(copies, 2, n_iter_max=3)
-    with pytest.raises(ValueError, match=r"rule must be one of \('sum_components', 'mean_loading', 'ties_loading'\) or 'select:<t>', got rule='median'"):
+    with pytest.raises(
+        ValueError,
+        match=r"rule must be one of \('sum_components', 'mean_loading', 'ties_loading'\) or 'select:<t>', got rule='median'",
+    ):
         merge_cp(copies, cp, "median")
-    with pytest.raises(ValueError, match=r"rule='select:4': select needs an adapter index in \[0, 4\) or a name"):
+    with pytest.raises(
+        ValueError, match=r"rule='select:4': select needs an adapter index in \[0, 4\) or a name"
+    ):
         merge_cp(copies, cp, "select:4")
     with pytest.raises(ValueError, match=r"scale must be a finite number, got scale=inf"):
         merge_cp(copies, cp, "mean_loading", scale=math.inf)
     with pytest.raises(ValueError, match=r"density must be in \(0, 1\], got density=0"):
         merge_cp(copies, cp, "ties_loading", density=0)
-    with pytest.raises(ValueError, match=r"module sets differ between the stack and cp: only in the stack: \['model.layers.1.self_attn.v_proj'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"module sets differ between the stack and cp: only in the stack: \['model.layers.1.self_attn.v_proj'\]",
+    ):
         merge_cp(copies, {MODULES[0]: cp[MODULES[0]]}, "mean_loading")
     other = make_stack([random_adapter(3, seed=s) for s in range(2)])
     with pytest.raises(ValueError, match=r"has loadings for 4 adapters, the stack has 2"):
