@@ -628,17 +628,18 @@ def score_choices(
 
     Each (example, choice) pair is one row: the context is the rendered prompt, the continuation
     the choice (bare under a chat template, else ``" " + choice``), split by :func:`encode_pair`
-    and left-truncated to ``max_length + 1`` tokens. Rows are sorted by length, right-padded with
-    an attention mask and run ``batch_size`` at a time; only the positions that predict
-    continuation tokens are projected to the vocabulary (``logits_to_keep``) when the model
-    supports it. Log-softmax is taken in float32. The model is used as is (no ``eval()`` or
+    and left-truncated to ``max_length + 1`` tokens. Rows with the same input tokens (e.g.
+    single-token choices after one context) share a forward pass; inputs are sorted by length,
+    right-padded with an attention mask and run ``batch_size`` at a time; only the positions that
+    predict continuation tokens are projected to the vocabulary (``logits_to_keep``) when the
+    model supports it. Log-softmax is taken in float32. The model is used as is (no ``eval()`` or
     ``no_grad`` here; :func:`evaluate` sets both).
 
     Args:
         model: A causal LM (transformers or peft) returning ``.logits``.
         tokenizer: Its tokenizer.
         examples: Items with ``choices``.
-        batch_size: Rows per forward pass.
+        batch_size: Distinct inputs (choice rows) per forward pass.
         max_length: Longest input in tokens (context is truncated from the left).
         chat_template: Render prompts with the tokenizer's chat template when it has one.
         progress: Show a tqdm bar.
@@ -676,18 +677,24 @@ def score_choices(
             window = (ctx_ids + cont_ids)[-(max_length + 1) :]
             rows.append((i, j, window[:-1], cont_ids))
 
-    order = sorted(range(len(rows)), key=lambda r: (-len(rows[r][2]), r))
+    # Rows with the same input (e.g. single-token choices after the same context) share one
+    # forward pass: the logits are identical, only the gathered targets differ.
+    shared: dict[tuple[int, ...], list[int]] = {}
+    for r, row in enumerate(rows):
+        shared.setdefault(tuple(row[2]), []).append(r)
+    inputs = sorted(shared, key=lambda inp: (-len(inp), shared[inp][0]))
     device = _model_device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     use_keep = _supports_logits_to_keep(model)
     sums = [0.0] * len(rows)
-    starts = range(0, len(order), batch_size)
+    starts = range(0, len(inputs), batch_size)
     for start in tqdm(starts, desc="score choices", disable=not progress, leave=False):
-        sums_batch = _score_rows(
-            model, [rows[r] for r in order[start : start + batch_size]], device, pad_id, use_keep
-        )
-        for b, value in enumerate(sums_batch):
-            sums[order[start + b]] = value
+        chunk = inputs[start : start + batch_size]
+        batch = [(list(inp), [rows[r][3] for r in shared[inp]]) for inp in chunk]
+        values_per_input = _score_rows(model, batch, device, pad_id, use_keep)
+        for inp, values in zip(chunk, values_per_input, strict=True):
+            for r, value in zip(shared[inp], values, strict=True):
+                sums[r] = value
 
     results: list[tuple[list[float], list[int]]] = [
         ([], [len(c) for c in cast(tuple[str, ...], ex.choices)]) for ex in examples
@@ -700,22 +707,33 @@ def score_choices(
 @torch.no_grad()
 def _score_rows(
     model: Any,
-    batch: list[tuple[int, int, list[int], list[int]]],
+    batch: list[tuple[list[int], list[list[int]]]],
     device: torch.device,
     pad_id: int,
     use_keep: bool,
-) -> list[float]:
-    """Summed continuation log-likelihood of each right-padded row of one batch."""
-    sums: list[float] = []
-    width = max(len(inp) for _, _, inp, _ in batch)
+) -> list[list[float]]:
+    """Summed log-likelihood of continuations, for a right-padded batch of inputs.
+
+    Args:
+        model: The causal LM.
+        batch: ``(input_ids, continuations)`` pairs; each continuation's tokens are the last
+            ``len(continuation)`` targets of its input (``input[1:] + [last token]``).
+        device: Where the model lives.
+        pad_id: Padding token (masked out).
+        use_keep: Pass ``logits_to_keep`` to project only the needed positions.
+
+    Returns:
+        For each input, the summed log-probability of each of its continuations.
+    """
+    width = max(len(inp) for inp, _ in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for b, (_, _, inp, _) in enumerate(batch):
+    for b, (inp, _) in enumerate(batch):
         input_ids[b, : len(inp)] = torch.tensor(inp)
         attention_mask[b, : len(inp)] = 1
-    # Position p predicts token p + 1; the continuation of row b is predicted at positions
-    # len(inp) - len(cont) .. len(inp) - 1 (the last target is the window's final token).
-    first = min(len(inp) - len(cont) for _, _, inp, cont in batch)
+    # Position p predicts token p + 1, so a continuation of n tokens after input `inp` is
+    # predicted at positions len(inp) - n .. len(inp) - 1 (its last token ends the window).
+    first = min(len(inp) - max(len(c) for c in conts) for inp, conts in batch)
     keep = width - first
     kwargs: dict[str, Any] = {"logits_to_keep": keep} if use_keep else {}
     out = model(
@@ -725,11 +743,16 @@ def _score_rows(
         **kwargs,
     )
     logits = out.logits[:, -keep:, :]
-    for b, (_, _, inp, cont) in enumerate(batch):
-        lo = len(inp) - len(cont) - (width - keep)
-        logprobs = torch.log_softmax(logits[b, lo : lo + len(cont)].float(), dim=-1)
-        target = torch.tensor(cont, device=logprobs.device).unsqueeze(-1)
-        sums.append(float(logprobs.gather(-1, target).sum()))
+    sums: list[list[float]] = []
+    for b, (inp, conts) in enumerate(batch):
+        n_max = max(len(c) for c in conts)
+        lo = len(inp) - n_max - (width - keep)
+        logprobs = torch.log_softmax(logits[b, lo : lo + n_max].float(), dim=-1)
+        row = []
+        for cont in conts:
+            target = torch.tensor(cont, device=logprobs.device).unsqueeze(-1)
+            row.append(float(logprobs[n_max - len(cont) :].gather(-1, target).sum()))
+        sums.append(row)
     return sums
 
 

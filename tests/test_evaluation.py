@@ -11,7 +11,11 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import build_tiny_llama
+
+try:  # tests/ as a package (tests/__init__.py) or as a plain folder on sys.path
+    from .conftest import build_tiny_llama
+except ImportError:
+    from conftest import build_tiny_llama  # type: ignore[no-redef]
 
 from tclora.evaluation import (
     AccuracyCounter,
@@ -102,15 +106,24 @@ def hand_loglik(model: Any, tokenizer: Any, context: str, continuation: str, cha
 
 
 def test_score_choices_equals_hand_computation(tiny_llama: Any, tokenizer: Any) -> None:
-    example = EvalExample("Is water wet?", ("yes",), ("yes", "no, never"), "t")
-    ((logliks, lengths),) = score_choices(tiny_llama, tokenizer, [example])
+    example = EvalExample("Is water wet?", ("yes",), ("yes", "no", "no, never"), "t")
+    rows_seen: list[int] = []
+    hook = tiny_llama.register_forward_pre_hook(
+        lambda module, args, kwargs: rows_seen.append(kwargs["input_ids"].shape[0]),
+        with_kwargs=True,
+    )
+    try:
+        ((logliks, lengths),) = score_choices(tiny_llama, tokenizer, [example])
+    finally:
+        hook.remove()
+    assert rows_seen == [2]  # "yes" and "no" are one token each: they share one input row
     context = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Is water wet?"}], tokenize=False, add_generation_prompt=True
     )
     assert context.endswith("<|im_start|>assistant\n")
     expected = [hand_loglik(tiny_llama, tokenizer, context, c, chat=True) for c in example.choices]
     torch.testing.assert_close(torch.tensor(logliks), torch.tensor(expected), rtol=0, atol=1e-4)
-    assert lengths == [3, 9]  # characters of the choice text, as lm-eval-harness' completion_len
+    assert lengths == [3, 2, 9]  # characters of the choice text, as lm-eval-harness' completion_len
 
     # Under the chat template the continuation is the bare choice, after the template's "\n".
     ctx_ids, cont_ids = encode_pair(tokenizer, context, "yes", add_special_tokens=False)
