@@ -1,0 +1,470 @@
+"""Merge study: decompose, merge, pick each method's scale on validation data, evaluate, report.
+
+No Lightning here: :class:`~tclora.callbacks.cp_merge.CPMergeCallback` (at fit end) and
+``tclora merge`` (on saved adapter folders) both call :func:`run_study` on a peft model that holds
+the trained adapters.
+
+Method names: ``cp{R}_{rule}`` for a CP merge at rank ``R`` (``cp4_sum_components``), the baseline
+name for a dense merge (``uniform``, ``ties``, ...), and for the references ``base`` (adapters
+disabled), ``single:<adapter>`` and ``routing`` (each example scored with the adapter of its
+nearest cluster centroid).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from tclora.evaluation import EvalSet, evaluate
+from tclora.merge import (
+    AdapterStack,
+    CPResult,
+    MergedAdapter,
+    component_analysis,
+    cp_decompose,
+    install_adapter,
+    merge_baseline,
+    merge_cp,
+    merge_report,
+)
+
+CPRule = Literal["sum_components", "mean_loading", "ties_loading"]
+Baseline = Literal[
+    "uniform", "ties", "dare_linear", "dare_ties", "magnitude_prune", "knots_ties", "tsv", "iso_c"
+]
+Reference = Literal["base", "single", "routing"]
+SelectionMetric = Literal["val_loss", "val_loss_max"]
+
+MERGED_ADAPTER = "tclora_merged"
+
+
+@dataclass
+class StudyConfig:
+    """What to merge, how to pick scales, and what to evaluate (see ``CPMergeCallback``)."""
+
+    cp_ranks: list[int] = field(default_factory=lambda: [4])
+    engine: Literal["factored", "dense"] = "factored"
+    rules: list[CPRule] = field(default_factory=lambda: ["sum_components", "mean_loading"])
+    baselines: list[Baseline] = field(default_factory=lambda: ["uniform", "ties"])
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    selection_metric: SelectionMetric = "val_loss"
+    references: list[Reference] = field(default_factory=lambda: ["base", "single", "routing"])
+    val_max_batches: int | None = 8
+    batch_size: int = 8
+    max_length: int = 512
+    max_new_tokens: int = 16
+    chat_template: bool = True
+    cp_iters: int = 100
+    cp_tol: float = 1e-8
+    seed: int = 0
+    density: float = 0.2
+    progress: bool = True
+
+
+@dataclass
+class MethodResult:
+    """One row of the results table."""
+
+    name: str
+    kind: Literal["merge", "reference"]
+    scale: float | None = None
+    selection: float | None = None
+    scale_curve: dict[str, float] = field(default_factory=dict)
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    merge_seconds: float | None = None
+    norm: float | None = None
+    cosine_to_sum: float | None = None
+
+    def primary(self, eval_set: str) -> float:
+        """The headline number of ``eval_set``: accuracy for multiple choice, else exact match."""
+        scores = self.scores.get(eval_set, {})
+        for key in ("acc", "exact_match"):
+            if key in scores:
+                return scores[key]
+        return math.nan
+
+    def average(self, eval_sets: Sequence[str]) -> float:
+        values = [self.primary(name) for name in eval_sets]
+        return sum(values) / len(values) if values else math.nan
+
+
+@dataclass
+class StudyResult:
+    """Everything a study produced: rows, CP diagnostics and the kept merge."""
+
+    rows: list[MethodResult]
+    eval_sets: list[str]
+    cp_fit_error: dict[str, dict[str, float]]
+    loadings: dict[str, Any]
+    kept: str | None
+    merges: dict[str, MergedAdapter] = field(repr=False, default_factory=dict)
+
+    def row(self, name: str) -> MethodResult:
+        return next(r for r in self.rows if r.name == name)
+
+    def merged(self, name: str) -> MergedAdapter:
+        """Method ``name``'s merge at the scale chosen for it."""
+        return self.merges[name].scaled(self.row(name).scale or 1.0)
+
+
+def _world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def lm_loss(
+    model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], max_batches: int | None
+) -> float:
+    """Token-weighted mean next-token loss over ``batches`` (summed over DDP ranks).
+
+    Args:
+        model: A causal LM taking ``input_ids``, ``attention_mask`` and ``labels``.
+        batches: Dicts with ``input_ids`` and ``labels`` (``-100`` ignored), ``attention_mask``
+            optional.
+        max_batches: Stop after this many batches (``None``: all).
+
+    Returns:
+        Mean loss per supervised token; ``nan`` when there is none.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        labels = batch["labels"].to(device)
+        out = model(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch.get("attention_mask", torch.ones_like(labels)).to(device),
+        )
+        logits = out.logits[:, :-1].float()
+        targets = labels[:, 1:]
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+        )
+        total += torch.stack([loss.double(), (targets != -100).sum().double()])
+    if _world()[1] > 1:
+        torch.distributed.all_reduce(total)
+    model.train(was_training)
+    return float(total[0] / total[1]) if total[1] > 0 else math.nan
+
+
+def select_scale(curve: Mapping[float, float]) -> float:
+    """The scale with the lowest validation metric (ties go to the smaller scale)."""
+    finite = {s: v for s, v in curve.items() if math.isfinite(v)}
+    if not finite:
+        raise ValueError(f"no finite validation metric on the scale grid {sorted(curve)}")
+    return min(sorted(finite), key=lambda s: finite[s])
+
+
+def _validation_metric(
+    model: torch.nn.Module,
+    val_loaders: Sequence[Iterable[Mapping[str, Any]]],
+    cfg: StudyConfig,
+) -> float:
+    losses = [lm_loss(model, loader, cfg.val_max_batches) for loader in val_loaders]
+    losses = [v for v in losses if math.isfinite(v)]
+    if not losses:
+        return math.nan
+    return max(losses) if cfg.selection_metric == "val_loss_max" else sum(losses) / len(losses)
+
+
+def _evaluate_all(
+    model: Any,
+    tokenizer: Any,
+    eval_sets: Sequence[EvalSet],
+    cfg: StudyConfig,
+    adapter_per_example: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, dict[str, float]]:
+    return {
+        es.name: evaluate(
+            model,
+            tokenizer,
+            es,
+            batch_size=cfg.batch_size,
+            max_length=cfg.max_length,
+            max_new_tokens=cfg.max_new_tokens,
+            chat_template=cfg.chat_template,
+            progress=cfg.progress,
+            adapter_per_example=None
+            if adapter_per_example is None
+            else adapter_per_example[es.name],
+        )
+        for es in eval_sets
+    }
+
+
+def build_merges(
+    stack: AdapterStack, cfg: StudyConfig
+) -> tuple[dict[str, MergedAdapter], dict[str, dict[str, CPResult]], dict[str, float]]:
+    """Run every configured CP rank, rule and baseline at scale 1.
+
+    Returns:
+        ``(merges by method name, CP results by rank label, seconds per method)``.
+    """
+    merges: dict[str, MergedAdapter] = {}
+    cps: dict[str, dict[str, CPResult]] = {}
+    seconds: dict[str, float] = {}
+    for rank in cfg.cp_ranks:
+        start = time.perf_counter()
+        cp = cp_decompose(
+            stack,
+            rank,
+            engine=cfg.engine,
+            n_iter_max=cfg.cp_iters,
+            tol=cfg.cp_tol,
+            seed=cfg.seed,
+        )
+        decompose_s = time.perf_counter() - start
+        cps[f"cp{rank}"] = cp
+        for rule in cfg.rules:
+            start = time.perf_counter()
+            name = f"cp{rank}_{rule}"
+            merges[name] = merge_cp(stack, cp, rule, scale=1.0)
+            seconds[name] = decompose_s + time.perf_counter() - start
+    for method in cfg.baselines:
+        start = time.perf_counter()
+        merges[method] = merge_baseline(
+            stack, method, scale=1.0, density=cfg.density, seed=cfg.seed
+        )
+        seconds[method] = time.perf_counter() - start
+    return merges, cps, seconds
+
+
+def run_study(
+    model: Any,
+    tokenizer: Any,
+    stack: AdapterStack,
+    *,
+    cfg: StudyConfig,
+    val_loaders: Sequence[Iterable[Mapping[str, Any]]] = (),
+    eval_sets: Sequence[EvalSet] = (),
+    router: Callable[[Sequence[EvalSet]], dict[str, list[str]]] | None = None,
+    keep: str = "best",
+    done: Sequence[MethodResult] = (),
+    on_row: Callable[[MethodResult], None] | None = None,
+) -> StudyResult:
+    """Merge the adapters of ``stack`` every configured way, pick scales, evaluate everything.
+
+    Args:
+        model: The ``PeftModel`` holding the adapters named in ``stack``. A temporary adapter
+            ``tclora_merged`` is installed on it for each merge and removed at the end; the active
+            adapter is restored.
+        tokenizer: Its tokenizer.
+        stack: The adapters to merge.
+        cfg: What to merge and evaluate.
+        val_loaders: Validation batches (one iterable per cluster) on which each method's scale is
+            chosen; required when ``cfg.scales`` has more than one value.
+        eval_sets: Held-out evaluation sets, never used for choosing anything.
+        router: Maps the evaluation sets to the adapter each example is routed to; ``None``
+            skips the routing reference.
+        keep: ``"best"`` keeps the merge with the lowest validation metric, or a method name.
+        done: Rows already finished by an interrupted study: kept as they are, not redone.
+        on_row: Called with each finished row (used to save progress).
+
+    Returns:
+        The :class:`StudyResult`.
+    """
+    if len(cfg.scales) > 1 and not val_loaders:
+        raise ValueError(
+            f"scales={cfg.scales}: choosing a scale needs validation data, and none was given; "
+            "pass validation loaders or a single scale"
+        )
+    previous_adapter = model.active_adapter
+    finished = {row.name: row for row in done}
+    skip = set(finished)
+    merges, cps, seconds = build_merges(stack, cfg)
+    rows: list[MethodResult] = []
+    names = [es.name for es in eval_sets]
+
+    def finish(row: MethodResult) -> None:
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+
+    def plan() -> list[str]:
+        planned = ["base"] if "base" in cfg.references else []
+        if "single" in cfg.references:
+            planned += [f"single:{a}" for a in stack.names]
+        if "routing" in cfg.references and router is not None:
+            planned.append("routing")
+        return planned + list(merges)
+
+    try:
+        if "base" in cfg.references and "base" not in skip:
+            with model.disable_adapter():
+                scores = _evaluate_all(model, tokenizer, eval_sets, cfg)
+                selection = _validation_metric(model, val_loaders, cfg) if val_loaders else None
+            finish(MethodResult("base", "reference", selection=selection, scores=scores))
+        if "single" in cfg.references:
+            for adapter in stack.names:
+                if f"single:{adapter}" in skip:
+                    continue
+                model.set_adapter(adapter)
+                finish(
+                    MethodResult(
+                        f"single:{adapter}",
+                        "reference",
+                        scores=_evaluate_all(model, tokenizer, eval_sets, cfg),
+                    )
+                )
+        if "routing" in cfg.references and router is not None and "routing" not in skip:
+            routes = router(eval_sets)
+            finish(
+                MethodResult(
+                    "routing",
+                    "reference",
+                    scores=_evaluate_all(model, tokenizer, eval_sets, cfg, routes),
+                )
+            )
+        for name, merged in merges.items():
+            if name in skip:
+                continue
+            curve: dict[float, float] = {}
+            for scale in cfg.scales:
+                install_adapter(model, MERGED_ADAPTER, merged.scaled(scale))
+                model.set_adapter(MERGED_ADAPTER)
+                curve[scale] = (
+                    _validation_metric(model, val_loaders, cfg) if val_loaders else math.nan
+                )
+            chosen = select_scale(curve) if val_loaders else cfg.scales[0]
+            final = merged.scaled(chosen)
+            install_adapter(model, MERGED_ADAPTER, final)
+            model.set_adapter(MERGED_ADAPTER)
+            report = merge_report(stack, final)
+            finish(
+                MethodResult(
+                    name,
+                    "merge",
+                    scale=chosen,
+                    selection=curve.get(chosen),
+                    scale_curve={str(s): v for s, v in curve.items()},
+                    scores=_evaluate_all(model, tokenizer, eval_sets, cfg),
+                    merge_seconds=seconds[name],
+                    norm=report.get("norm"),
+                    cosine_to_sum=report.get("cosine_to_sum"),
+                )
+            )
+    finally:
+        model.set_adapter(previous_adapter)
+        if MERGED_ADAPTER in getattr(model, "peft_config", {}):
+            model.delete_adapter(MERGED_ADAPTER)
+
+    order = {name: i for i, name in enumerate(plan())}
+    rows = sorted([*rows, *finished.values()], key=lambda r: order.get(r.name, len(order)))
+    kept = _choose_kept(rows, keep)
+    fit_errors = {
+        label: _summarise([r.fit_error for r in cp.values()]) for label, cp in cps.items()
+    }
+    loadings = {
+        label: {**component_analysis(cp), "adapters": list(stack.names)}
+        for label, cp in cps.items()
+    }
+    return StudyResult(rows, names, fit_errors, loadings, kept, merges)
+
+
+def _choose_kept(rows: Sequence[MethodResult], keep: str) -> str | None:
+    merged = [r for r in rows if r.kind == "merge"]
+    if keep != "best":
+        if not any(r.name == keep for r in merged):
+            raise ValueError(
+                f"keep={keep!r} is not a merge of this study: {[r.name for r in merged]}"
+            )
+        return keep
+    scored = [r for r in merged if r.selection is not None and math.isfinite(r.selection)]
+    if not scored:
+        return merged[0].name if merged else None
+    return min(scored, key=lambda r: r.selection if r.selection is not None else math.inf).name
+
+
+def _summarise(values: Sequence[float]) -> dict[str, float]:
+    tensor = torch.tensor(list(values), dtype=torch.float64)
+    return {
+        "mean": float(tensor.mean()),
+        "max": float(tensor.max()),
+        "min": float(tensor.min()),
+    }
+
+
+def results_table(result: StudyResult) -> list[dict[str, Any]]:
+    """Rows of the methods x eval sets table (primary metric per set, their average, scale...)."""
+    table = []
+    for row in result.rows:
+        entry: dict[str, Any] = {"method": row.name, "kind": row.kind}
+        for name in result.eval_sets:
+            entry[name] = row.primary(name)
+        entry["average"] = row.average(result.eval_sets)
+        entry["scale"] = row.scale
+        entry["selection"] = row.selection
+        entry["norm"] = row.norm
+        entry["cosine_to_sum"] = row.cosine_to_sum
+        entry["merge_seconds"] = row.merge_seconds
+        table.append(entry)
+    return table
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def to_markdown(table: Sequence[Mapping[str, Any]]) -> str:
+    """Render :func:`results_table` rows as a Markdown table."""
+    if not table:
+        return ""
+    columns = list(table[0])
+    lines = [
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---" for _ in columns) + "|",
+    ]
+    lines += ["| " + " | ".join(_fmt(row[c]) for c in columns) + " |" for row in table]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(table: Sequence[Mapping[str, Any]]) -> str:
+    """Render :func:`results_table` rows as CSV text."""
+    if not table:
+        return ""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(table[0]))
+    writer.writeheader()
+    writer.writerows({k: _fmt(v) for k, v in row.items()} for row in table)
+    return buffer.getvalue()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def row_to_json(row: MethodResult) -> str:
+    return json.dumps(asdict(row), sort_keys=True)
+
+
+def row_from_dict(data: Mapping[str, Any]) -> MethodResult:
+    return MethodResult(**dict(data))

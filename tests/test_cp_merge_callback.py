@@ -1,0 +1,297 @@
+"""CPMergeCallback on a plain user LightningModule (not tclora's) holding a 3-adapter peft model."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch.utils.data import DataLoader
+
+from tclora.callbacks import CPMergeCallback
+from tclora.merge_study import select_scale
+
+from .conftest import build_tiny_llama
+
+ADAPTERS = ["a", "b", "c"]
+
+
+class UserModule(LightningModule):
+    """Somebody else's module: a peft model with several adapters, cycled by batch index."""
+
+    def __init__(self, vocab_size: int, adapters: list[str] = ADAPTERS) -> None:
+        super().__init__()
+        base = build_tiny_llama(vocab_size, seed=1)
+        config = LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+        )
+        torch.manual_seed(2)
+        self.model = get_peft_model(base, config, adapter_name=adapters[0])
+        for name in adapters[1:]:
+            self.model.add_adapter(name, config)
+        self.adapters = adapters
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self.model.set_adapter(self.adapters[batch_idx % len(self.adapters)])
+        return self.model(**batch).loss
+
+    def validation_step(
+        self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self.log("val_loss", self.model(**batch).loss, add_dataloader_idx=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for n, p in self.model.named_parameters() if "lora_" in n]
+        return torch.optim.SGD(params, lr=1e-2)
+
+
+def _batches(vocab: int, n: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (2, 12), generator=gen)
+        out.append(
+            {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        )
+    return out
+
+
+class UserData(LightningDataModule):
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+
+    def train_dataloader(self) -> Any:
+        return DataLoader(_batches(self.vocab, 6, 0), batch_size=None)
+
+    def val_dataloader(self) -> Any:
+        return [DataLoader(_batches(self.vocab, 2, s), batch_size=None) for s in (1, 2)]
+
+
+@pytest.fixture
+def eval_files(tmp_path: Path) -> list[str]:
+    mc = tmp_path / "colors.jsonl"
+    mc.write_text(
+        "".join(
+            json.dumps(
+                {"prompt": f"Is {w} a color?", "choices": ["yes", "no"], "answer": int(i % 2)}
+            )
+            + "\n"
+            for i, w in enumerate(["red", "table", "blue", "chair", "green", "spoon"])
+        )
+    )
+    em = tmp_path / "numbers.jsonl"
+    em.write_text(
+        "".join(json.dumps({"prompt": f"{i} + 1 =", "ideal": str(i + 1)}) + "\n" for i in range(4))
+    )
+    return [str(mc), str(em)]
+
+
+def _callback(tmp_path: Path, eval_files: list[str], **overrides: Any) -> CPMergeCallback:
+    kwargs: dict[str, Any] = dict(
+        cp_ranks=[2],
+        rules=["sum_components", "mean_loading"],
+        baselines=["uniform", "ties"],
+        scales=[0.5, 1.0, 3.0],
+        eval_sets=eval_files,
+        references=["base", "single"],
+        output_dir=str(tmp_path / "merge"),
+        batch_size=4,
+        max_length=64,
+        max_new_tokens=3,
+        cp_iters=20,
+        progress=False,
+    )
+    kwargs.update(overrides)
+    return CPMergeCallback(**kwargs)
+
+
+def _trainer(tmp_path: Path, callback: CPMergeCallback, logger: Any = True) -> Trainer:
+    return Trainer(
+        default_root_dir=tmp_path,
+        max_steps=3,
+        accelerator="cpu",
+        logger=TensorBoardLogger(tmp_path, name="tb") if logger else False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+        callbacks=[callback],
+    )
+
+
+def test_merge_at_fit_end_on_a_user_module(
+    tmp_path: Path, tokenizer: Any, eval_files: list[str]
+) -> None:
+    module = UserModule(len(tokenizer))
+    module.tokenizer = tokenizer
+    callback = _callback(tmp_path, eval_files)
+    trainer = _trainer(tmp_path, callback)
+    trainer.fit(module, datamodule=UserData(len(tokenizer)))
+
+    result = callback.result
+    assert result is not None and callback.finished
+    names = [row.name for row in result.rows]
+    assert names == [
+        "base",
+        "single:a",
+        "single:b",
+        "single:c",
+        "cp2_sum_components",
+        "cp2_mean_loading",
+        "uniform",
+        "ties",
+    ]
+    merges = [row for row in result.rows if row.kind == "merge"]
+    for row in merges:
+        curve = {float(k): v for k, v in row.scale_curve.items()}
+        assert set(curve) == {0.5, 1.0, 3.0}
+        assert row.scale == select_scale(curve)
+        assert row.selection == curve[row.scale]
+        assert 0.0 <= row.scores["colors"]["acc"] <= 1.0
+        assert row.scores["numbers"]["n"] == 4
+    assert result.kept == min(merges, key=lambda r: r.selection or math.inf).name
+    # the temporary merged adapter is gone and the active adapter is restored
+    assert set(module.model.peft_config) == set(ADAPTERS)
+
+    out = tmp_path / "merge"
+    with open(out / "results.csv") as handle:
+        table = list(csv.DictReader(handle))
+    assert [r["method"] for r in table] == names
+    assert "| method |" in (out / "results.md").read_text()
+    assert (out / "cp_loadings.png").stat().st_size > 1000
+    assert json.loads((out / "results.json").read_text())["kept"] == result.kept
+
+    # the exported kept merge loads in peft and reproduces the merged deltas
+    base = build_tiny_llama(len(tokenizer), seed=1)
+    loaded = PeftModel.from_pretrained(base, out / "merged_adapter")
+    kept = result.merged(result.kept)
+    layer = loaded.base_model.model.model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(
+        layer.get_delta_weight("default"),
+        kept.delta("model.layers.0.self_attn.q_proj").float(),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+    # TensorBoard got scalars, the table and the loadings figure
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = Path(trainer.loggers[0].log_dir)
+    acc = EventAccumulator(str(run_dir), size_guidance={"images": 0, "tensors": 0})
+    acc.Reload()
+    scalars = acc.Tags()["scalars"]
+    assert "merge/cp2_sum_components/colors/acc" in scalars
+    assert "merge/cp2_fit_error_mean" in scalars or "merge/cp2/fit_error_mean" in scalars
+    assert "merge/cp_loadings" in acc.Tags()["images"]
+    assert any("merge/results" in tag for tag in acc.Tags()["tensors"])
+
+
+def test_no_logger_warns_and_still_writes_the_table(
+    tmp_path: Path, tokenizer: Any, eval_files: list[str]
+) -> None:
+    module = UserModule(len(tokenizer))
+    module.tokenizer = tokenizer
+    callback = _callback(
+        tmp_path,
+        eval_files[:1],
+        scales=[1.0],
+        references=[],
+        baselines=["uniform"],
+        rules=["mean_loading"],
+        export=False,
+    )
+    with pytest.warns(UserWarning, match="no logger; results are written to"):
+        _trainer(tmp_path, callback, logger=False).fit(module, datamodule=UserData(len(tokenizer)))
+    assert (tmp_path / "merge" / "results.csv").is_file()
+    assert not (tmp_path / "merge" / "merged_adapter").exists()
+
+
+def test_fewer_than_two_adapters_is_refused_before_training(tmp_path: Path, tokenizer: Any) -> None:
+    module = UserModule(len(tokenizer), adapters=["only"])
+    trainer = _trainer(tmp_path, _callback(tmp_path, []), logger=False)
+    with pytest.raises(
+        ValueError, match=r"needs 2 or more LoRA adapters to merge; found 1 \(\['only'\]\)"
+    ):
+        trainer.fit(module, datamodule=UserData(len(tokenizer)))
+    assert trainer.global_step == 0
+
+
+def test_a_module_without_peft_model_is_refused(tmp_path: Path, tokenizer: Any) -> None:
+    class Plain(LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 2)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.layer.weight.sum()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    with pytest.raises(ValueError, match="needs a peft PeftModel .* Plain holds none"):
+        _trainer(tmp_path, _callback(tmp_path, []), logger=False).fit(
+            Plain(), datamodule=UserData(8)
+        )
+
+
+def test_missing_eval_set_fails_before_training(tmp_path: Path, tokenizer: Any) -> None:
+    module = UserModule(len(tokenizer))
+    trainer = _trainer(tmp_path, _callback(tmp_path, [str(tmp_path / "nope.jsonl")]), logger=False)
+    with pytest.raises(ValueError, match="nope.jsonl"):
+        trainer.fit(module, datamodule=UserData(len(tokenizer)))
+    assert trainer.global_step == 0
+
+
+def test_malformed_eval_set_names_file_and_line(tmp_path: Path, tokenizer: Any) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1+1", "ideal": "2"}\n{not json\n')
+    module = UserModule(len(tokenizer))
+    trainer = _trainer(tmp_path, _callback(tmp_path, [str(bad)]), logger=False)
+    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+        trainer.fit(module, datamodule=UserData(len(tokenizer)))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"cp_ranks": 0}, r"cp_ranks=0: every CP rank must be an integer >= 1"),
+        ({"cp_ranks": [4, -1]}, r"cp_ranks=\[4, -1\]"),
+        ({"engine": "svd"}, r"engine='svd': expected one of \['factored', 'dense'\]"),
+        ({"rules": ["median"]}, r"rules='median': expected one of \['sum_components'"),
+        ({"baselines": ["avg"]}, r"baselines='avg': expected one of \['uniform'"),
+        (
+            {"references": ["oracle"]},
+            r"references='oracle': expected one of \['base', 'single', 'routing'\]",
+        ),
+        (
+            {"selection_metric": "test_acc"},
+            r"selection_metric='test_acc': expected one of \['val_loss'",
+        ),
+        ({"scales": []}, r"scales=\[\]: give one or more finite scales > 0"),
+        ({"scales": [1.0, -2.0]}, r"scales=\[1.0, -2.0\]"),
+        ({"rules": [], "baselines": []}, r"nothing to merge"),
+        ({"eval_max_items": 0}, r"eval_max_items=0: must be >= 1 or None"),
+        ({"batch_size": 0}, r"batch_size=0: must be >= 1"),
+        ({"density": 1.5}, r"density=1.5: must be in \(0, 1\]"),
+        ({"adapters": "("}, r"adapters='\(' is not a valid regular expression"),
+        ({"keep": "cp9_sum_components"}, r"keep='cp9_sum_components': expected 'best' or one of"),
+    ],
+)
+def test_constructor_errors(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        CPMergeCallback(**kwargs)
+
+
+def test_select_scale_picks_the_lowest_finite_metric() -> None:
+    assert select_scale({0.5: 2.0, 1.0: 1.5, 2.0: 1.5, 4.0: math.nan}) == 1.0
+    with pytest.raises(ValueError, match="no finite validation metric"):
+        select_scale({1.0: math.nan})
