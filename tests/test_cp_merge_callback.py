@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import build_tiny_llama
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -17,8 +18,6 @@ from torch.utils.data import DataLoader
 
 from tclora.callbacks import CPMergeCallback
 from tclora.merge_study import select_scale
-
-from .conftest import build_tiny_llama
 
 ADAPTERS = ["a", "b", "c"]
 
