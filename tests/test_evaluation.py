@@ -578,3 +578,20 @@ def test_ddp_evaluation_equals_single_process(
     # rank 0 scored examples 0,2,4,6 and rank 1 examples 1,3,5 (mc; em: 3 and 2; routed groups)
     assert ranks[0]["scored"][:2] == [4, 3] and ranks[1]["scored"][:2] == [3, 2]
     assert sum(ranks[0]["scored"][2:]) == 4 and sum(ranks[1]["scored"][2:]) == 3
+
+
+@pytest.mark.slow
+def test_real_smollm2_prefers_the_right_capital(smollm2_dir: Path, tokenizer: Any) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()
+    example = EvalExample(
+        "What is the capital of France?", ("Paris",), ("London", "Paris", "Berlin"), "geo"
+    )
+    one = score_choices(model, tokenizer, [example], batch_size=1)
+    ((logliks, _),) = score_choices(model, tokenizer, [example], batch_size=8)
+    torch.testing.assert_close(torch.tensor(logliks), torch.tensor(one[0][0]), rtol=0, atol=1e-4)
+    assert choice_predictions(logliks, [len(c) for c in example.choices]) == (1, 1)
+    context = render_prompt(tokenizer, example.prompt)
+    expected = hand_loglik(model, tokenizer, context, "Paris", chat=True)
+    torch.testing.assert_close(torch.tensor(logliks[1]), torch.tensor(expected), rtol=0, atol=1e-3)
