@@ -187,6 +187,20 @@ def test_clusters_recover_tasks_and_batches_are_pure(
     np.testing.assert_array_equal(routed, dm.assignments[dm.val_indices])
 
 
+def test_cluster_cache_hit_never_runs_kmeans(
+    tmp_path: Path, multitask_jsonl: Path, tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = make_dm([str(multitask_jsonl)], tmp_path, tokenizer, num_clusters=3)
+    first.prepare_data()  # embeds and clusters (rank 0's job); setup only reads
+    monkeypatch.setattr(cluster_mod, "fit_kmeans", None)  # any k-means call would fail
+    first.setup()
+    again = ready([str(multitask_jsonl)], tmp_path, tokenizer, num_clusters=3)
+    np.testing.assert_array_equal(first.assignments, again.assignments)
+    assert first.num_clusters == again.num_clusters == 3
+    with pytest.raises(TypeError):  # another configuration is another cache entry
+        ready([str(multitask_jsonl)], tmp_path, tokenizer, num_clusters=3, n_init=2)
+
+
 def test_cache_hit_never_calls_the_encoder(
     tmp_path: Path, multitask_jsonl: Path, tokenizer: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -199,6 +213,8 @@ def test_cache_hit_never_calls_the_encoder(
     assert second.embeddings is not None
     np.testing.assert_array_equal(first.embeddings, second.embeddings)
     np.testing.assert_array_equal(first.assignments, second.assignments)
+    np.testing.assert_array_equal(first.centroids, second.centroids)
+    assert second.num_truncated == first.num_truncated == 0
     # another text choice is another cache entry
     other = make_dm([str(multitask_jsonl)], tmp_path, tokenizer, embed_field="prompt_response")
     with pytest.raises(AssertionError, match="the encoder was loaded"):
@@ -207,7 +223,8 @@ def test_cache_hit_never_calls_the_encoder(
 
 def test_same_seed_same_assignments(tmp_path: Path, multitask_jsonl: Path, tokenizer: Any) -> None:
     a = ready([str(multitask_jsonl)], tmp_path, tokenizer, seed=5)
-    b = ready([str(multitask_jsonl)], tmp_path, tokenizer, seed=5)
+    # another cache folder: b embeds and clusters again, from scratch
+    b = ready([str(multitask_jsonl)], tmp_path, tokenizer, seed=5, cache_dir=str(tmp_path / "b"))
     np.testing.assert_array_equal(a.assignments, b.assignments)
     np.testing.assert_array_equal(a.centroids, b.centroids)
     np.testing.assert_array_equal(a.val_indices, b.val_indices)

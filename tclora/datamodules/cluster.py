@@ -18,8 +18,11 @@ module adds the Lightning glue:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -235,17 +238,26 @@ class TokenizedSamples(Dataset):
             "truncated": truncated,
         }
 
-    def count_truncated(self) -> int:
-        """Number of samples longer than ``max_length`` (tokenises everything, in batches)."""
+    def token_lengths(self) -> np.ndarray:
+        """``(N, 2)`` int64 prompt and response token counts (tokenises everything, batched)."""
         if not self.samples:
-            return 0
+            return np.zeros((0, 2), dtype=np.int64)
         tok = self.tokenizer
         eos = tok.eos_token or ""
-        prompts = [self.render_prompt(s) for s in self.samples]
-        responses = [s.response + eos for s in self.samples]
-        p = tok(prompts, add_special_tokens=False)["input_ids"]
-        r = tok(responses, add_special_tokens=False)["input_ids"]
-        return sum(len(a) + len(b) > self.max_length for a, b in zip(p, r, strict=True))
+        prompts = tok([self.render_prompt(s) for s in self.samples], add_special_tokens=False)
+        responses = tok([s.response + eos for s in self.samples], add_special_tokens=False)
+        return np.asarray(
+            [
+                (len(a), len(b))
+                for a, b in zip(prompts["input_ids"], responses["input_ids"], strict=True)
+            ],
+            dtype=np.int64,
+        )
+
+    def count_truncated(self) -> int:
+        """Number of samples longer than ``max_length``."""
+        lengths = self.token_lengths()
+        return int((lengths.sum(axis=1) > self.max_length).sum())
 
 
 class _BatchView(Dataset):
@@ -777,13 +789,19 @@ class ClusterDataModule(LightningDataModule):
 
     @override
     def prepare_data(self) -> None:
-        """Read and check the sources, and compute the embedding cache (sets no state)."""
+        """Read and check the sources, compute the embedding cache and the cluster cache.
+
+        Runs once per node (local rank 0) and sets no state: ``setup`` reads both caches.
+        """
         samples = self.read_samples()
-        self._embeddings(self._embed_texts(samples), compute=True)
+        embeddings = self._embeddings(self._embed_texts(samples), compute=True)
+        assert embeddings is not None
+        train, val = split_train_val(len(samples), self.val_fraction, self.seed)
+        self._clusters(samples, embeddings, train, val)
 
     @override
     def setup(self, stage: str | None = None) -> None:
-        """Load embeddings, split, cluster, build the datasets and log cluster statistics."""
+        """Load embeddings and clusters (computing what is missing), build the datasets, log."""
         if self._is_setup:
             return
         samples = self.read_samples()
@@ -795,7 +813,13 @@ class ClusterDataModule(LightningDataModule):
         self.train_indices, self.val_indices = split_train_val(
             len(samples), self.val_fraction, self.seed
         )
-        self._cluster()
+        assignments, centroids, scores = self._clusters(
+            samples, embeddings, self.train_indices, self.val_indices
+        )
+        self.assignments = assignments
+        self._centroids = centroids
+        self._k = int(centroids.shape[0])
+        self.silhouette_scores = scores
         self._is_setup = True
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
@@ -805,12 +829,84 @@ class ClusterDataModule(LightningDataModule):
         if self.trainer is not None and self.trainer.loggers:
             self.log_cluster_statistics(self.trainer)
 
-    def _cluster(self) -> None:
-        assert self.embeddings is not None
-        train_emb = self.embeddings[self.train_indices]
-        tasks = [self.samples[i].task for i in self.train_indices]
+    def _cluster_cache_file(self, samples: Sequence[Sample], texts_key: str) -> Path:
+        import sklearn
+
+        record = json.dumps(
+            [
+                texts_key,
+                content_hash(samples) if self.clustering == "per_task" else len(samples),
+                self.clustering,
+                self._configured_k,
+                self.num_clusters_range,
+                self.seed,
+                self.val_fraction,
+                self.n_init,
+                self.fit_fraction,
+                self.min_fit_samples,
+                self.silhouette_sample_size,
+                self.min_cluster_size,
+                self.small_cluster_policy,
+                sklearn.__version__,
+            ]
+        )
+        key = hashlib.sha256(record.encode()).hexdigest()[:32]
+        return self.cache_folder / "clusters" / f"{key}.npz"
+
+    def _clusters(
+        self,
+        samples: Sequence[Sample],
+        embeddings: np.ndarray,
+        train: np.ndarray,
+        val: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, dict[int, float]]:
+        """Clusters of ``samples``, read from the cluster cache or computed and cached.
+
+        The cache key covers the embedded texts, the encoder, the text choice, every clustering
+        option, the split and the scikit-learn version, so a hit is the clustering this
+        configuration would compute.
+
+        Returns:
+            ``(assignments of all samples, (K, D) centroids, silhouette scores of the k search)``.
+        """
+        path = self._cluster_cache_file(samples, self._cache_key(self._embed_texts(samples)))
+        if path.is_file():
+            with np.load(path, allow_pickle=False) as cached:
+                scores = dict(
+                    zip(cached["score_k"].tolist(), cached["score"].tolist(), strict=True)
+                )
+                return cached["assignments"], cached["centroids"], scores
+        assignments, centroids, scores = self._compute_clusters(samples, embeddings, train, val)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                np.savez(
+                    handle,
+                    assignments=assignments,
+                    centroids=centroids,
+                    score_k=np.asarray(list(scores), dtype=np.int64),
+                    score=np.asarray(list(scores.values()), dtype=np.float64),
+                )
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return assignments, centroids, scores
+
+    def _compute_clusters(
+        self,
+        samples: Sequence[Sample],
+        embeddings: np.ndarray,
+        train: np.ndarray,
+        val: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, dict[int, float]]:
+        """Cluster the training samples and assign the validation samples (no state is set)."""
+        train_emb = np.asarray(embeddings[train])
+        tasks = [samples[i].task for i in train]
+        scores: dict[int, float] = {}
         if self.clustering == "single":
-            train_assign = np.zeros(len(self.train_indices), dtype=np.int64)
+            train_assign = np.zeros(len(train), dtype=np.int64)
             k = 1
             centroids = centroids_from_assignments(train_emb, train_assign, 1)
         elif self.clustering == "per_task":
@@ -824,7 +920,7 @@ class ClusterDataModule(LightningDataModule):
             k_opt = self._configured_k
             if k_opt is None:
                 low, high = self.num_clusters_range
-                k_opt, self.silhouette_scores = choose_num_clusters(
+                k_opt, scores = choose_num_clusters(
                     train_emb,
                     range(low, high + 1),
                     method,
@@ -836,7 +932,7 @@ class ClusterDataModule(LightningDataModule):
                 )
                 rank_zero_info(
                     f"ClusterDataModule: chose num_clusters={k_opt} by silhouette "
-                    f"{ {k: round(v, 4) for k, v in self.silhouette_scores.items()} }"
+                    f"{ {k: round(v, 4) for k, v in scores.items()} }"
                 )
             centroids = fit_kmeans(
                 train_emb,
@@ -872,25 +968,23 @@ class ClusterDataModule(LightningDataModule):
                 f"{self.min_cluster_size}); {k} -> {centroids.shape[0]} clusters"
             )
             k = centroids.shape[0]
-        assignments = np.empty(len(self.samples), dtype=np.int64)
-        assignments[self.train_indices] = train_assign
-        if len(self.val_indices):
+        assignments = np.empty(len(samples), dtype=np.int64)
+        assignments[train] = train_assign
+        if len(val):
             if self.clustering == "per_task":  # the baseline routes by label, like training
                 _, names = per_task_assignments(tasks)
                 index = {n: i for i, n in enumerate(names)}
-                val_tasks = [self.samples[i].task for i in self.val_indices]
+                val_tasks = [samples[i].task for i in val]
                 val_assign = np.asarray([index.get(t, -1) for t in val_tasks], dtype=np.int64)
                 unknown = val_assign < 0
                 if unknown.any():
                     val_assign[unknown] = assign_to_centroids(
-                        self.embeddings[self.val_indices[unknown]], centroids
+                        np.asarray(embeddings[val[unknown]]), centroids
                     )
             else:
-                val_assign = assign_to_centroids(self.embeddings[self.val_indices], centroids)
-            assignments[self.val_indices] = val_assign
-        self.assignments = assignments
-        self._centroids = np.asarray(centroids, dtype=np.float32)
-        self._k = int(k)
+                val_assign = assign_to_centroids(np.asarray(embeddings[val]), centroids)
+            assignments[val] = val_assign
+        return assignments, np.asarray(centroids, dtype=np.float32), scores
 
     def _build_datasets(self) -> None:
         tok = self.tokenizer
@@ -925,7 +1019,8 @@ class ClusterDataModule(LightningDataModule):
             self.seed,
         )
         if self.count_truncated:
-            self.num_truncated = self.train_dataset.count_truncated()
+            lengths = self._token_lengths()[self.train_indices]
+            self.num_truncated = int((lengths.sum(axis=1) > self.max_length).sum())
             if self.num_truncated:
                 rank_zero_info(
                     f"ClusterDataModule: {self.num_truncated} of {len(train)} training samples "
@@ -937,6 +1032,47 @@ class ClusterDataModule(LightningDataModule):
             f"{len(self.val_indices)} val) in {self._k} clusters of sizes {s['sizes']}; "
             f"purity {s['purity']:.3f}, ARI {s['adjusted_rand_index']:.3f}"
         )
+
+    def _token_lengths(self) -> np.ndarray:
+        """Prompt and response token counts of every sample, cached on disk.
+
+        Keyed by the samples' content, the tokenizer (name, vocabulary, eos token and chat
+        template) and ``chat_template``.
+        """
+        tok = self.tokenizer
+        record = json.dumps(
+            [
+                self.data_hash,
+                str(getattr(tok, "name_or_path", "")),
+                len(tok),
+                tok.eos_token,
+                hashlib.sha256(str(getattr(tok, "chat_template", "")).encode()).hexdigest(),
+                self.chat_template,
+            ]
+        )
+        path = (
+            self.cache_folder
+            / "lengths"
+            / f"{hashlib.sha256(record.encode()).hexdigest()[:32]}.npy"
+        )
+        if path.is_file():
+            lengths = np.load(path, allow_pickle=False)
+            if lengths.shape == (len(self.samples), 2):
+                return lengths
+        everything = TokenizedSamples(
+            self.samples, np.zeros(len(self.samples)), tok, self.max_length, self.chat_template
+        )
+        lengths = everything.token_lengths()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                np.save(handle, lengths)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return lengths
 
     def _pad_token_id(self) -> int:
         tok = self.tokenizer
