@@ -474,15 +474,6 @@ class LoRAModule(LightningModule):
     @override
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         index = self._batch_cluster(batch)
-        if self.trainer.world_size > 1:
-            gathered = self.all_gather(torch.tensor(index, device=self.device))
-            assert isinstance(gathered, Tensor)
-            clusters = gathered.reshape(-1)
-            if bool((clusters != index).any()):
-                raise ValueError(
-                    f"ranks train different clusters {clusters.tolist()} at step "
-                    f"{self.global_step}; the sampler must give all ranks the same cluster per step"
-                )
         self.activate(index)
         lr = self.lr_for(index)
         for optimizer in self.trainer.optimizers:
@@ -490,16 +481,42 @@ class LoRAModule(LightningModule):
         self._pending.add(index)
         with self._adapter_rng(index):
             loss = self._forward_loss(batch)
-        if not bool(torch.isfinite(loss.detach())):
-            raise FloatingPointError(
-                f"non-finite loss {float(loss.detach())} at global step {self.global_step} "
-                f"(batch {batch_idx}) for adapter {self.adapter_names[index]} (cluster {index})"
-            )
+        self._check_step(index, loss.detach(), batch_idx)
         size = int(batch["input_ids"].shape[0])
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
         self.log(f"train/loss_cluster_{index}", loss.detach(), batch_size=size)
         self.log(f"lr/cluster_{index}", lr, batch_size=size)
         return loss
+
+    def _check_step(self, index: int, loss: Tensor, batch_idx: int) -> None:
+        """Raise on a non-finite loss, and (on several ranks) when ranks train different clusters.
+
+        Under DDP both checks use one small all-gather, so every rank raises together instead of
+        one rank raising while the others wait in the gradient all-reduce.
+        """
+        name = self.adapter_names[index]
+        where = f"at global step {self.global_step} (batch {batch_idx}) for adapter {name}"
+        if self.trainer.world_size == 1:
+            if not bool(torch.isfinite(loss)):
+                raise FloatingPointError(f"non-finite loss {float(loss)} {where} (cluster {index})")
+            return
+        status = torch.stack(
+            [torch.tensor(float(index), device=loss.device), torch.isfinite(loss).float()]
+        )
+        gathered = self.all_gather(status)
+        assert isinstance(gathered, Tensor)
+        rows = gathered.reshape(-1, 2).cpu()
+        clusters = [int(c) for c in rows[:, 0]]
+        if any(c != index for c in clusters):
+            raise ValueError(
+                f"ranks train different clusters {clusters} at global step {self.global_step}; "
+                "the sampler must give all ranks the same cluster at every step"
+            )
+        bad = [rank for rank, ok in enumerate(rows[:, 1]) if ok < 1]
+        if bad:
+            raise FloatingPointError(
+                f"non-finite loss {float(loss)} {where} (cluster {index}) on ranks {bad}"
+            )
 
     @override
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -549,9 +566,10 @@ class LoRAModule(LightningModule):
         tokens = self.trainer.strategy.reduce(self._val_tokens, reduce_op="sum")
         for i in range(len(self.adapter_names)):
             if tokens[i] > 0:
-                self.log(f"val/loss_cluster_{i}", (sums[i] / tokens[i]).float())
+                self.log(f"val/loss_cluster_{i}", (sums[i] / tokens[i]).float(), sync_dist=True)
         if tokens.sum() > 0:
-            self.log("val/loss", (sums.sum() / tokens.sum()).float(), prog_bar=True)
+            overall = (sums.sum() / tokens.sum()).float()
+            self.log("val/loss", overall, prog_bar=True, sync_dist=True)
 
     # ------------------------------------------------------------ checkpoints
     @override

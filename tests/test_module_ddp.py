@@ -12,11 +12,13 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_module import adapter_weights, fit, make_batch
+
+from tests.test_module import adapter_weights, fit, make_batch
 
 SCRIPT = textwrap.dedent(
     """
@@ -31,6 +33,7 @@ SCRIPT = textwrap.dedent(
     from tclora.module import LoRAModule
 
     model_dir, batches_path, out_path = sys.argv[1:4]
+    mismatch = len(sys.argv) > 4 and sys.argv[4] == "mismatch"
     flat = load_file(batches_path)
     steps = sorted({int(key.split(".")[0]) for key in flat})
     fields = ["input_ids", "attention_mask", "labels", "cluster_id"]
@@ -45,7 +48,10 @@ SCRIPT = textwrap.dedent(
             local = []
             for batch in global_batches:
                 per = batch["input_ids"].shape[0] // world
-                local.append({k: v[rank * per : (rank + 1) * per] for k, v in batch.items()})
+                shard = {k: v[rank * per : (rank + 1) * per] for k, v in batch.items()}
+                if mismatch and rank == 1:
+                    shard["cluster_id"] = 1 - shard["cluster_id"]
+                local.append(shard)
             return DataLoader(local, batch_size=None)
 
 
@@ -70,15 +76,12 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
-def test_ddp_two_processes_equals_single_process(tiny_model_dir: Path, tmp_path: Path) -> None:
-    order = [0, 1, 1, 0, 0]
-    batches = [make_batch(c, seed=i, rows=4) for i, c in enumerate(order)]
+def run_ddp(tiny_model_dir: Path, tmp_path: Path, batches: list[dict], *extra: str) -> Any:
+    """Run the DDP script on 2 CPU processes; return the finished process."""
     flat = {f"{t}.{k}": v for t, b in enumerate(batches) for k, v in b.items()}
     save_file(flat, str(tmp_path / "batches.safetensors"))
     script = tmp_path / "ddp_fit.py"
     script.write_text(SCRIPT)
-    out = tmp_path / "ddp_adapters.safetensors"
     repo = Path(__file__).resolve().parents[1]
     env = {
         **os.environ,
@@ -87,21 +90,25 @@ def test_ddp_two_processes_equals_single_process(tiny_model_dir: Path, tmp_path:
         "OMP_NUM_THREADS": "1",
     }
     env.pop("MASTER_PORT", None)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(script),
-            str(tiny_model_dir),
-            str(tmp_path / "batches.safetensors"),
-            str(out),
-        ],
+    args = [str(tiny_model_dir), str(tmp_path / "batches.safetensors")]
+    args += [str(tmp_path / "ddp_adapters.safetensors"), *extra]
+    return subprocess.run(
+        [sys.executable, str(script), *args],
         cwd=tmp_path,
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equals_single_process(tiny_model_dir: Path, tmp_path: Path) -> None:
+    order = [0, 1, 1, 0, 0]
+    batches = [make_batch(c, seed=i, rows=4) for i, c in enumerate(order)]
+    proc = run_ddp(tiny_model_dir, tmp_path, batches)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    out = tmp_path / "ddp_adapters.safetensors"
     ddp = load_file(str(out))
 
     single, _ = fit(
@@ -118,3 +125,13 @@ def test_ddp_two_processes_equals_single_process(tiny_model_dir: Path, tmp_path:
         got = {n: ddp[n] for n in want}
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     assert any("lora_B" in n and w.abs().sum() > 0 for n, w in adapter_weights(single, 1).items())
+
+
+@pytest.mark.slow
+def test_ddp_ranks_on_different_clusters_fail_clearly(tiny_model_dir: Path, tmp_path: Path) -> None:
+    batches = [make_batch(0, seed=0, rows=4)]
+    proc = run_ddp(tiny_model_dir, tmp_path, batches, "mismatch")
+    assert proc.returncode != 0
+    assert "ranks train different clusters [0, 1] at global step 0" in proc.stderr, proc.stderr[
+        -4000:
+    ]
