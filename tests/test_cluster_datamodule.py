@@ -353,6 +353,11 @@ def test_bad_inputs_fail_before_embedding(
         make_dm(["gs://bucket/x.jsonl"], tmp_path, tokenizer)
     with pytest.raises(DataSourceError, match=r"expected a non-empty list of sources"):
         make_dm([], tmp_path, tokenizer)
+    try:
+        import datasets  # noqa: F401
+    except ImportError:  # the normal case here: a clear message at construction
+        with pytest.raises(DataSourceError, match=r"'hf:org/data'.*pip install datasets"):
+            make_dm(["hf:org/data"], tmp_path, tokenizer)
     with pytest.raises(ValueError, match=r"num_clusters=0 must be >= 1"):
         make_dm(src, tmp_path, tokenizer, num_clusters=0)
     with pytest.raises(ValueError, match=r"clustering='dbscan'; allowed"):

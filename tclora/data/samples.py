@@ -20,7 +20,7 @@ Prompt = str | list[Message]
 """A prompt is plain text or a list of chat messages."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Sample:
     """One training example.
 

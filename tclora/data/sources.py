@@ -34,6 +34,7 @@ __all__ = [
     "SOURCE_KINDS",
     "DataSourceError",
     "SourceSpec",
+    "check_source",
     "load_source",
     "load_sources",
     "parse_source",
@@ -144,6 +145,25 @@ def parse_source(source: str | Mapping[str, Any]) -> SourceSpec:
         )
     options = {k: source[k] for k in _OPTION_KEYS if k in source}
     return SourceSpec(kind=kinds[0], location=str(source[kinds[0]]), **options)
+
+
+def check_source(spec: SourceSpec) -> None:
+    """Cheap checks that need no reading: a local path exists, ``datasets`` is importable.
+
+    Args:
+        spec: A parsed source.
+
+    Raises:
+        DataSourceError: The path is missing, or a Hugging Face source cannot be read here.
+    """
+    if spec.kind == "path":
+        path = Path(spec.location).expanduser()
+        if not path.exists():
+            raise DataSourceError(f"source {spec.location!r}: no such file or folder")
+        if path.is_dir() and _is_saved_hf_dataset(path):
+            _import_datasets(f"source {spec.label!r}")
+    elif spec.kind == "hf":
+        _import_datasets(f"source {spec.label!r}")
 
 
 def _default_fields(spec: SourceSpec) -> tuple[str, str]:

@@ -56,6 +56,7 @@ from tclora.data import (
     DataSourceError,
     Sample,
     SourceSpec,
+    check_source,
     content_hash,
     load_sources,
     parse_source,
@@ -581,8 +582,7 @@ class ClusterDataModule(LightningDataModule):
             )
         self._specs: list[SourceSpec] = [parse_source(s) for s in sources]
         for spec in self._specs:
-            if spec.kind == "path" and not Path(spec.location).expanduser().exists():
-                raise DataSourceError(f"source {spec.location!r}: no such file or folder")
+            check_source(spec)
         self.save_hyperparameters(ignore=["tokenizer"] if not isinstance(tokenizer, str) else None)
 
         self.sources = sources
