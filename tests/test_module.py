@@ -511,3 +511,28 @@ def test_resume_mid_epoch_equals_uninterrupted_fit(tiny_model_dir: Path, tmp_pat
         torch.testing.assert_close(
             adapter_weights(resumed, k), adapter_weights(full, k), rtol=0, atol=1e-6
         )
+
+
+def test_fit_with_cluster_datamodule(tiny_model_dir: Path, multitask_jsonl: Path) -> None:
+    """Integration: K comes from ClusterDataModule (per-task clusters), its batches train."""
+    from tclora.datamodules.cluster import ClusterDataModule
+
+    data = ClusterDataModule(
+        sources=[str(multitask_jsonl)],
+        tokenizer=str(tiny_model_dir),
+        clustering="per_task",
+        task_field="task",
+        batch_size=4,
+        max_length=64,
+        val_fraction=0.1,
+        progress_bar=False,
+    )
+    seed_everything(0)
+    module = LoRAModule(model=str(tiny_model_dir), r=4, lr=1e-3, lr_schedule="cosine")
+    trainer = make_trainer(max_steps=8, limit_val_batches=None, val_check_interval=8)
+    trainer.fit(module, datamodule=data)
+    assert module.adapter_names == [f"cluster_{k}" for k in range(data.num_clusters)]
+    assert data.num_clusters == 4
+    assert sum(module._adapter_steps) == 8
+    assert all(f"val/loss_cluster_{k}" in trainer.callback_metrics for k in range(4))
+    assert len(module._schedule_lengths_) == 4
