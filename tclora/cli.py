@@ -15,7 +15,10 @@ from collections.abc import Sequence
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-_OWN_COMMANDS = {"assets": "list the offline assets, fetching and verifying what is missing"}
+_OWN_COMMANDS = {
+    "assets": "list the offline assets, fetching and verifying what is missing",
+    "merge": "merge saved adapter folders (CP and baselines), evaluate, export the kept merge",
+}
 
 
 class TCLoraCLI(LightningCLI):
@@ -83,9 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tclora`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if argv and argv[0] in _OWN_COMMANDS:
-        handlers = {"assets": _assets_main}
-        return handlers[argv[0]](argv[1:])
+    if argv and argv[0] == "assets":
+        return _assets_main(argv[1:])
     if argv and argv[0] == "merge":
         from tclora.merge_cli import merge_main
 
