@@ -31,6 +31,32 @@ class TCLoraCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_clusters", "model.num_adapters", apply_on="instantiate")
 
+    def after_fit(self) -> None:
+        """Say where the logs, the adapters and the merge are, and how to open TensorBoard."""
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return
+        lines = ["", "tclora: fit finished"]
+        if trainer.log_dir:
+            lines.append(f"  logs:             {trainer.log_dir}")
+        export_dir = getattr(self.model, "hparams", {}).get("export_dir")
+        if export_dir:
+            lines.append(f"  adapters:         {export_dir}")
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
+            resolve = getattr(callback, "resolve_output_dir", None)
+            if resolve is not None and getattr(callback, "finished", False):
+                out = resolve(trainer)
+                lines.append(f"  merge results:    {out / 'results.md'}")
+                if (out / "merged_adapter").is_dir():
+                    lines.append(f"  merged adapter:   {out / 'merged_adapter'}")
+                result = getattr(callback, "result", None)
+                if result is not None and result.kept:
+                    lines.append(f"  kept merge:       {result.kept}")
+        logger = trainer.logger
+        if logger is not None and getattr(logger, "save_dir", None):
+            lines.append(f"  open TensorBoard: tensorboard --logdir {logger.save_dir}")
+        print("\n".join(lines))
+
 
 def _assets_main(argv: Sequence[str]) -> int:
     from tclora.assets import ASSETS, AssetError, asset_status, ensure_asset, tclora_home
