@@ -23,16 +23,25 @@ not used.
 
 Distributed notes:
 
-* DDP: all lora parameters require grad when the model is wrapped, so the reducer registers
-  every adapter; inactive adapters are unused in a step, which needs
+* DDP: the loss of a step is the mean over ranks of each rank's token-mean loss (DDP averages
+  gradients), which equals the token mean of the global batch when every rank has the same
+  number of label tokens. All lora parameters require grad when the model is wrapped, so the
+  reducer registers every adapter; inactive adapters are unused in a step, which needs
   ``strategy="ddp_find_unused_parameters_true"`` (checked in :meth:`setup`). The reducer leaves
   the gradients of globally unused parameters untouched (``None``). All ranks must train the same
   cluster at the same step (the cluster data module's sampler guarantees it; checked every step).
 * FSDP: use ``use_orig_params=True`` (adapters have mixed ``requires_grad``) and
-  ``state_dict_type="full"`` so that :meth:`on_save_checkpoint` can drop the frozen base.
+  ``state_dict_type="full"`` so that :meth:`on_save_checkpoint` can drop the frozen base. The
+  export at the end of fit unshards the parameters on rank zero (``summon_full_params``); this
+  path follows the torch FSDP API but is untested here (no GPU; FSDP needs one).
 * DeepSpeed: use ``exclude_frozen_parameters=True``; the exact invariant is only guaranteed where
   the optimizer sees the original parameters (single device, DDP, FSDP with
-  ``use_orig_params=True``), because DeepSpeed steps flattened partitions.
+  ``use_orig_params=True``), because DeepSpeed steps flattened partitions. ZeRO stage 3 is not
+  supported by :meth:`export_adapters` (use stage 2: LoRA parameters are small).
+* Gradient accumulation: adapter ``k`` steps once per window that held a batch of cluster ``k``;
+  the invariant needs windows that hold one cluster each.
+* Per-adapter dropout streams are saved in checkpoints for rank zero only; a resumed multi-rank
+  fit with ``lora_dropout > 0`` reseeds the other ranks' streams.
 """
 
 from __future__ import annotations
@@ -657,9 +666,28 @@ class LoRAModule(LightningModule):
     @override
     def on_fit_end(self) -> None:
         export_dir = self._hp.export_dir
-        if export_dir is not None and self.trainer.is_global_zero:
-            folders = self.export_adapters(export_dir)
-            rank_zero_info(f"LoRAModule: exported {len(folders)} adapters to {export_dir}")
+        if export_dir is None:
+            return
+        with self._full_parameters():
+            if self.trainer.is_global_zero:
+                folders = self.export_adapters(export_dir)
+                rank_zero_info(f"LoRAModule: exported {len(folders)} adapters to {export_dir}")
+
+    @contextmanager
+    def _full_parameters(self) -> Iterator[None]:
+        """Unshard the parameters on rank zero under FSDP (a collective: all ranks enter)."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        strategy = self.trainer.strategy
+        if isinstance(strategy, FSDPStrategy) and strategy.model is not None:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            with FullyShardedDataParallel.summon_full_params(
+                strategy.model, writeback=False, rank0_only=True, offload_to_cpu=True
+            ):
+                yield
+        else:
+            yield
 
 
 def _batches_per_cluster(loader: Any) -> list[int] | None:
