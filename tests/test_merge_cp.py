@@ -100,12 +100,16 @@ def test_factored_follows_dense_iterates(init: str, rank: int) -> None:
 
 
 def test_factored_follows_dense_stopping_rule() -> None:
-    stack = random_stack([3, 3, 3])
+    # modules of one shape run batched; each must still stop on its own sweep
+    modules = tuple(f"model.layers.{i}.self_attn.q_proj" for i in range(4))
+    stack = random_stack([3, 3, 3], modules=modules)
     fac = cp_decompose(stack, 3, "factored", n_iter_max=200, tol=1e-6)
     den = cp_decompose(stack, 3, "dense", n_iter_max=200, tol=1e-6)
-    for module in MODULES:
+    for module in modules:
         assert 2 <= fac[module].n_iter == den[module].n_iter < 200
         assert fac[module].fit_error == pytest.approx(den[module].fit_error, abs=1e-9)
+        assert_close(fac[module].cp.factors[1], den[module].cp.factors[1], atol=1e-6, rtol=0)
+    assert len({fac[m].n_iter for m in modules}) > 1
 
 
 def test_float32_and_seed_determinism() -> None:

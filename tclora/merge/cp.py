@@ -26,7 +26,7 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import tensorly as tl
@@ -36,9 +36,17 @@ from torch import Tensor
 
 from tclora.merge.stack import AdapterStack
 
-__all__ = ["CPResult", "cp_decompose", "cp_als_factored", "fold_in", "initialize_factored"]
+__all__ = [
+    "CPResult",
+    "cp_als_factored",
+    "cp_als_factored_batch",
+    "cp_decompose",
+    "fold_in",
+    "initialize_factored",
+]
 
 Engine = Literal["factored", "dense"]
+_BATCH_BYTES = 256 * 2**20  # factored engine: modules of one shape are run together up to this size
 Init = Literal["svd", "random"]
 
 
@@ -119,21 +127,42 @@ def cp_decompose(
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got dtype={dtype}")
 
     clamped: dict[str, int] = {}
-    results: dict[str, CPResult] = {}
+    groups: dict[tuple[Any, ...], list[str]] = {}
     for module in stack.module_names:
         cap = stack.total_rank(module)
-        r_eff = min(rank, cap)
-        if r_eff < rank:
+        if cap < rank:
             clamped[module] = cap
-        factors = stack.scaled_factors(module, dtype)
-        if engine == "factored":
-            (c, u, v), errors, norm = cp_als_factored(
-                factors, r_eff, n_iter_max=n_iter_max, tol=tol, init=init, seed=seed
+        key = (stack.shape(module), tuple(stack.ranks(module)), min(rank, cap))
+        groups.setdefault(key, []).append(module)
+    raw: dict[str, tuple[list[Tensor], list[float], float]] = {}
+    for (shape, ranks, r_eff), modules in groups.items():
+        if engine == "dense":
+            for module in modules:
+                raw[module] = _cp_als_dense(
+                    stack.scaled_factors(module, dtype),
+                    r_eff,
+                    n_iter_max=n_iter_max,
+                    tol=tol,
+                    init=init,
+                    seed=seed,
+                )
+            continue
+        per_module = 8 * sum(ranks) * (shape[0] + shape[1]) * 3  # bytes of the batched copies
+        size = max(1, _BATCH_BYTES // per_module)
+        for i in range(0, len(modules), size):
+            chunk = modules[i : i + size]
+            outs = cp_als_factored_batch(
+                [stack.scaled_factors(m, dtype) for m in chunk],
+                r_eff,
+                n_iter_max=n_iter_max,
+                tol=tol,
+                init=init,
+                seed=seed,
             )
-        else:
-            (c, u, v), errors, norm = _cp_als_dense(
-                factors, r_eff, n_iter_max=n_iter_max, tol=tol, init=init, seed=seed
-            )
+            raw.update(zip(chunk, outs, strict=True))
+    results: dict[str, CPResult] = {}
+    for module in stack.module_names:
+        (c, u, v), errors, norm = raw[module]
         results[module] = CPResult(
             cp=normalize_cp(c, u, v),
             fit_error=float(errors[-1]),
@@ -201,11 +230,6 @@ class _Concat:
         # ‖X‖² = Σ_t sum((B̃_tᵀB̃_t) ∗ (A_t A_tᵀ)): the block diagonal of the Σr × Σr Hadamard product.
         self.norm_sq = float(((self.b.T @ self.b) * (self.a @ self.a.T) * same).sum())
 
-    def per_task(self, rows: Tensor) -> Tensor:
-        """Sum rows (``Σr × R``) within each adapter → ``T × R``."""
-        out = torch.zeros(self.T, rows.shape[1], dtype=rows.dtype, device=rows.device)
-        return out.index_add_(0, self.task, rows)
-
 
 def _svd_flip_u(u: Tensor) -> Tensor:
     """tensorly's ``svd_flip`` on ``U``: the largest-magnitude entry of each column positive."""
@@ -272,9 +296,9 @@ def initialize_factored(
     return out
 
 
-def _solve(gram: Tensor, mttkrp: Tensor) -> Tensor:
-    """``mttkrp · gram⁻¹`` as tensorly computes it: ``solve(gramᵀ, mttkrpᵀ)ᵀ``."""
-    return torch.linalg.solve(gram.T, mttkrp.T).T
+def _bsolve(gram: Tensor, mttkrp: Tensor) -> Tensor:
+    """``mttkrp · gram⁻¹`` as tensorly computes it, ``solve(gramᵀ, mttkrpᵀ)ᵀ``, batched."""
+    return torch.linalg.solve(gram.mT, mttkrp.mT).mT
 
 
 def cp_als_factored(
@@ -307,28 +331,97 @@ def cp_als_factored(
     Returns:
         ``([C, U, V], errors, ‖X‖)``: unnormalised factors, the relative error after each sweep.
     """
-    cat = _Concat(factors)
-    if isinstance(init, str):
-        c, u, v = initialize_factored(factors, rank, init, seed)
-    else:
-        c, u, v = (f.to(dtype=cat.a.dtype, device=cat.a.device).clone() for f in init)
-    norm = math.sqrt(max(cat.norm_sq, 0.0))
-    denom = norm if norm > 0 else 1.0
-    errors: list[float] = []
+    init_list: Sequence[Tensor] | None = None if isinstance(init, str) else list(init)
+    mode: Init = init if isinstance(init, str) else "svd"
+    (out,) = cp_als_factored_batch(
+        [factors],
+        rank,
+        n_iter_max=n_iter_max,
+        tol=tol,
+        init=mode,
+        seed=seed,
+        initial=None if init_list is None else [init_list],
+    )
+    return out
+
+
+def cp_als_factored_batch(
+    batch: Sequence[Sequence[tuple[Tensor, Tensor]]],
+    rank: int,
+    *,
+    n_iter_max: int = 100,
+    tol: float = 1e-8,
+    init: Init = "svd",
+    seed: int = 0,
+    initial: Sequence[Sequence[Tensor]] | None = None,
+) -> list[tuple[list[Tensor], list[float], float]]:
+    """``cp_als_factored`` on several modules of one shape at once (batched kernels).
+
+    Every module follows exactly its own iterates and its own stopping rule (a module that
+    converges is taken out of the batch); batching only cuts the number of kernel launches,
+    which dominate for the small per-module products.
+
+    Args:
+        batch: per module, per adapter ``(A_t, B̃_t)``; all modules with equal shapes and ranks.
+        rank: CP rank ``R``.
+        n_iter_max: maximum sweeps.
+        tol: stopping tolerance (0: never stop early).
+        init: ``"svd"`` or ``"random"`` (each module initialised on its own, same ``seed``).
+        seed: numpy random state.
+        initial: explicit initial ``[C, U, V]`` per module (overrides ``init``).
+
+    Returns:
+        Per module ``([C, U, V], errors, ‖X‖)``.
+    """
+    cats = [_Concat(f) for f in batch]
+    a = torch.stack([c.a for c in cats])  # G × Σr × d_in
+    b = torch.stack([c.b for c in cats])  # G × d_out × Σr
+    bt = b.transpose(1, 2)
+    onehot = torch.nn.functional.one_hot(cats[0].task, cats[0].T).T.to(a.dtype)  # T × Σr
+    starts = (
+        initial
+        if initial is not None
+        else [initialize_factored(f, rank, init, seed) for f in batch]
+    )
+    c, u, v = (
+        torch.stack([s[i].to(dtype=a.dtype, device=a.device) for s in starts]) for i in range(3)
+    )
+    norm_sq = torch.tensor([cat.norm_sq for cat in cats], dtype=a.dtype, device=a.device)
+    norms = [math.sqrt(max(cat.norm_sq, 0.0)) for cat in cats]
+    denom = torch.tensor([n if n > 0 else 1.0 for n in norms], dtype=a.dtype, device=a.device)
+    active = list(range(len(batch)))
+    errors: list[list[float]] = [[] for _ in batch]
+    results: list[tuple[list[Tensor], list[float], float] | None] = [None] * len(batch)
+    gu, gv = u.mT @ u, v.mT @ v
     for iteration in range(n_iter_max):
-        p = cat.b.T @ u
-        q = cat.a @ v
-        c = _solve((u.T @ u) * (v.T @ v), cat.per_task(p * q))
-        u = _solve((c.T @ c) * (v.T @ v), cat.b @ (q * c[cat.task]))
-        p = cat.b.T @ u
-        m_v = cat.a.T @ (p * c[cat.task])
-        v = _solve((c.T @ c) * (u.T @ u), m_v)
-        iprod = float((m_v * v).sum())
-        model_sq = float(((c.T @ c) * (u.T @ u) * (v.T @ v)).sum())
-        errors.append(math.sqrt(abs(cat.norm_sq + model_sq - 2 * iprod)) / denom)
-        if tol and iteration >= 1 and abs(errors[-2] - errors[-1]) < tol:
-            break
-    return [c, u, v], errors, norm
+        p, q = bt @ u, a @ v  # G × Σr × R
+        c = _bsolve(gu * gv, onehot @ (p * q))
+        gc = c.mT @ c
+        ce = onehot.T @ c  # loading row of each LoRA row
+        u = _bsolve(gc * gv, b @ (q * ce))
+        gu = u.mT @ u
+        m_v = a.mT @ ((bt @ u) * ce)
+        v = _bsolve(gc * gu, m_v)
+        gv = v.mT @ v
+        iprod = (m_v * v).sum((1, 2))
+        model_sq = (gc * gu * gv).sum((1, 2))
+        err = (torch.sqrt(torch.abs(norm_sq + model_sq - 2 * iprod)) / denom).tolist()
+        done = []
+        for i, g in enumerate(active):
+            errors[g].append(err[i])
+            last = iteration == n_iter_max - 1
+            if last or (tol and iteration >= 1 and abs(errors[g][-2] - errors[g][-1]) < tol):
+                results[g] = ([c[i], u[i], v[i]], errors[g], norms[g])
+                done.append(i)
+        if done:
+            keep = [i for i in range(len(active)) if i not in done]
+            if not keep:
+                break
+            idx = torch.tensor(keep, device=a.device)
+            a, b, bt, c, u, v, gu, gv = (x[idx] for x in (a, b, bt, c, u, v, gu, gv))
+            norm_sq, denom = norm_sq[idx], denom[idx]
+            active = [active[i] for i in keep]
+    return [r for r in results if r is not None]
 
 
 # --------------------------------------------------------------------------- normalisation
