@@ -26,6 +26,7 @@ import numpy as np
 
 __all__ = [
     "CLUSTERING_METHODS",
+    "fit_sample_indices",
     "EncodeFn",
     "assign_to_centroids",
     "cached_embeddings",
@@ -278,7 +279,11 @@ def _load_checked(path: Path, num_texts: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-def _fit_indices(num: int, fit_fraction: float, min_fit_samples: int, seed: int) -> np.ndarray:
+def fit_sample_indices(
+    num: int, fit_fraction: float, min_fit_samples: int, seed: int
+) -> np.ndarray:
+    """Sorted seeded subsample of ``range(num)``: ``max(ceil(fraction·num), min_fit_samples)``
+    indices (all of them when that is ``num`` or more), as k-means is fitted on."""
     size = min(num, max(math.ceil(fit_fraction * num), min_fit_samples))
     if size >= num:
         return np.arange(num)
@@ -317,7 +322,7 @@ def fit_kmeans(
     num = embeddings.shape[0]
     if not 1 <= num_clusters <= num:
         raise ValueError(f"num_clusters={num_clusters!r} must be between 1 and N={num}")
-    fit = np.asarray(embeddings[_fit_indices(num, fit_fraction, min_fit_samples, seed)])
+    fit = np.asarray(embeddings[fit_sample_indices(num, fit_fraction, min_fit_samples, seed)])
     if fit.shape[0] < num_clusters:
         fit = np.asarray(embeddings)
     model: Any
@@ -338,17 +343,21 @@ def fit_kmeans(
 
 
 def assign_to_centroids(
-    embeddings: np.ndarray, centroids: np.ndarray, chunk_size: int = 65536
+    embeddings: np.ndarray,
+    centroids: np.ndarray,
+    chunk_size: int = 65536,
+    rows: np.ndarray | None = None,
 ) -> np.ndarray:
     """Assign each row to its nearest centroid (Euclidean, like ``KMeans.predict``).
 
     Args:
-        embeddings: ``(N, D)`` samples.
+        embeddings: ``(N, D)`` samples (a memory-mapped array is read chunk by chunk).
         centroids: ``(K, D)`` centroids.
         chunk_size: Rows per chunk, bounding the ``chunk × K`` distance block in memory.
+        rows: Assign only these rows, in this order (default: all).
 
     Returns:
-        ``(N,)`` int64 cluster ids.
+        ``(len(rows),)`` int64 cluster ids.
     """
     c = np.asarray(centroids, dtype=np.float32)
     if embeddings.ndim != 2 or c.ndim != 2 or embeddings.shape[1] != c.shape[1]:
@@ -356,9 +365,15 @@ def assign_to_centroids(
             f"embeddings {embeddings.shape} and centroids {c.shape} must be (N, D) and (K, D)"
         )
     c_sq = (c * c).sum(axis=1)
-    out = np.empty(embeddings.shape[0], dtype=np.int64)
-    for start in range(0, embeddings.shape[0], chunk_size):
-        x = np.asarray(embeddings[start : start + chunk_size], dtype=np.float32)
+    num = embeddings.shape[0] if rows is None else len(rows)
+    out = np.empty(num, dtype=np.int64)
+    for start in range(0, num, chunk_size):
+        block = (
+            embeddings[start : start + chunk_size]
+            if rows is None
+            else embeddings[np.asarray(rows[start : start + chunk_size])]
+        )
+        x = np.asarray(block, dtype=np.float32)
         out[start : start + len(x)] = np.argmin(c_sq[None, :] - 2.0 * x @ c.T, axis=1)
     return out
 
@@ -479,7 +494,7 @@ def choose_num_clusters(
     from sklearn.metrics import silhouette_score
 
     num = embeddings.shape[0]
-    idx = _fit_indices(num, 0.0, sample_size, seed)
+    idx = fit_sample_indices(num, 0.0, sample_size, seed)
     sample = np.asarray(embeddings[idx])
     candidates = sorted({int(k) for k in k_range if 2 <= int(k) <= sample.shape[0] - 1})
     if not candidates:
@@ -514,6 +529,7 @@ def cluster_statistics(
     num_clusters: int | None = None,
     sample_size: int = 2000,
     seed: int = 42,
+    embedding_rows: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Describe a clustering against the task labels.
 
@@ -524,6 +540,8 @@ def cluster_statistics(
         num_clusters: ``K`` (default: ``max(assignments) + 1``).
         sample_size: Samples the silhouette is computed on.
         seed: Seed of that sample.
+        embedding_rows: Row of ``embeddings`` for each assignment (default: row ``i`` for
+            assignment ``i``), so a subset can be described without copying the embeddings.
 
     Returns:
         ``{"num_clusters", "sizes": [K], "purity", "adjusted_rand_index",
@@ -543,10 +561,11 @@ def cluster_statistics(
     n = max(len(assignments), 1)
     silhouette: float | None = None
     if embeddings is not None:
-        idx = _fit_indices(len(assignments), 0.0, sample_size, seed)
+        idx = fit_sample_indices(len(assignments), 0.0, sample_size, seed)
         labels = assignments[idx]
         if 2 <= len(np.unique(labels)) <= len(idx) - 1:
-            silhouette = float(silhouette_score(np.asarray(embeddings[idx]), labels))
+            rows = idx if embedding_rows is None else np.asarray(embedding_rows)[idx]
+            silhouette = float(silhouette_score(np.asarray(embeddings[rows]), labels))
     return {
         "num_clusters": k,
         "sizes": table.sum(axis=1).tolist(),

@@ -399,8 +399,8 @@ def test_empty_cluster_is_an_error(
 ) -> None:
     real_fit = cluster_mod.fit_kmeans
 
-    def fit_with_a_far_centroid(emb: np.ndarray, k: int, *args: Any) -> np.ndarray:
-        cents = real_fit(emb, k - 1, *args)
+    def fit_with_a_far_centroid(emb: np.ndarray, k: int, *args: Any, **kwargs: Any) -> np.ndarray:
+        cents = real_fit(emb, k - 1, *args, **kwargs)
         return np.concatenate([cents, np.full((1, emb.shape[1]), 100.0, np.float32)])
 
     monkeypatch.setattr(cluster_mod, "fit_kmeans", fit_with_a_far_centroid)

@@ -66,10 +66,17 @@ def content_hash(samples: Sequence[Sample]) -> str:
         reordered sample changes it.
     """
     digest = hashlib.sha256()
+    update = digest.update
     for sample in samples:
-        record = [sample.prompt, sample.response, sample.task]
-        digest.update(json.dumps(record, ensure_ascii=False, sort_keys=True).encode("utf-8"))
-        digest.update(b"\x1e")
+        prompt = sample.prompt
+        if isinstance(prompt, str):
+            parts = (b"s", prompt.encode(), sample.response.encode(), sample.task.encode())
+        else:
+            text = json.dumps(prompt, ensure_ascii=False, sort_keys=True)
+            parts = (b"m", text.encode(), sample.response.encode(), sample.task.encode())
+        for part in parts:  # length-prefixed, so no two different samples hash alike
+            update(b"%d:" % len(part))
+            update(part)
     return digest.hexdigest()
 
 

@@ -194,48 +194,57 @@ def _as_response(value: Any) -> str | None:
 
 
 def _records_to_samples(
-    records: Iterable[tuple[str, Mapping[str, Any]]],
+    records: Iterable[tuple[str | int, Any]],
     spec: SourceSpec,
     default_task: str,
     lenient: bool,
+    where_prefix: str = "",
 ) -> list[Sample]:
-    """Map raw records to samples. ``lenient`` skips incomplete records with a counted warning."""
+    """Map raw records to samples. ``lenient`` skips incomplete records with a counted warning.
+
+    ``records`` yields ``(position, record)``; ``where_prefix + position`` names a record in
+    error messages (built only when one is raised).
+    """
     prompt_field, response_field = _default_fields(spec)
+    task_field = spec.task_field or "task"
+    label = spec.label
+    fixed_task = spec.task or default_task
     samples: list[Sample] = []
+    append = samples.append
     skipped = 0
-    for where, record in records:
-        if not isinstance(record, Mapping):
-            raise DataSourceError(
-                f"{where}: expected a JSON object per record, got {type(record).__name__}"
-            )
-        missing = [
-            f
-            for f in (prompt_field, response_field)
-            if f not in record or _as_response(record[f]) is None and f == response_field
-        ]
-        if spec.task_field is not None and spec.task_field not in record:
-            missing.append(spec.task_field)
-        if missing:
+    for position, record in records:
+        try:
+            prompt = record[prompt_field]
+            response = record[response_field]
+            task = record.get(task_field) if spec.task_field is None else record[task_field]
+        except (KeyError, TypeError, AttributeError):
+            prompt = response = None
+        if type(response) is not str:
+            response = _as_response(response)
+        if response is None or prompt is None:
+            if not isinstance(record, Mapping):
+                raise DataSourceError(
+                    f"{where_prefix}{position}: expected a JSON object per record, got "
+                    f"{type(record).__name__}"
+                ) from None
             if lenient:
                 skipped += 1
                 continue
+            missing = [f for f in (prompt_field, response_field, spec.task_field) if f]
+            missing = [f for f in missing if record.get(f) is None]
             raise DataSourceError(
-                f"{where}: missing field(s) {missing}; the record has {sorted(record)}. Set "
-                "prompt_field / response_field / task_field in the source dict to map them"
+                f"{where_prefix}{position}: missing field(s) {missing}; the record has "
+                f"{sorted(record)}. Set prompt_field / response_field / task_field in the source "
+                "dict to map them"
             )
-        task_field = spec.task_field or "task"
-        if task_field in record and record[task_field] is not None:
-            task = str(record[task_field])
-        else:
-            task = spec.task or default_task
-        response = _as_response(record[response_field])
-        assert response is not None
-        samples.append(
+        if type(prompt) is not str:
+            prompt = _as_prompt(prompt, f"{where_prefix}{position}", prompt_field)
+        append(
             Sample(
-                prompt=_as_prompt(record[prompt_field], where, prompt_field),
+                prompt=prompt,
                 response=response,
-                task=task,
-                source=spec.label,
+                task=fixed_task if task is None else str(task),
+                source=label,
             )
         )
     if skipped:
@@ -247,18 +256,19 @@ def _records_to_samples(
     return samples
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    loads = json.loads
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
             try:
-                yield f"{path}:{number}", json.loads(line)
+                yield number, loads(line)
             except json.JSONDecodeError as err:
+                if not line.strip():
+                    continue
                 raise DataSourceError(f"{path}:{number}: not valid JSON ({err.msg})") from err
 
 
-def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
+def _iter_json(path: Path) -> Iterator[tuple[int | str, Any]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
@@ -274,16 +284,15 @@ def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
     if not isinstance(data, list):
         raise DataSourceError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
     for number, record in enumerate(data):
-        yield f"{path}[{number}]", record
+        yield f"[{number}]", record
 
 
-def _iter_csv(path: Path) -> Iterator[tuple[str, Any]]:
+def _iter_csv(path: Path) -> Iterator[tuple[int, Any]]:
     with open(path, encoding="utf-8", newline="") as handle:
-        for number, row in enumerate(csv.DictReader(handle), start=2):
-            yield f"{path}:{number}", row
+        yield from enumerate(csv.DictReader(handle), start=2)
 
 
-def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
+def _iter_parquet(path: Path) -> Iterator[tuple[int | str, Any]]:
     try:
         import pyarrow.parquet as pq
     except ImportError as err:
@@ -292,7 +301,7 @@ def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
             "`pip install pyarrow`, or convert the file to JSONL"
         ) from err
     for number, record in enumerate(pq.read_table(path).to_pylist()):
-        yield f"{path}[{number}]", record
+        yield f"[{number}]", record
 
 
 _READERS = {
@@ -340,8 +349,8 @@ def _read_hf(spec: SourceSpec, saved_folder: Path | None = None) -> list[Sample]
                 f"source {spec.label!r}: split={spec.split!r} not found; available: {sorted(data)}"
             )
         data = data[spec.split]
-    records = ((f"{spec.label}[{i}]", row) for i, row in enumerate(data))
-    return _records_to_samples(records, spec, default_task=name, lenient=False)
+    records = ((f"[{i}]", row) for i, row in enumerate(data))
+    return _records_to_samples(records, spec, name, lenient=False, where_prefix=spec.label)
 
 
 def _read_path(spec: SourceSpec) -> list[Sample]:
@@ -367,7 +376,8 @@ def _read_path(spec: SourceSpec) -> list[Sample]:
     samples: list[Sample] = []
     for file in files:
         records = _READERS[file.suffix](file)
-        samples += _records_to_samples(records, spec, default_task=file.stem, lenient=False)
+        prefix = f"{file}" if file.suffix in (".json", ".parquet") else f"{file}:"
+        samples += _records_to_samples(records, spec, file.stem, lenient=False, where_prefix=prefix)
     return samples
 
 
@@ -386,8 +396,9 @@ def _read_registry(spec: SourceSpec) -> list[Sample]:
     files = sorted(folder.rglob("*.jsonl"))
     samples: list[Sample] = []
     for file in files:
-        records: Iterator[tuple[str, Any]] = _iter_jsonl(file)
-        samples += _records_to_samples(records, spec, default_task=spec.location, lenient=True)
+        samples += _records_to_samples(
+            _iter_jsonl(file), spec, spec.location, lenient=True, where_prefix=f"{file}:"
+        )
     if not samples:
         raise DataSourceError(
             f"source {spec.label!r}: the registry task yields no usable samples "

@@ -44,6 +44,7 @@ from tclora.clustering import (
     embedding_cache_key,
     encoder_fingerprint,
     fit_kmeans,
+    fit_sample_indices,
     l2_normalize,
     load_encoder,
     merge_small_clusters,
@@ -622,6 +623,7 @@ class ClusterDataModule(LightningDataModule):
         self._encoder: Any = None
         self._is_setup = False
         self._pending_state: dict[str, Any] | None = None
+        self._read_memo: tuple[Any, list[Sample], list[str], str] | None = None
         self.samples: list[Sample] = []
         self.embeddings: np.ndarray | None = None
         self.data_hash: str | None = None
@@ -737,19 +739,20 @@ class ClusterDataModule(LightningDataModule):
             texts_hash(texts), encoder_fingerprint(self.encoder_name), self.embed_field
         )
 
-    def _embeddings(self, texts: list[str], compute: bool = True) -> np.ndarray | None:
-        return cached_embeddings(
+    def _embeddings(self, texts: list[str], key: str) -> np.ndarray:
+        out = cached_embeddings(
             texts,
             lambda: self.embed,
             self.cache_folder,
-            self._cache_key(texts),
+            key,
             chunk_size=self.embed_chunk_size,
-            compute=compute,
             meta={
                 "encoder": encoder_fingerprint(self.encoder_name),
                 "embed_field": self.embed_field,
             },
         )
+        assert out is not None
+        return out
 
     # ---------------------------------------------------------------- reading + checks
 
@@ -763,9 +766,40 @@ class ClusterDataModule(LightningDataModule):
             DataSourceError: A source is missing, empty, of unknown type or lacks a field.
             ValueError: ``num_clusters`` exceeds the samples (or their distinct texts).
         """
+        return self._read()[0]
+
+    def _sources_fingerprint(self) -> tuple[Any, ...] | None:
+        """Sizes and modification times of every local file read, or None if not all local."""
+        from tclora.assets import corpus_dir
+
+        stats: list[Any] = []
+        for spec in self._specs:
+            if spec.kind == "hf":
+                return None
+            root = Path(spec.location).expanduser() if spec.kind == "path" else None
+            if root is None:
+                root = corpus_dir() / spec.location
+            files = sorted(root.rglob("*")) if root.is_dir() else [root]
+            stats += [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+        return tuple(stats)
+
+    def _read(self) -> tuple[list[Sample], list[str], str]:
+        """Samples, their embedding texts and the embedding cache key.
+
+        Memoised within this process while the local source files are unchanged, so the
+        ``prepare_data`` and ``setup`` of one process read the data once; nothing else is shared
+        between the two hooks.
+        """
+        fingerprint = self._sources_fingerprint()
+        memo = self._read_memo
+        if memo is not None and fingerprint is not None and memo[0] == fingerprint:
+            return memo[1], memo[2], memo[3]
         samples = load_sources(self._specs, seed=self.seed, **self.field_defaults)
         self._check_counts(samples)
-        return samples
+        texts = self._embed_texts(samples)
+        key = self._cache_key(texts)
+        self._read_memo = (fingerprint, samples, texts, key)
+        return samples, texts, key
 
     def _check_counts(self, samples: Sequence[Sample]) -> None:
         num_train = len(samples) - min(
@@ -778,7 +812,7 @@ class ClusterDataModule(LightningDataModule):
                     f"num_clusters={k} is larger than the number of training samples "
                     f"({num_train} of {len(samples)} after val_fraction={self.val_fraction})"
                 )
-            distinct = len(set(self._embed_texts(samples)))
+            distinct = len(set(self._embed_texts(samples)))  # before any embedding
             if k > distinct:
                 raise ValueError(
                     f"num_clusters={k} is larger than the number of distinct texts to embed "
@@ -793,20 +827,19 @@ class ClusterDataModule(LightningDataModule):
 
         Runs once per node (local rank 0) and sets no state: ``setup`` reads both caches.
         """
-        samples = self.read_samples()
-        embeddings = self._embeddings(self._embed_texts(samples), compute=True)
-        assert embeddings is not None
+        samples, texts, key = self._read()
+        embeddings = self._embeddings(texts, key)
         train, val = split_train_val(len(samples), self.val_fraction, self.seed)
-        self._clusters(samples, embeddings, train, val)
+        self._clusters(samples, embeddings, train, val, key)
 
     @override
     def setup(self, stage: str | None = None) -> None:
         """Load embeddings and clusters (computing what is missing), build the datasets, log."""
         if self._is_setup:
             return
-        samples = self.read_samples()
-        embeddings = self._embeddings(self._embed_texts(samples), compute=True)
-        assert embeddings is not None
+        samples, texts, key = self._read()
+        embeddings = self._embeddings(texts, key)
+        self._read_memo = None  # the samples now live in self.samples
         self.samples = samples
         self.embeddings = embeddings
         self.data_hash = content_hash(samples)
@@ -814,7 +847,7 @@ class ClusterDataModule(LightningDataModule):
             len(samples), self.val_fraction, self.seed
         )
         assignments, centroids, scores = self._clusters(
-            samples, embeddings, self.train_indices, self.val_indices
+            samples, embeddings, self.train_indices, self.val_indices, key
         )
         self.assignments = assignments
         self._centroids = centroids
@@ -830,6 +863,7 @@ class ClusterDataModule(LightningDataModule):
             self.log_cluster_statistics(self.trainer)
 
     def _cluster_cache_file(self, samples: Sequence[Sample], texts_key: str) -> Path:
+        """Cluster cache entry of this configuration (see :meth:`_clusters`)."""
         import sklearn
 
         record = json.dumps(
@@ -859,6 +893,7 @@ class ClusterDataModule(LightningDataModule):
         embeddings: np.ndarray,
         train: np.ndarray,
         val: np.ndarray,
+        texts_key: str,
     ) -> tuple[np.ndarray, np.ndarray, dict[int, float]]:
         """Clusters of ``samples``, read from the cluster cache or computed and cached.
 
@@ -869,7 +904,7 @@ class ClusterDataModule(LightningDataModule):
         Returns:
             ``(assignments of all samples, (K, D) centroids, silhouette scores of the k search)``.
         """
-        path = self._cluster_cache_file(samples, self._cache_key(self._embed_texts(samples)))
+        path = self._cluster_cache_file(samples, texts_key)
         if path.is_file():
             with np.load(path, allow_pickle=False) as cached:
                 scores = dict(
@@ -902,17 +937,15 @@ class ClusterDataModule(LightningDataModule):
         val: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray, dict[int, float]]:
         """Cluster the training samples and assign the validation samples (no state is set)."""
-        train_emb = np.asarray(embeddings[train])
         tasks = [samples[i].task for i in train]
         scores: dict[int, float] = {}
-        if self.clustering == "single":
-            train_assign = np.zeros(len(train), dtype=np.int64)
-            k = 1
-            centroids = centroids_from_assignments(train_emb, train_assign, 1)
-        elif self.clustering == "per_task":
-            train_assign, _ = per_task_assignments(tasks)
+        if self.clustering in ("single", "per_task"):
+            if self.clustering == "single":
+                train_assign = np.zeros(len(train), dtype=np.int64)
+            else:
+                train_assign, _ = per_task_assignments(tasks)
             k = int(train_assign.max()) + 1
-            centroids = centroids_from_assignments(train_emb, train_assign, k)
+            centroids = centroids_from_assignments(np.asarray(embeddings[train]), train_assign, k)
         else:
             method: Literal["kmeans", "minibatch_kmeans"] = (
                 "kmeans" if self.clustering == "kmeans" else "minibatch_kmeans"
@@ -920,8 +953,11 @@ class ClusterDataModule(LightningDataModule):
             k_opt = self._configured_k
             if k_opt is None:
                 low, high = self.num_clusters_range
+                sample = train[
+                    fit_sample_indices(len(train), 0.0, self.silhouette_sample_size, self.seed)
+                ]
                 k_opt, scores = choose_num_clusters(
-                    train_emb,
+                    np.asarray(embeddings[sample]),
                     range(low, high + 1),
                     method,
                     self.seed,
@@ -934,16 +970,20 @@ class ClusterDataModule(LightningDataModule):
                     f"ClusterDataModule: chose num_clusters={k_opt} by silhouette "
                     f"{ {k: round(v, 4) for k, v in scores.items()} }"
                 )
+            # the subsample fit_kmeans would draw, taken here so only it is read into memory
+            fit_rows = train[
+                fit_sample_indices(len(train), self.fit_fraction, self.min_fit_samples, self.seed)
+            ]
             centroids = fit_kmeans(
-                train_emb,
+                np.asarray(embeddings[fit_rows]),
                 k_opt,
                 method,
                 self.seed,
                 self.n_init,
-                self.fit_fraction,
-                self.min_fit_samples,
+                fit_fraction=1.0,
+                min_fit_samples=0,
             )
-            train_assign = assign_to_centroids(train_emb, centroids)
+            train_assign = assign_to_centroids(embeddings, centroids, rows=train)
             k = k_opt
         sizes = np.bincount(train_assign, minlength=k)
         if (sizes == 0).any():
@@ -961,7 +1001,7 @@ class ClusterDataModule(LightningDataModule):
                     "lower num_clusters or min_cluster_size, or use small_cluster_policy='merge'"
                 )
             train_assign, centroids, _ = merge_small_clusters(
-                train_emb, train_assign, centroids, self.min_cluster_size
+                np.asarray(embeddings[train]), train_assign, centroids, self.min_cluster_size
             )
             rank_zero_info(
                 f"ClusterDataModule: merged clusters {small} (smaller than min_cluster_size="
@@ -979,10 +1019,10 @@ class ClusterDataModule(LightningDataModule):
                 unknown = val_assign < 0
                 if unknown.any():
                     val_assign[unknown] = assign_to_centroids(
-                        np.asarray(embeddings[val[unknown]]), centroids
+                        embeddings, centroids, rows=val[unknown]
                     )
             else:
-                val_assign = assign_to_centroids(np.asarray(embeddings[val]), centroids)
+                val_assign = assign_to_centroids(embeddings, centroids, rows=val)
             assignments[val] = val_assign
         return assignments, np.asarray(centroids, dtype=np.float32), scores
 
@@ -1013,10 +1053,11 @@ class ClusterDataModule(LightningDataModule):
         self.statistics = cluster_statistics(
             self.assignments[self.train_indices],
             [s.task for s in train],
-            self.embeddings[self.train_indices] if self.embeddings is not None else None,
+            self.embeddings,
             self._k,
             self.silhouette_sample_size,
             self.seed,
+            embedding_rows=self.train_indices,
         )
         if self.count_truncated:
             lengths = self._token_lengths()[self.train_indices]
