@@ -509,3 +509,27 @@ def test_fit_resumed_mid_epoch_sees_exactly_the_remaining_batches(
         dm = make_dm([str(multitask_jsonl)], tmp_path, tokenizer, **kw)
         resumed = _fit(dm, tmp_path / "unused", ckpt=str(ckpt))
         assert resumed.seen == full.seen[stop:], f"resumed at step {stop}"
+
+
+def test_token_lengths_match_item_tokenisation(tokenizer: Any) -> None:
+    import copy
+
+    from tclora.data import Sample, load_source
+    from tclora.datamodules.cluster import TokenizedSamples
+
+    samples = [Sample(**s) for s in make_multitask_samples(per_task=5)]
+    samples += load_source({"registry": "2d_movement", "max_samples": 5})  # chat messages
+    ds = TokenizedSamples(samples, np.zeros(len(samples)), tokenizer, 512)
+    expected = np.asarray([[len(p), len(r)] for p, r in (ds.token_ids(i) for i in range(len(ds)))])
+    assert ds._plain_prompt_renderer() is not None  # the fast path is taken
+    np.testing.assert_array_equal(ds.token_lengths(), expected)
+    trimming = copy.deepcopy(tokenizer)  # a template that edits the content: no fast path
+    trimming.chat_template = tokenizer.chat_template.replace(
+        "message['content']", "message['content'] | trim"
+    )
+    assert trimming.chat_template != tokenizer.chat_template
+    padded = [Sample("  padded prompt  ", "r", "t"), Sample(" x ", "y", "t")]
+    slow = TokenizedSamples(padded, np.zeros(2), trimming, 512)
+    assert slow._plain_prompt_renderer() is None
+    ref = np.asarray([[len(p), len(r)] for p, r in (slow.token_ids(i) for i in range(2))])
+    np.testing.assert_array_equal(slow.token_lengths(), ref)

@@ -240,21 +240,57 @@ class TokenizedSamples(Dataset):
             "truncated": truncated,
         }
 
+    def _plain_prompt_renderer(self) -> Any:
+        """A fast renderer for plain-string prompts, or None.
+
+        Renders the chat template once around a sentinel and keeps the text before and after
+        it. Used only if it reproduces ``apply_chat_template`` exactly on up to 32 of the
+        samples (a template that trims or escapes the content fails that check).
+        """
+        if not self.chat_template:
+            return None
+        sentinel = "\ue000TCLORA\ue001"
+        full = self.render_prompt(Sample(sentinel, "", ""))
+        if full.count(sentinel) != 1:
+            return None
+        head, tail = full.split(sentinel)
+
+        def render(text: str) -> str:
+            return head + text + tail
+
+        plain = [s for s in self.samples if isinstance(s.prompt, str)]
+        step = max(1, len(plain) // 32)
+        for sample in plain[::step][:32]:
+            if render(str(sample.prompt)) != self.render_prompt(sample):
+                return None
+        return render
+
     def token_lengths(self) -> np.ndarray:
         """``(N, 2)`` int64 prompt and response token counts (tokenises everything, batched)."""
         if not self.samples:
             return np.zeros((0, 2), dtype=np.int64)
         tok = self.tokenizer
         eos = tok.eos_token or ""
-        prompts = tok([self.render_prompt(s) for s in self.samples], add_special_tokens=False)
-        responses = tok([s.response + eos for s in self.samples], add_special_tokens=False)
-        return np.asarray(
-            [
-                (len(a), len(b))
-                for a, b in zip(prompts["input_ids"], responses["input_ids"], strict=True)
-            ],
-            dtype=np.int64,
-        )
+        fast = self._plain_prompt_renderer()
+        prompts = [
+            fast(s.prompt)
+            if fast is not None and isinstance(s.prompt, str)
+            else self.render_prompt(s)
+            for s in self.samples
+        ]
+        responses = [s.response + eos for s in self.samples]
+        backend = getattr(tok, "backend_tokenizer", None)
+        if backend is not None:  # a fast tokenizer: count ids without building Python lists
+            counts = [
+                [len(e.ids) for e in backend.encode_batch(texts, add_special_tokens=False)]
+                for texts in (prompts, responses)
+            ]
+        else:
+            counts = [
+                [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+                for texts in (prompts, responses)
+            ]
+        return np.asarray(counts, dtype=np.int64).T.copy()
 
     def count_truncated(self) -> int:
         """Number of samples longer than ``max_length``."""
