@@ -14,7 +14,7 @@ Part 2, whole model: SmolLM2-135M's real LoRA target shapes (q, k, v, o, gate, u
 
 Usage::
 
-    python benchmarks/cp_merge.py --quick          # d = 576, 3072; < 2 minutes
+    python benchmarks/cp_merge.py --quick          # d = 576, 3072 at R = 4; < 2 minutes
     python benchmarks/cp_merge.py                  # d = 576, 3072, 4096; dense whole model too
     python benchmarks/cp_merge.py --quick --threads 1   # on a shared, loaded machine
 
@@ -36,7 +36,14 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SMOLLM2 = {"hidden": 576, "intermediate": 1536, "heads": 9, "kv_heads": 3, "head_dim": 64, "layers": 30}
+SMOLLM2 = {
+    "hidden": 576,
+    "intermediate": 1536,
+    "heads": 9,
+    "kv_heads": 3,
+    "head_dim": 64,
+    "layers": 30,
+}
 
 
 def _status_kb(field: str) -> int:
@@ -147,7 +154,16 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(what: str, engine: str, threads: int, **kw: Any) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--worker", what, "--engine", engine, "--threads", str(threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        what,
+        "--engine",
+        engine,
+        "--threads",
+        str(threads),
+    ]
     for key, value in kw.items():
         cmd += [f"--{key}", str(value)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -160,16 +176,24 @@ def dense_estimate_gb(d: int, t: int, rank: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="d = 576, 3072 and factored whole model")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="d = 576, 3072 at R = 4 and the factored whole model"
+    )
     parser.add_argument("--dims", type=int, nargs="+", default=None)
-    parser.add_argument("--ranks", type=int, nargs="+", default=[4, 32])
+    parser.add_argument("--ranks", type=int, nargs="+", default=None)
     parser.add_argument("--t", type=int, default=10)
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--sweeps", type=int, default=10)
     parser.add_argument("--model-rank", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    parser.add_argument("--max-dense-gb", type=float, default=None, help="skip dense runs above this estimate")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)"
+    )
+    parser.add_argument(
+        "--max-dense-gb", type=float, default=None, help="skip dense runs above this estimate"
+    )
     # worker mode (internal)
     parser.add_argument("--worker", choices=["module", "model"], default=None, dest="what")
     parser.add_argument("--engine", default="factored")
@@ -185,6 +209,7 @@ def main() -> None:
     import torch
 
     dims = args.dims or ([576, 3072] if args.quick else [576, 3072, 4096])
+    ranks = args.ranks or ([4] if args.quick else [4, 32])
     max_gb = args.max_dense_gb or 0.6 * psutil.virtual_memory().available / 1e9
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -199,7 +224,7 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for d in dims:
-        for rank in args.ranks:
+        for rank in ranks:
             kw = dict(d=d, R=rank, t=args.t, r=args.r, sweeps=args.sweeps)
             fac = run("module", "factored", args.threads, **kw)
             est = dense_estimate_gb(d, args.t, rank)
@@ -222,10 +247,21 @@ def main() -> None:
         f"\nWhole model: SmolLM2-135M, q/k/v/o/gate/up/down × 30 layers, T={args.t}, r={args.r}, "
         f"R={args.model_rank}, SVD init, tol=1e-8, ≤ 100 sweeps, + merge_cp(mean_loading)"
     )
-    print(f"{'engine':>9} | {'modules':>7} {'seconds':>8} {'peak MB':>8} {'mean sweeps':>11} {'mean fit':>9}")
+    print(
+        f"{'engine':>9} | {'modules':>7} {'seconds':>8} {'peak MB':>8} {'mean sweeps':>11} {'mean fit':>9}"
+    )
     engines = ["factored"] if args.quick else ["factored", "dense"]
     for engine in engines:
-        res = run("model", engine, args.threads, R=args.model_rank, t=args.t, r=args.r, sweeps=100, tol=1e-8)
+        res = run(
+            "model",
+            engine,
+            args.threads,
+            R=args.model_rank,
+            t=args.t,
+            r=args.r,
+            sweeps=100,
+            tol=1e-8,
+        )
         print(
             f"{engine:>9} | {res['modules']:>7} {res['seconds']:>8.2f} {res['peak_mb']:>8.0f} "
             f"{res['n_iter']:>11.1f} {res['fit_error']:>9.4f}"

@@ -147,18 +147,13 @@ def cp_decompose(
                     seed=seed,
                 )
             continue
-        per_module = 8 * sum(ranks) * (shape[0] + shape[1]) * 3  # bytes of the batched copies
+        per_module = 8 * sum(ranks) * (shape[0] + shape[1]) * 2  # bytes: factors + B_catᵀU etc.
         size = max(1, _BATCH_BYTES // per_module)
         for i in range(0, len(modules), size):
             chunk = modules[i : i + size]
-            outs = cp_als_factored_batch(
-                [stack.scaled_factors(m, dtype) for m in chunk],
-                r_eff,
-                n_iter_max=n_iter_max,
-                tol=tol,
-                init=init,
-                seed=seed,
-            )
+            a, b = _fill(stack, chunk, dtype)
+            outs = _als_batched(a, b, ranks, r_eff, n_iter_max, tol, init, seed)
+            del a, b
             raw.update(zip(chunk, outs, strict=True))
     results: dict[str, CPResult] = {}
     for module in stack.module_names:
@@ -179,6 +174,23 @@ def cp_decompose(
             stacklevel=2,
         )
     return results
+
+
+def _fill(stack: AdapterStack, modules: Sequence[str], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``A_cat`` (``G × Σr × d_in``) and ``B_cat`` (``G × d_out × Σr``, scalings folded in)."""
+    d_out, d_in = stack.shape(modules[0])
+    total = stack.total_rank(modules[0])
+    first = stack.factors(modules[0])[0][0]
+    a = torch.empty(len(modules), total, d_in, dtype=dtype, device=first.device)
+    b = torch.empty(len(modules), d_out, total, dtype=dtype, device=first.device)
+    for g, module in enumerate(modules):
+        off = 0
+        for a_t, b_t, scaling in stack.factors(module):
+            r = a_t.shape[0]
+            a[g, off : off + r] = a_t
+            b[g, :, off : off + r] = b_t.to(dtype) * scaling
+            off += r
+    return a, b
 
 
 # --------------------------------------------------------------------------- dense engine
@@ -217,18 +229,21 @@ def _cp_als_dense(
 class _Concat:
     """The T adapters side by side: ``B_cat = [B̃_1 … B̃_T]``, ``A_cat = [A_1; …; A_T]``."""
 
-    def __init__(self, factors: Sequence[tuple[Tensor, Tensor]]) -> None:
-        self.T = len(factors)
-        self.ranks = [int(a.shape[0]) for a, _ in factors]
-        self.a = torch.cat([a for a, _ in factors], dim=0)  # Σr × d_in
-        self.b = torch.cat([b for _, b in factors], dim=1)  # d_out × Σr
-        self.task = torch.repeat_interleave(
-            torch.arange(self.T, device=self.a.device),
-            torch.tensor(self.ranks, device=self.a.device),
-        )
-        same = self.task[:, None] == self.task[None, :]
-        # ‖X‖² = Σ_t sum((B̃_tᵀB̃_t) ∗ (A_t A_tᵀ)): the block diagonal of the Σr × Σr Hadamard product.
-        self.norm_sq = float(((self.b.T @ self.b) * (self.a @ self.a.T) * same).sum())
+    def __init__(self, a: Tensor, b: Tensor, task: Tensor, num_adapters: int) -> None:
+        self.a, self.b, self.task, self.T = a, b, task, num_adapters  # Σr × d_in, d_out × Σr
+
+    @classmethod
+    def from_factors(cls, factors: Sequence[tuple[Tensor, Tensor]]) -> _Concat:
+        a = torch.cat([a for a, _ in factors], dim=0)
+        b = torch.cat([b for _, b in factors], dim=1)
+        return cls(a, b, _task_index([int(x.shape[0]) for x, _ in factors], a.device), len(factors))
+
+
+def _task_index(ranks: Sequence[int], device: torch.device) -> Tensor:
+    """Adapter index of each of the ``Σr`` LoRA rows."""
+    return torch.repeat_interleave(
+        torch.arange(len(ranks), device=device), torch.tensor(list(ranks), device=device)
+    )
 
 
 def _svd_flip_u(u: Tensor) -> Tensor:
@@ -261,7 +276,10 @@ def initialize_factored(
     Returns:
         ``[C (T×R), U (d_out×R), V (d_in×R)]`` in the dtype/device of the factors.
     """
-    cat = _Concat(factors)
+    return _initialize(_Concat.from_factors(factors), rank, init, seed)
+
+
+def _initialize(cat: _Concat, rank: int, init: Init, seed: int) -> list[Tensor]:
     dtype, device = cat.a.dtype, cat.a.device
     shape = (cat.T, int(cat.b.shape[0]), int(cat.a.shape[1]))
     rng = np.random.RandomState(seed)
@@ -373,34 +391,61 @@ def cp_als_factored_batch(
     Returns:
         Per module ``([C, U, V], errors, ‖X‖)``.
     """
-    cats = [_Concat(f) for f in batch]
-    a = torch.stack([c.a for c in cats])  # G × Σr × d_in
-    b = torch.stack([c.b for c in cats])  # G × d_out × Σr
+    cats = [_Concat.from_factors(f) for f in batch]
+    a = torch.stack([c.a for c in cats])
+    b = torch.stack([c.b for c in cats])
+    del cats
+    ranks = [int(x.shape[0]) for x, _ in batch[0]]
+    return _als_batched(a, b, ranks, rank, n_iter_max, tol, init, seed, initial)
+
+
+def _als_batched(
+    a: Tensor,
+    b: Tensor,
+    ranks: Sequence[int],
+    rank: int,
+    n_iter_max: int,
+    tol: float,
+    init: Init,
+    seed: int,
+    initial: Sequence[Sequence[Tensor]] | None = None,
+) -> list[tuple[list[Tensor], list[float], float]]:
+    """The factored ALS on ``a`` (``G × Σr × d_in``) and ``b`` (``G × d_out × Σr``)."""
+    t_count = len(ranks)
+    task = _task_index(ranks, a.device)
     bt = b.transpose(1, 2)
-    onehot = torch.nn.functional.one_hot(cats[0].task, cats[0].T).T.to(a.dtype)  # T × Σr
+    onehot = torch.nn.functional.one_hot(task, t_count).T.to(a.dtype)  # T × Σr
+    same = task[:, None] == task[None, :]
+    # ‖X‖² = Σ_t sum((B̃_tᵀB̃_t) ∗ (A_t A_tᵀ)): the block diagonal of the Σr × Σr Hadamard product.
+    norm_sq = ((bt @ b) * (a @ a.mT) * same).sum((1, 2))
+    norms = [math.sqrt(max(x, 0.0)) for x in norm_sq.tolist()]
+    denom = torch.tensor([n if n > 0 else 1.0 for n in norms], dtype=a.dtype, device=a.device)
+    g_count = a.shape[0]
     starts = (
         initial
         if initial is not None
-        else [initialize_factored(f, rank, init, seed) for f in batch]
+        else [
+            _initialize(_Concat(a[g], b[g], task, t_count), rank, init, seed)
+            for g in range(g_count)
+        ]
     )
     c, u, v = (
         torch.stack([s[i].to(dtype=a.dtype, device=a.device) for s in starts]) for i in range(3)
     )
-    norm_sq = torch.tensor([cat.norm_sq for cat in cats], dtype=a.dtype, device=a.device)
-    norms = [math.sqrt(max(cat.norm_sq, 0.0)) for cat in cats]
-    denom = torch.tensor([n if n > 0 else 1.0 for n in norms], dtype=a.dtype, device=a.device)
-    active = list(range(len(batch)))
-    errors: list[list[float]] = [[] for _ in batch]
-    results: list[tuple[list[Tensor], list[float], float] | None] = [None] * len(batch)
+    active = list(range(g_count))
+    errors: list[list[float]] = [[] for _ in range(g_count)]
+    results: list[tuple[list[Tensor], list[float], float] | None] = [None] * g_count
     gu, gv = u.mT @ u, v.mT @ v
+    p = bt @ u  # G × Σr × R; B_catᵀU is reused from the previous sweep's last mode
     for iteration in range(n_iter_max):
-        p, q = bt @ u, a @ v  # G × Σr × R
+        q = a @ v
         c = _bsolve(gu * gv, onehot @ (p * q))
         gc = c.mT @ c
         ce = onehot.T @ c  # loading row of each LoRA row
         u = _bsolve(gc * gv, b @ (q * ce))
         gu = u.mT @ u
-        m_v = a.mT @ ((bt @ u) * ce)
+        p = bt @ u
+        m_v = a.mT @ (p * ce)
         v = _bsolve(gc * gu, m_v)
         gv = v.mT @ v
         iprod = (m_v * v).sum((1, 2))
@@ -418,7 +463,7 @@ def cp_als_factored_batch(
             if not keep:
                 break
             idx = torch.tensor(keep, device=a.device)
-            a, b, bt, c, u, v, gu, gv = (x[idx] for x in (a, b, bt, c, u, v, gu, gv))
+            a, b, bt, c, u, v, p, gu, gv = (x[idx] for x in (a, b, bt, c, u, v, p, gu, gv))
             norm_sq, denom = norm_sq[idx], denom[idx]
             active = [active[i] for i in keep]
     return [r for r in results if r is not None]
