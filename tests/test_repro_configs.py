@@ -1,0 +1,235 @@
+"""The reproduction configs parse through the real CLI, and the sweep harness' pure parts work.
+
+The paper configs name hub models, FLAN through ``datasets`` and GPUs, none of which exist here, so
+they are parsed (``--print_config``: the CLI validates every key and type, then exits before
+instantiating anything), never run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+PAPER_EVALS = {
+    "arc_challenge",
+    "arc_easy",
+    "boolq",
+    "hellaswag",
+    "openbookqa",
+    "piqa",
+    "winogrande",
+}
+
+
+def _resolved(*args: str) -> dict[str, Any]:
+    from tclora.cli import cli_main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", *args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return dict(yaml.safe_load(out.getvalue()))
+
+
+def _merge_callback(cfg: dict[str, Any]) -> dict[str, Any]:
+    (callback,) = [
+        c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("CPMergeCallback")
+    ]
+    return dict(callback["init_args"])
+
+
+def _repro() -> Any:
+    spec = importlib.util.spec_from_file_location("repro_small", ROOT / "benchmarks/repro_small.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["repro_small"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("name", "model", "targets"),
+    [
+        ("phi3_flan", "microsoft/Phi-3-mini-4k-instruct", ["qkv_proj", "o_proj"]),
+        ("mistral7b_flan", "mistralai/Mistral-7B-v0.1", ["q_proj", "k_proj", "v_proj", "o_proj"]),
+    ],
+)
+def test_paper_config_is_the_authors_setting(name: str, model: str, targets: list[str]) -> None:
+    cfg = _resolved("--config", str(CONFIGS / f"{name}.yaml"))
+    hp, data, trainer = cfg["model"], cfg["data"], cfg["trainer"]
+    assert (hp["model"], hp["r"], hp["lora_dropout"], hp["lr"]) == (model, 4, 0.05, 1e-4)
+    assert hp["target_modules"] == targets
+    assert (trainer["max_epochs"], data["batch_size"], data["max_length"]) == (5, 16, 2048)
+    assert (data["num_clusters"], data["clustering"]) == (10, "kmeans")
+    assert [s["hf"] for s in data["sources"]] == ["sordonia/flan-10k-flat"]
+    # GPU settings agree with configs/strategies/ddp.yaml.
+    ddp = yaml.safe_load((CONFIGS / "strategies" / "ddp.yaml").read_text())
+    for key, value in ddp["trainer"].items():
+        assert trainer[key] == value, key
+    for key, value in ddp["model"].items():
+        assert hp[key] == value, key
+    merge = _merge_callback(cfg)
+    assert {Path(p).stem for p in merge["eval_sets"]} == PAPER_EVALS
+    assert set(merge["baselines"]) == {"uniform", "ties", "knots_ties", "tsv", "iso_c"}
+
+
+def test_paper_config_combines_with_fsdp() -> None:
+    policy = "transformers.models.phi3.modeling_phi3.Phi3DecoderLayer"
+    cfg = _resolved(
+        "--config",
+        str(CONFIGS / "phi3_flan.yaml"),
+        "--config",
+        str(CONFIGS / "strategies" / "fsdp.yaml"),
+        f"--trainer.strategy.init_args.auto_wrap_policy=[{policy}]",
+    )
+    strategy = cfg["trainer"]["strategy"]
+    assert strategy["class_path"] == "lightning.pytorch.strategies.FSDPStrategy"
+    assert strategy["init_args"]["auto_wrap_policy"] == [policy]
+    assert cfg["model"]["r"] == 4
+
+
+def test_repro_small_config_and_run_overrides(tmp_path: Path) -> None:
+    repro = _repro()
+    cfg = _resolved("--config", str(CONFIGS / "repro_small.yaml"))
+    assert cfg["model"]["model"] == "smollm2-135m-instruct"
+    tasks = [s["task"] for s in cfg["data"]["sources"]]
+    assert tasks == list(repro.TRAIN_TASKS) and len(tasks) >= 12
+    merge = _merge_callback(cfg)
+    stems = [Path(p).stem for p in merge["eval_sets"]]
+    assert stems == list(repro.TRAIN_TASKS) + list(repro.OOD_TASKS)
+    assert not set(repro.OOD_TASKS) & set(repro.TRAIN_TASKS) and len(repro.OOD_TASKS) >= 6
+    assert merge["cp_ranks"] == [4, 16] and len(merge["scales"]) > 1
+
+    sweep = repro.Sweep(work_dir=tmp_path)
+    per_task = repro.run_overrides(sweep, "per_task", 2, evaluate_base=False)
+    assert per_task["data"]["clustering"] == "per_task"
+    assert (per_task["seed_everything"], per_task["data"]["seed"]) == (2, 2)
+    assert per_task["model"]["init_seed"] == 2000
+    init = per_task["trainer"]["callbacks"][0]["init_args"]
+    assert init["references"] == ["routing", "single"]
+    assert init["output_dir"] == str(tmp_path / "runs" / "per_task" / "seed2" / "merge")
+    kmeans = repro.run_overrides(sweep, "kmeans8", 0, evaluate_base=True)
+    assert (kmeans["data"]["clustering"], kmeans["data"]["num_clusters"]) == ("kmeans", 8)
+    assert kmeans["trainer"]["callbacks"][0]["init_args"]["references"] == ["base", "routing"]
+    assert repro.run_overrides(sweep, "single", 0, False)["trainer"]["callbacks"] == []
+    # Every override, on top of the base config, still parses through the CLI.
+    override = tmp_path / "overrides.yaml"
+    override.write_text(yaml.safe_dump(kmeans))
+    resolved = _resolved("--config", str(CONFIGS / "repro_small.yaml"), "--config", str(override))
+    assert resolved["data"]["num_clusters"] == 8
+    assert _merge_callback(resolved)["output_dir"].endswith("kmeans8/seed0/merge")
+
+
+def test_splits_are_disjoint_fixed_and_floors_come_from_train(tmp_path: Path) -> None:
+    repro = _repro()
+    from tclora.evaluation import load_eval_set
+
+    sweep = repro.Sweep(
+        work_dir=tmp_path,
+        train_tasks=("food", "positive-binary-operations"),
+        ood_tasks=("which_is_heavier",),
+        train_items=30,
+        test_items=25,
+        ood_items=500,
+    )
+    manifest = repro.prepare_data(sweep)
+    for task in sweep.train_tasks:
+        train = [json.loads(x) for x in (tmp_path / "data/train" / f"{task}.jsonl").open()]
+        test = load_eval_set(tmp_path / "data/test" / f"{task}.jsonl")
+        assert (len(train), len(test)) == (30, 25)
+        train_prompts = {json.dumps(r["prompt"]) for r in train}
+        assert not train_prompts & {json.dumps(e.prompt) for e in test.examples}
+        floor = repro.majority_floor([r["response"] for r in train], test.examples)
+        assert manifest["tasks"][task]["majority"] == floor
+    assert load_eval_set(tmp_path / "data/test/food.jsonl").kind == "multiple_choice"
+    assert load_eval_set(tmp_path / "data/test/positive-binary-operations.jsonl").kind == (
+        "exact_match"
+    )
+    assert manifest["tasks"]["which_is_heavier"]["n_test"] == 183  # all of a small task
+    # Same settings: same files; other settings on the same folder: a clear refusal.
+    before = (tmp_path / "data/test/food.jsonl").read_text()
+    assert repro.prepare_data(sweep) == manifest
+    assert (tmp_path / "data/test/food.jsonl").read_text() == before
+    sweep.test_items = 26
+    with pytest.raises(SystemExit, match="other split settings"):
+        repro.prepare_data(sweep)
+
+
+def test_majority_floor_counts_exact_match_answers() -> None:
+    repro = _repro()
+    from tclora.evaluation import EvalExample
+
+    mc = [EvalExample("q", (a,), ("No", "Yes"), "t") for a in ("Yes", "No", "Yes", "Yes")]
+    assert repro.majority_floor(["No", "No", "Yes"], mc) == {"answer": "No", "accuracy": 0.25}
+    em = [EvalExample("q", ("7", "seven"), None, "t"), EvalExample("q", ("8",), None, "t")]
+    assert repro.majority_floor(["seven", "Seven.", "seven"], em)["accuracy"] == 0.5
+
+
+def test_summary_normalises_by_best_single_adapter_and_checks_floors() -> None:
+    repro = _repro()
+    manifest = {
+        "tasks": {
+            "a": {
+                "group": "in_domain",
+                "n_test": 100,
+                "chance": 0.5,
+                "majority": {"accuracy": 0.5},
+            },
+            "b": {
+                "group": "in_domain",
+                "n_test": 100,
+                "chance": 0.5,
+                "majority": {"accuracy": 0.6},
+            },
+            "u": {"group": "out_of_domain", "n_test": 100, "chance": 0.5},
+        }
+    }
+
+    def rec(variant: str, seed: int, method: str, a: float, b: float, u: float) -> dict[str, Any]:
+        storage = {"lora_params": 10, "cp_params": 4} if method.startswith("cp") else None
+        return {
+            "variant": variant,
+            "seed": seed,
+            "method": method,
+            "kind": "merge",
+            "scale": 2.0,
+            "merge_seconds": 0.5,
+            "cp_fit_error": 0.1 if method.startswith("cp") else None,
+            "storage": storage,
+            "run_seconds": 1.0,
+            "acc": {"a": a, "b": b, "u": u},
+        }
+
+    records = [
+        rec("per_task", 0, "single:cluster_0", 0.8, 0.5, 0.5),
+        rec("per_task", 0, "single:cluster_1", 0.4, 0.6, 0.5),
+        rec("per_task", 1, "single:cluster_0", 1.0, 0.5, 0.5),
+        rec("per_task", 1, "single:cluster_1", 0.4, 1.0, 0.5),
+        rec("kmeans4", 0, "cp4_sum_components", 0.4, 0.6, 0.7),
+        rec("kmeans4", 1, "cp4_sum_components", 0.5, 0.5, 0.5),
+    ]
+    summary = repro.summarise(records, manifest)
+    cp = next(r for r in summary["rows"] if r["method"] == "cp4_sum_components")
+    # seed 0: (0.4/0.8 + 0.6/0.6) / 2 = 0.75; seed 1: (0.5/1.0 + 0.5/1.0) / 2 = 0.5
+    assert math.isclose(cp["normalised"], 0.625)
+    assert math.isclose(cp["in_domain"], 0.5) and math.isclose(cp["out_of_domain"], 0.6)
+    assert math.isclose(cp["out_of_domain_std"], math.sqrt(0.02))
+    assert (cp["lora_params"], cp["cp_params"], cp["cp_fit_error"]) == (10, 4, 0.1)
+    best = next(r for r in summary["rows"] if r["method"] == "single_adapters")
+    assert math.isclose(best["normalised"], 1.0)
+    checks = {(c["seed"], c["task"]): c["clearly_beats"] for c in summary["adapter_checks"]}
+    # 0.6 vs majority 0.6 is not above it; 0.8 vs 0.5 and 1.0 vs 0.6 clearly are.
+    assert checks == {(0, "a"): True, (0, "b"): False, (1, "a"): True, (1, "b"): True}
+    text = repro.markdown(summary, "cmd")
+    assert "Not clearly above: b (seed 0" in text and "| kmeans4 | cp4_sum_components |" in text
