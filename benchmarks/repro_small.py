@@ -350,6 +350,7 @@ def evaluate_single_lora(sweep: Sweep, variant: str, seed: int) -> None:
     ]
     assert all(Path(f).is_file() for f in eval_files), overrides["trainer"]["default_root_dir"]
     scores = {}
+    start = time.perf_counter()
     for source in eval_files:
         es = load_eval_set(source)
         scores[es.name] = evaluate(
@@ -367,6 +368,8 @@ def evaluate_single_lora(sweep: Sweep, variant: str, seed: int) -> None:
         "rows": [{"name": "single_lora", "kind": "reference", "scores": scores}],
         "cp_fit_error": {},
         "adapters": [adapters[0].name],
+        # One model scored on every set: the unit of the sweep's evaluation cost.
+        "eval_pass_seconds": time.perf_counter() - start,
     }
     write_text_atomic(folder / "merge" / "results.json", json.dumps(summary, indent=1))
 
@@ -448,6 +451,38 @@ def adapter_storage(adapter_dir: Path, cp_rank: int) -> dict[str, int]:
         lora += r * (d_in + d_out)
         cp += cp_rank * (d_in + d_out + k)
     return {"adapters": k, "lora_params": k * lora, "cp_params": cp}
+
+
+def train_rate(folder: Path) -> dict[str, float]:
+    """Training throughput logged by ``LoRAModule`` (``train/tokens_per_s``) in a run's events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rates: list[float] = []
+    for path in sorted((folder / "tensorboard").rglob("events.out.tfevents.*")):
+        events = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        events.Reload()
+        if "train/tokens_per_s" in events.Tags()["scalars"]:
+            rates += [e.value for e in events.Scalars("train/tokens_per_s")]
+    return {"tokens_per_s": _mean(rates), "logged_steps": len(rates)}
+
+
+def timings(sweep: Sweep) -> dict[str, Any]:
+    """Wall time per run, training throughput and the seconds of one full evaluation pass."""
+    out: dict[str, Any] = {}
+    for variant in sweep.variants:
+        for seed in sweep.seeds:
+            folder = run_dir(sweep, variant, seed)
+            timing = folder / "timing.json"
+            if not timing.is_file():
+                continue
+            entry = {**json.loads(timing.read_text()), **train_rate(folder)}
+            result = folder / "merge" / "results.json"
+            if result.is_file():
+                data = json.loads(result.read_text())
+                if "eval_pass_seconds" in data:
+                    entry["eval_pass_seconds"] = data["eval_pass_seconds"]
+            out[f"{variant}/seed{seed}"] = entry
+    return out
 
 
 def collect(sweep: Sweep, manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -756,8 +791,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("no finished runs to aggregate")
         return 1
     summary = summarise(records, manifest)
+    summary["timings"] = timings(sweep)
     summary["sweep"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(sweep).items()}
     write_results(summary, sweep, command.strip())
+    for run, entry in summary["timings"].items():
+        print(f"timing {run}: " + ", ".join(f"{k}={v:.4g}" for k, v in entry.items()))
     return 0
 
 

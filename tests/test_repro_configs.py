@@ -15,6 +15,7 @@ import math
 import sys
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import yaml
@@ -36,7 +37,8 @@ def _resolved(*args: str) -> dict[str, Any]:
     from tclora.cli import cli_main
 
     out = io.StringIO()
-    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+    argv = mock.patch.object(sys, "argv", ["tclora"])  # pytest's own arguments are not ours
+    with argv, contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
         cli_main(["fit", *args, "--print_config"])
     assert exit_info.value.code in (0, None)
     return dict(yaml.safe_load(out.getvalue()))
