@@ -390,6 +390,10 @@ def test_bad_inputs_fail_before_embedding(
         make_dm(
             [{"path": str(multitask_jsonl), "prompt_field": "question"}], tmp_path, tokenizer
         ).prepare_data()
+    no_template = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+    no_template.chat_template = None
+    with pytest.raises(ValueError, match=r"chat_template=True but the tokenizer .* has no chat"):
+        make_dm(src, tmp_path, no_template).prepare_data()
     with pytest.raises(RuntimeError, match=r"ClusterDataModule.centroids is available after setup"):
         make_dm(src, tmp_path, tokenizer).centroids  # noqa: B018
 

@@ -199,8 +199,8 @@ def _records_to_samples(
     default_task: str,
     lenient: bool,
     where_prefix: str = "",
-) -> list[Sample]:
-    """Map raw records to samples. ``lenient`` skips incomplete records with a counted warning.
+) -> tuple[list[Sample], int]:
+    """Map raw records to samples; ``lenient`` skips incomplete records (and counts them).
 
     ``records`` yields ``(position, record)``; ``where_prefix + position`` names a record in
     error messages (built only when one is raised).
@@ -247,13 +247,7 @@ def _records_to_samples(
                 source=label,
             )
         )
-    if skipped:
-        warnings.warn(
-            f"source {spec.label!r}: skipped {skipped} record(s) without "
-            f"{prompt_field!r}/{response_field!r}; kept {len(samples)}",
-            stacklevel=3,
-        )
-    return samples
+    return samples, skipped
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
@@ -350,7 +344,7 @@ def _read_hf(spec: SourceSpec, saved_folder: Path | None = None) -> list[Sample]
             )
         data = data[spec.split]
     records = ((f"[{i}]", row) for i, row in enumerate(data))
-    return _records_to_samples(records, spec, name, lenient=False, where_prefix=spec.label)
+    return _records_to_samples(records, spec, name, lenient=False, where_prefix=spec.label)[0]
 
 
 def _read_path(spec: SourceSpec) -> list[Sample]:
@@ -377,7 +371,7 @@ def _read_path(spec: SourceSpec) -> list[Sample]:
     for file in files:
         records = _READERS[file.suffix](file)
         prefix = f"{file}" if file.suffix in (".json", ".parquet") else f"{file}:"
-        samples += _records_to_samples(records, spec, file.stem, lenient=False, where_prefix=prefix)
+        samples += _records_to_samples(records, spec, file.stem, False, prefix)[0]
     return samples
 
 
@@ -395,9 +389,17 @@ def _read_registry(spec: SourceSpec) -> list[Sample]:
         )
     files = sorted(folder.rglob("*.jsonl"))
     samples: list[Sample] = []
+    skipped = 0
     for file in files:
-        samples += _records_to_samples(
-            _iter_jsonl(file), spec, spec.location, lenient=True, where_prefix=f"{file}:"
+        got, missed = _records_to_samples(_iter_jsonl(file), spec, spec.location, True, f"{file}:")
+        samples += got
+        skipped += missed
+    prompt_field, response_field = _default_fields(spec)
+    if skipped and samples:
+        warnings.warn(
+            f"source {spec.label!r}: skipped {skipped} record(s) without "
+            f"{prompt_field!r}/{response_field!r}; kept {len(samples)}",
+            stacklevel=3,
         )
     if not samples:
         raise DataSourceError(

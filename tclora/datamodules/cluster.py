@@ -864,6 +864,7 @@ class ClusterDataModule(LightningDataModule):
         Runs once per node (local rank 0) and sets no state: ``setup`` reads both caches.
         """
         samples, texts, key = self._read()
+        self._check_tokenizer()  # before the expensive part
         embeddings = self._embeddings(texts, key)
         train, val = split_train_val(len(samples), self.val_fraction, self.seed)
         self._clusters(samples, embeddings, train, val, key)
@@ -874,6 +875,7 @@ class ClusterDataModule(LightningDataModule):
         if self._is_setup:
             return
         samples, texts, key = self._read()
+        self._check_tokenizer()
         embeddings = self._embeddings(texts, key)
         self._read_memo = None  # the samples now live in self.samples
         self.samples = samples
@@ -1062,13 +1064,17 @@ class ClusterDataModule(LightningDataModule):
             assignments[val] = val_assign
         return assignments, np.asarray(centroids, dtype=np.float32), scores
 
+    def _check_tokenizer(self) -> None:
+        if self.chat_template and not getattr(self.tokenizer, "chat_template", None):
+            name = getattr(self.tokenizer, "name_or_path", "") or str(self._tokenizer_arg)
+            raise ValueError(
+                f"chat_template=True but the tokenizer of {name!r} has no chat "
+                "template (a base model?); set chat_template=False to use the prompt text as is"
+            )
+
     def _build_datasets(self) -> None:
         tok = self.tokenizer
-        if self.chat_template and not getattr(tok, "chat_template", None):
-            raise ValueError(
-                f"chat_template=True but the tokenizer of {self._tokenizer_arg!r} has no chat "
-                "template; set chat_template=False to use the prompt text as is"
-            )
+        self._check_tokenizer()
         train = [self.samples[i] for i in self.train_indices]
         self.train_dataset = TokenizedSamples(
             train, self.assignments[self.train_indices], tok, self.max_length, self.chat_template
