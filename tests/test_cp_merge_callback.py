@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from tclora.callbacks import CPMergeCallback
 from tclora.merge_study import select_scale
 
-ADAPTERS = ["a", "b", "c"]
+ADAPTERS = ["task_x", "task_y", "task_z"]
 
 
 class UserModule(LightningModule):
@@ -141,9 +141,9 @@ def test_merge_at_fit_end_on_a_user_module(
     names = [row.name for row in result.rows]
     assert names == [
         "base",
-        "single:a",
-        "single:b",
-        "single:c",
+        "single:task_x",
+        "single:task_y",
+        "single:task_z",
         "cp2_sum_components",
         "cp2_mean_loading",
         "uniform",
