@@ -374,7 +374,9 @@ def evaluate_single_lora(sweep: Sweep, variant: str, seed: int) -> None:
     write_text_atomic(folder / "merge" / "results.json", json.dumps(summary, indent=1))
 
 
-def run_one(sweep: Sweep, variant: str, seed: int, evaluate_base: bool) -> float:
+def run_one(
+    sweep: Sweep, variant: str, seed: int, evaluate_base: bool, threads: int | None = None
+) -> float:
     """Fit (and evaluate) one run through the CLI unless its results exist; return seconds."""
     folder = run_dir(sweep, variant, seed)
     if (folder / "merge" / "results.json").is_file():
@@ -391,6 +393,8 @@ def run_one(sweep: Sweep, variant: str, seed: int, evaluate_base: bool) -> float
     print(f"[run ] {variant} seed {seed}: {' '.join(command)}", flush=True)
     start = time.perf_counter()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if threads is not None:  # on a shared machine, OpenMP spin-waits can slow small kernels a lot
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     with open(folder / "fit.log", "w") as log:
         done = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     if done.returncode != 0:
@@ -755,6 +759,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ood-items", type=int, help="items per unseen task")
     parser.add_argument("--work-dir", type=Path, help="runs and splits (default runs/repro_small)")
     parser.add_argument("--results-dir", type=Path, help="aggregated results folder")
+    parser.add_argument("--threads", type=int, help="OMP/MKL threads of each run (default: all)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sweep = Sweep.quick() if args.quick else Sweep()
@@ -784,7 +789,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for variant in sweep.variants:
                 # The base model does not depend on the seed or the clustering: score it once.
                 evaluate_base = first and variant != "single"
-                run_one(sweep, variant, seed, evaluate_base)
+                run_one(sweep, variant, seed, evaluate_base, args.threads)
                 first = first and not evaluate_base
     records = collect(sweep, manifest)
     if not records:

@@ -235,3 +235,44 @@ def test_summary_normalises_by_best_single_adapter_and_checks_floors() -> None:
     assert checks == {(0, "a"): True, (0, "b"): False, (1, "a"): True, (1, "b"): True}
     text = repro.markdown(summary, "cmd")
     assert "Not clearly above: b (seed 0" in text and "| kmeans4 | cp4_sum_components |" in text
+
+
+def test_figure_draws_every_method_and_the_floors(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location(
+        "make_figures", ROOT / "benchmarks/make_figures.py"
+    )
+    assert spec is not None and spec.loader is not None
+    figures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(figures)
+    row = {"in_domain": 0.6, "in_domain_std": 0.02, "out_of_domain": 0.4}
+    summary = {
+        "rows": [
+            {"variant": "base", "method": "base", **row},
+            {"variant": "per_task", "method": "single_adapters", **row},
+            {"variant": "kmeans4", "method": "cp4_sum_components", **row},
+            {"variant": "kmeans4", "method": "tsv", **row, "out_of_domain_std": math.nan},
+            {"variant": "kmeans8", "method": "tsv", **row},
+        ],
+        "tasks": {"a": {"group": "in_domain"}, "u": {"group": "out_of_domain"}},
+        "floors": {"base": {"a": 0.5, "u": 0.3}, "majority_in_domain": 0.55},
+    }
+    fig = figures.figure(summary)
+    top, bottom = fig.axes
+    assert [t.get_text() for t in top.get_xticklabels()] == [
+        "single_adapters",
+        "cp4_sum_components",
+        "tsv",
+    ]
+    assert len(top.patches) == 4  # one bar per (clustering, method) that exists
+    floors = {line.get_label(): line.get_ydata()[0] for line in top.lines}
+    assert floors["base model"] == pytest.approx(50.0)
+    assert floors["majority answer"] == pytest.approx(55.0)
+    out = tmp_path / "fig.png"
+    assert figures.main(["--results", str(_write(tmp_path, summary)), "--out", str(out)]) == 0
+    assert out.stat().st_size > 10_000
+
+
+def _write(folder: Path, summary: dict[str, Any]) -> Path:
+    path = folder / "summary.json"
+    path.write_text(json.dumps(summary).replace("NaN", "null"))
+    return path
