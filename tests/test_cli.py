@@ -161,3 +161,11 @@ def test_fit_through_the_cli_with_a_tiny_model(
     ]
     assert (out / "merge" / "merged_adapter" / "adapter_model.safetensors").is_file()
     assert (out / "merge" / "results.md").is_file()
+
+
+def test_link_leaves_k_to_the_data_when_small_clusters_may_merge() -> None:
+    """With small clusters merged away, K is only known after setup: the module takes it then."""
+    demo = str(ROOT / "configs" / "demo.yaml")
+    cli = cli_main(["--config", demo, "--data.min_cluster_size", "5"], run=False)
+    assert cli.datamodule.num_clusters is None
+    assert cli.model.hparams.num_adapters is None

@@ -678,13 +678,18 @@ class ClusterDataModule(LightningDataModule):
 
     @property
     def num_clusters(self) -> int | None:
-        """Clusters used: the configured value before ``setup`` (``1`` for ``"single"``,
-        ``None`` for ``"per_task"`` or a silhouette search), the actual ``K`` after it."""
+        """Clusters used: the actual ``K`` after ``setup``; before it, ``K`` only where it is
+        already certain -- the configured value (``1`` for ``"single"``) -- and ``None`` where
+        the data decides it (``"per_task"``, a silhouette search, or small clusters that may be
+        merged away). The CLI links this to ``LoRAModule.num_adapters``, whose ``None`` means
+        "take ``K`` from the data module after its setup"."""
         if self._k is not None:
             return self._k
         if self.clustering == "single":
             return 1
         if self.clustering == "per_task":
+            return None
+        if self.min_cluster_size > 1 and self.small_cluster_policy == "merge":
             return None
         return self._configured_k
 
