@@ -66,6 +66,7 @@ def figure(summary: Mapping[str, Any]) -> Any:
     fig, axes = plt.subplots(2, 1, figsize=(max(10.0, 0.75 * len(methods) + 3), 8.5))
     width = 0.8 / max(len(variants), 1)
     for ax, (key, title, group) in zip(axes, panels, strict=True):
+        top = 0.0
         for j, variant in enumerate(variants):
             xs, ys, errs = [], [], []
             for i, method in enumerate(methods):
@@ -79,6 +80,7 @@ def figure(summary: Mapping[str, Any]) -> Any:
                 err = _value(row, f"{key}_std")
                 errs.append(100 * err if math.isfinite(err) else 0.0)
             ax.bar(xs, ys, width, yerr=errs, capsize=2, color=COLORS[variant], label=variant)
+            top = max([top, *(y + e for y, e in zip(ys, errs, strict=True) if math.isfinite(y))])
         base = _mean_over(floors.get("base"), group)
         if math.isfinite(base):
             ax.axhline(100 * base, color="black", linestyle="--", linewidth=1, label="base model")
@@ -92,7 +94,8 @@ def figure(summary: Mapping[str, Any]) -> Any:
         ax.set_ylabel("accuracy (%)")
         ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8, ncol=3, loc="lower right")
+        ax.set_ylim(0, max(top, 1.0) * 1.3)  # head room for the legend above the bars
+        ax.legend(fontsize=8, ncol=4, loc="upper right")
     fig.suptitle(
         "SmolLM2-135M: merges of clustered / per-task LoRA adapters (mean ± std over seeds)"
     )
