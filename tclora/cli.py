@@ -104,6 +104,8 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True) -> TCLoraCLI:
         args=list(args) if args is not None else None,
         run=run,
         save_config_kwargs={"overwrite": True},
+        # LoRAModule builds one param group per adapter; a CLI optimizer would replace it.
+        auto_configure_optimizers=False,
         parser_kwargs={"parser_mode": "yaml"},
     )
 
