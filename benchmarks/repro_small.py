@@ -325,9 +325,9 @@ def evaluate_single_lora(sweep: Sweep, variant: str, seed: int) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tclora._io import atomic_write_text
     from tclora.assets import resolve_model
     from tclora.evaluation import evaluate, load_eval_set
-    from tclora.merge_study import write_text_atomic
 
     folder = run_dir(sweep, variant, seed)
     overrides = run_overrides(sweep, variant, seed, evaluate_base=False)
@@ -371,7 +371,7 @@ def evaluate_single_lora(sweep: Sweep, variant: str, seed: int) -> None:
         # One model scored on every set: the unit of the sweep's evaluation cost.
         "eval_pass_seconds": time.perf_counter() - start,
     }
-    write_text_atomic(folder / "merge" / "results.json", json.dumps(summary, indent=1))
+    atomic_write_text(folder / "merge" / "results.json", json.dumps(summary, indent=1))
 
 
 def run_one(

@@ -16,13 +16,14 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
+from tclora._io import atomic_save_npy, atomic_write_text
 
 __all__ = [
     "CLUSTERING_METHODS",
@@ -138,28 +139,6 @@ def embedding_cache_key(data_hash: str, encoder: str, embed_field: str) -> str:
     return hashlib.sha256(record.encode()).hexdigest()[:32]
 
 
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, array)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def cached_embeddings(
     texts: Sequence[str],
     encode: EncodeFn | Callable[[], EncodeFn],
@@ -226,7 +205,7 @@ def cached_embeddings(
                     if encode_fn is None:
                         encode_fn = _as_encode_fn(encode)
                     chunk = list(texts[i * chunk_size : (i + 1) * chunk_size])
-                    _atomic_save_npy(part(i), l2_normalize(encode_fn(chunk)))
+                    atomic_save_npy(part(i), l2_normalize(encode_fn(chunk)))
             finally:
                 lock.release()
         pending = [i for i in waiting if not part(i).is_file()]
@@ -240,9 +219,9 @@ def cached_embeddings(
                 raise RuntimeError(
                     f"embedding cache {parts}: {embeddings.shape[0]} rows for {len(texts)} texts"
                 )
-            _atomic_save_npy(final, embeddings)
+            atomic_save_npy(final, embeddings)
             info = {"num_texts": len(texts), "dim": int(embeddings.shape[1]), **(meta or {})}
-            _atomic_write_text(folder / f"{key}.json", json.dumps(info, indent=1, sort_keys=True))
+            atomic_write_text(folder / f"{key}.json", json.dumps(info, indent=1, sort_keys=True))
             for i in range(num_chunks):
                 part(i).unlink(missing_ok=True)
                 Path(str(part(i)) + ".lock").unlink(missing_ok=True)

@@ -36,6 +36,15 @@ def _seed_everything() -> None:
     random.seed(0)
 
 
+@pytest.fixture
+def one_thread() -> Any:
+    """One intra-op thread for tests of tiny tensors: avoids OpenMP spin-waits on 2 busy cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The packaged SmolLM2-135M-Instruct folder (built from its GGUF on first use)."""

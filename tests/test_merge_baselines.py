@@ -16,13 +16,7 @@ from tclora.merge import BASELINES, AdapterStack, merge_baseline
 MODULES = ("model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.o_proj")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_adapter(r: int, d_out: int = 20, d_in: int = 16, seed: int = 0, scaling: float = 2.0):

@@ -12,14 +12,7 @@ from torch.testing import assert_close
 
 from tclora.merge import AdapterStack, cp_decompose, fold_in
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 MODULES = ("model.layers.0.mlp.up_proj", "model.layers.0.self_attn.q_proj")

@@ -26,14 +26,7 @@ from tclora.merge import (
 )
 from tclora.merge.cp import normalize_cp
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 MODULES = ("model.layers.0.mlp.down_proj", "model.layers.1.self_attn.v_proj")

@@ -25,6 +25,7 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from tclora._io import atomic_write_text
 from tclora.evaluation import EvalSet, load_eval_set
 from tclora.merge import AdapterStack, export_adapter
 from tclora.merge_study import (
@@ -40,7 +41,6 @@ from tclora.merge_study import (
     run_study,
     to_csv,
     to_markdown,
-    write_text_atomic,
 )
 
 _PROGRESS = "merge_progress.json"
@@ -330,7 +330,7 @@ class CPMergeCallback(Callback):
             self.done_rows.append(row)
             if is_global_zero:
                 payload = json.dumps([_row_dict(r) for r in self.done_rows], indent=1)
-                write_text_atomic(out_dir / _PROGRESS, payload)
+                atomic_write_text(out_dir / _PROGRESS, payload)
 
         result = run_study(
             peft_model,
@@ -452,8 +452,8 @@ class CPMergeCallback(Callback):
 
     def _write_outputs(self, result: StudyResult, out_dir: Path, stack: AdapterStack) -> None:
         table = results_table(result)
-        write_text_atomic(out_dir / "results.csv", to_csv(table))
-        write_text_atomic(out_dir / "results.md", to_markdown(table))
+        atomic_write_text(out_dir / "results.csv", to_csv(table))
+        atomic_write_text(out_dir / "results.md", to_markdown(table))
         summary = {
             "kept": result.kept,
             "eval_sets": result.eval_sets,
@@ -461,7 +461,7 @@ class CPMergeCallback(Callback):
             "cp_fit_error": result.cp_fit_error,
             "adapters": stack.names,
         }
-        write_text_atomic(out_dir / "results.json", json.dumps(summary, indent=1))
+        atomic_write_text(out_dir / "results.json", json.dumps(summary, indent=1))
         if result.loadings:
             fig = loadings_figure(result.loadings)
             fig.savefig(out_dir / "cp_loadings.png", dpi=110)
