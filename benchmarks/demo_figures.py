@@ -3,7 +3,8 @@
 * ``docs/figures/clusters.png``: the demo's training samples in 2-D (PCA of their MiniLM
   embeddings), coloured by k-means cluster, marker by source task, centroids numbered -- rebuilt
   from the data module's caches, so nothing is embedded again.
-* ``docs/figures/cp_loadings.png``: the CP task loadings heatmap that ``CPMergeCallback`` wrote.
+* ``docs/figures/cp{R}_loadings.png``: the CP task loadings heatmap (adapters x components), the
+  same decomposition ``CPMergeCallback`` ran, rebuilt from the exported adapter folders.
 * ``docs/figures/demo_results.md``: the demo's results table.
 
 Usage::
@@ -20,8 +21,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from tclora.callbacks.cp_merge import loadings_figure
 from tclora.clustering import plot_clusters, project_2d
 from tclora.datamodules import ClusterDataModule
+from tclora.merge import AdapterStack, component_analysis, cp_decompose
 
 
 def main() -> None:
@@ -53,8 +56,21 @@ def main() -> None:
         f"{stats['adjusted_rand_index']:.3f}"
     )
 
-    merge_dir = Path(config["trainer"]["default_root_dir"]) / "merge"
-    for name, target in (("cp_loadings.png", "cp_loadings.png"), ("results.md", "demo_results.md")):
+    runs = sorted(Path(config["trainer"]["default_root_dir"]).glob("**/merge/results.md"))
+    merge_args = next(
+        c["init_args"]
+        for c in config["trainer"]["callbacks"]
+        if c["class_path"].endswith("CPMergeCallback")
+    )
+    merge_dir = runs[-1].parent if runs else Path(config["trainer"]["default_root_dir"]) / "merge"
+    adapters = Path(config["model"]["export_dir"])
+    folders = sorted(p for p in adapters.iterdir() if (p / "adapter_config.json").is_file())
+    stack = AdapterStack.from_folders(folders)
+    for rank in merge_args["cp_ranks"]:  # the callback's decomposition, rebuilt from the exports
+        cp = cp_decompose(stack, rank, engine=merge_args.get("engine", "factored"))
+        analysis = {**component_analysis(cp), "adapters": stack.names}
+        loadings_figure({f"cp{rank}": analysis}).savefig(out / f"cp{rank}_loadings.png", dpi=110)
+    for name, target in (("results.md", "demo_results.md"),):
         source = merge_dir / name
         if source.is_file():
             shutil.copyfile(source, out / target)

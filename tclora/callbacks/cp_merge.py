@@ -78,18 +78,20 @@ def lora_adapter_names(peft_model: Any, pattern: str | None = None) -> list[str]
 
 def loadings_figure(loadings: Mapping[str, Any]) -> Any:
     """A heatmap of the CP task loadings (adapters x components), one panel per CP rank."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend stays untouched
 
     panels = [(label, np.asarray(data["heatmap"])) for label, data in loadings.items()]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    fig = Figure(figsize=(4.5 * len(panels), 3.6))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (label, heat) in zip(axes[0], panels, strict=True):
-        limit = float(np.abs(heat).max()) or 1.0
-        image = ax.imshow(heat, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
-        ax.set_title(f"{label}: task loadings")
-        ax.set_xlabel("component")
+        if float(heat.min()) >= 0:  # shares of each component (c_tq^2): sequential scale
+            image = ax.imshow(heat, cmap="viridis", vmin=0.0, aspect="auto")
+            ax.set_title(f"{label}: share of each component per adapter")
+        else:
+            limit = float(np.abs(heat).max()) or 1.0
+            image = ax.imshow(heat, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+            ax.set_title(f"{label}: task loadings")
+        ax.set_xlabel("CP component (by decreasing weight)")
         ax.set_ylabel("adapter")
         names = loadings[label].get("adapters")
         if names:
@@ -463,11 +465,7 @@ class CPMergeCallback(Callback):
         }
         atomic_write_text(out_dir / "results.json", json.dumps(summary, indent=1))
         if result.loadings:
-            fig = loadings_figure(result.loadings)
-            fig.savefig(out_dir / "cp_loadings.png", dpi=110)
-            import matplotlib.pyplot as plt
-
-            plt.close(fig)
+            loadings_figure(result.loadings).savefig(out_dir / "cp_loadings.png", dpi=110)
         if self.export and result.kept is not None:
             path = export_adapter(
                 result.merged(result.kept), out_dir / "merged_adapter", stack.lora_config
