@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -283,7 +282,6 @@ def run_study(
         )
     previous_adapter = model.active_adapter
     finished = {row.name: row for row in done}
-    skip = set(finished)
     merges, cps, seconds = build_merges(stack, cfg)
     rows: list[MethodResult] = []
     names = [es.name for es in eval_sets]
@@ -302,14 +300,14 @@ def run_study(
         return planned + list(merges)
 
     try:
-        if "base" in cfg.references and "base" not in skip:
+        if "base" in cfg.references and "base" not in finished:
             with model.disable_adapter():
                 scores = _evaluate_all(model, tokenizer, eval_sets, cfg)
                 selection = _validation_metric(model, val_loaders, cfg) if val_loaders else None
             finish(MethodResult("base", "reference", selection=selection, scores=scores))
         if "single" in cfg.references:
             for adapter in stack.names:
-                if f"single:{adapter}" in skip:
+                if f"single:{adapter}" in finished:
                     continue
                 model.set_adapter(adapter)
                 finish(
@@ -319,7 +317,7 @@ def run_study(
                         scores=_evaluate_all(model, tokenizer, eval_sets, cfg),
                     )
                 )
-        if "routing" in cfg.references and router is not None and "routing" not in skip:
+        if "routing" in cfg.references and router is not None and "routing" not in finished:
             routes = router(eval_sets)
             finish(
                 MethodResult(
@@ -329,7 +327,7 @@ def run_study(
                 )
             )
         for name, merged in merges.items():
-            if name in skip:
+            if name in finished:
                 continue
             curve: dict[float, float] = {}
             for scale in cfg.scales:
@@ -446,8 +444,9 @@ def to_csv(table: Sequence[Mapping[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def row_to_json(row: MethodResult) -> str:
-    return json.dumps(asdict(row), sort_keys=True)
+def row_to_dict(row: MethodResult) -> dict[str, Any]:
+    """A row as plain JSON-ready data (the inverse of :func:`row_from_dict`)."""
+    return asdict(row)
 
 
 def row_from_dict(data: Mapping[str, Any]) -> MethodResult:

@@ -83,6 +83,19 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> 
     return folder
 
 
+def randomize_lora(model: Any, seed: int = 0) -> None:
+    """LoRA B is zero-initialised: give every adapter's A and B random nonzero values."""
+    from peft.tuners.lora import LoraLayer
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in sorted(model.named_modules(), key=lambda kv: kv[0]):
+            if isinstance(layer, LoraLayer):
+                for name in sorted(layer.lora_A):
+                    for w in (layer.lora_A[name].weight, layer.lora_B[name].weight):
+                        w.copy_(torch.randn(w.shape, generator=g) * 0.3)
+
+
 def make_multitask_samples(per_task: int = 30, seed: int = 0) -> list[dict[str, str]]:
     """Four tasks with clearly different input formats: arithmetic, translation, sentiment, code."""
     rng = random.Random(seed)

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import randomize_lora
 from peft import LoraConfig, PeftModel, get_peft_model
-from peft.tuners.lora import LoraLayer
 from torch.testing import assert_close
 
 from tclora.merge import (
@@ -42,13 +42,7 @@ def setup(tiny_llama: Any) -> tuple[Any, PeftModel, AdapterStack]:
     )
     model.add_adapter("t1", LoraConfig(r=3, lora_alpha=3, target_modules=TARGETS, lora_dropout=0.0))
     model.add_adapter("t2", LoraConfig(r=2, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _, layer in sorted(model.named_modules(), key=lambda kv: kv[0]):
-            if isinstance(layer, LoraLayer):
-                for name in sorted(layer.lora_A):
-                    for w in (layer.lora_A[name].weight, layer.lora_B[name].weight):
-                        w.copy_(torch.randn(w.shape, generator=g) * 0.3)
+    randomize_lora(model, seed=0)
     return base_copy, model, AdapterStack.from_peft_model(model)
 
 

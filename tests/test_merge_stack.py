@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import randomize_lora
 from peft import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model
-from peft.tuners.lora import LoraLayer
 from torch.testing import assert_close
 
 from tclora.merge import AdapterStack
@@ -18,17 +18,6 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def randomize_lora(model: Any, seed: int = 0) -> None:
-    """LoRA B is zero-initialised: give every adapter's A and B random nonzero values."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in sorted(model.named_modules(), key=lambda kv: kv[0]):
-            if isinstance(layer, LoraLayer):
-                for name in sorted(layer.lora_A):
-                    for w in (layer.lora_A[name].weight, layer.lora_B[name].weight):
-                        w.copy_(torch.randn(w.shape, generator=g) * 0.3)
 
 
 def make_peft(base: Any, configs: dict[str, LoraConfig], seed: int = 0) -> PeftModel:

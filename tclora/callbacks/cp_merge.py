@@ -38,6 +38,7 @@ from tclora.merge_study import (
     StudyResult,
     results_table,
     row_from_dict,
+    row_to_dict,
     run_study,
     to_csv,
     to_markdown,
@@ -331,7 +332,7 @@ class CPMergeCallback(Callback):
         def save_progress(row: MethodResult) -> None:
             self.done_rows.append(row)
             if is_global_zero:
-                payload = json.dumps([_row_dict(r) for r in self.done_rows], indent=1)
+                payload = json.dumps([row_to_dict(r) for r in self.done_rows], indent=1)
                 atomic_write_text(out_dir / _PROGRESS, payload)
 
         result = run_study(
@@ -363,7 +364,7 @@ class CPMergeCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"finished": self.finished, "done_rows": [_row_dict(r) for r in self.done_rows]}
+        return {"finished": self.finished, "done_rows": [row_to_dict(r) for r in self.done_rows]}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -459,7 +460,7 @@ class CPMergeCallback(Callback):
         summary = {
             "kept": result.kept,
             "eval_sets": result.eval_sets,
-            "rows": [_row_dict(r) for r in result.rows],
+            "rows": [row_to_dict(r) for r in result.rows],
             "cp_fit_error": result.cp_fit_error,
             "adapters": stack.names,
         }
@@ -521,9 +522,3 @@ class CPMergeCallback(Callback):
 def _check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r}: expected one of {list(allowed)}")
-
-
-def _row_dict(row: MethodResult) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(row)
