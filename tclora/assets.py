@@ -16,7 +16,6 @@ Model names resolve as: local directory -> packaged alias -> Hugging Face hub id
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -29,6 +28,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from tclora._io import sha256_file
 
 __all__ = [
     "ASSETS",
@@ -110,14 +111,6 @@ def _asset_dir(spec: AssetSpec) -> Path:
     return tclora_home() / group / f"{spec.name}-{spec.version}"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @contextmanager
 def _atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a temporary sibling folder that is renamed to ``target`` only if the block succeeds."""
@@ -157,7 +150,7 @@ def _download_wheel(spec: AssetSpec, dest: Path) -> Path:
             f"(pip exited {proc.returncode}): {proc.stderr.strip()[-500:]}"
         )
     wheel = wheels[0]
-    got = _sha256(wheel)
+    got = sha256_file(wheel)
     if got != spec.wheel_sha256:
         raise AssetError(
             f"sha256 mismatch for {wheel.name}: expected {spec.wheel_sha256}, got {got}; "
@@ -168,7 +161,7 @@ def _download_wheel(spec: AssetSpec, dest: Path) -> Path:
 
 def _write_manifest(folder: Path, spec: AssetSpec, extra: dict[str, object] | None = None) -> None:
     files = {
-        str(p.relative_to(folder)): _sha256(p)
+        str(p.relative_to(folder)): sha256_file(p)
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name != _MANIFEST
     }
@@ -193,7 +186,7 @@ def _verify(folder: Path, deep: bool = False) -> bool:
         path = folder / rel
         if not path.is_file():
             return False
-        if deep and _sha256(path) != digest:
+        if deep and sha256_file(path) != digest:
             return False
     return True
 
