@@ -57,6 +57,8 @@ import torch.distributed as dist
 from torchmetrics import Metric
 from tqdm.auto import tqdm
 
+from tclora.data.samples import Prompt, render_prompt
+
 __all__ = [
     "REGISTRY_PREFIX",
     "AccuracyCounter",
@@ -76,8 +78,7 @@ __all__ = [
 REGISTRY_PREFIX = "registry:"
 EvalKind = Literal["multiple_choice", "exact_match"]
 _KINDS = ("multiple_choice", "exact_match")
-
-Prompt = str | list[dict[str, str]]
+_CHOICE_FIELDS = ("choices", "options")  # "options": BIG-bench and lm-eval style
 
 
 class EvalSetError(ValueError):
@@ -211,19 +212,26 @@ def _parse_local_record(
     field, raw_prompt = _first_field(record, ("prompt", "input"), where, "the question")
     prompt = _parse_prompt(raw_prompt, where, field)
     task = record.get("task") if isinstance(record.get("task"), str) else default_task
-    if "choices" not in record:
+    choice_field = next((f for f in _CHOICE_FIELDS if f in record), None)
+    if choice_field is None:
         field, raw = _first_field(record, ("ideal", "answer"), where, "the acceptable answer(s)")
+        if field == "answer" and isinstance(raw, int) and not isinstance(raw, bool):
+            raise EvalSetError(
+                f"{where}: 'answer' is the integer {raw}, which reads as a choice index, but the "
+                f"line has no choice list (fields {list(_CHOICE_FIELDS)}); the line has fields "
+                f"{sorted(record)}. Add the choices, or give the answer as text for exact match"
+            )
         return prompt, _parse_answers(raw, where, field), None, cast(str, task)
-    raw_choices = record["choices"]
+    raw_choices = record[choice_field]
     choices = [_scalar_text(c) for c in raw_choices] if isinstance(raw_choices, list) else [None]
     if len(choices) < 2 or any(c is None for c in choices):
         raise EvalSetError(
-            f"{where}: field 'choices' must be a list of at least 2 strings, "
+            f"{where}: field {choice_field!r} must be a list of at least 2 strings, "
             f"got {json.dumps(raw_choices)[:80]}"
         )
     options = tuple(cast(list[str], choices))
     if len(set(options)) != len(options):
-        raise EvalSetError(f"{where}: field 'choices' has duplicate options {list(options)}")
+        raise EvalSetError(f"{where}: field {choice_field!r} has duplicate options {list(options)}")
     _, answer = _first_field(record, ("answer",), where, "the gold choice (index or text)")
     if isinstance(answer, int) and not isinstance(answer, bool):
         if not 0 <= answer < len(options):
@@ -349,9 +357,10 @@ def load_eval_set(
 
     Local JSONL lines take one of two forms (a file may not mix them):
 
-    * multiple choice: ``{"prompt" | "input": str | messages, "choices": [str, ...],
+    * multiple choice: ``{"prompt" | "input": str | messages, "choices" | "options": [str, ...],
       "answer": int | str}`` -- ``answer`` is the gold index or the gold choice text;
-    * exact match: ``{"prompt" | "input": ..., "ideal" | "answer": str | [str, ...]}``.
+    * exact match: ``{"prompt" | "input": ..., "ideal" | "answer": str | [str, ...]}``. An
+      integer ``answer`` without a choice list is refused (it reads as a choice index).
 
     An optional ``"task"`` string names the item's task (default: the set name).
 
@@ -422,7 +431,7 @@ def load_eval_set(
             forms.add(choices is not None)
             if len(forms) > 1:
                 raise EvalSetError(
-                    f"{where}: the file mixes multiple-choice lines (with 'choices') and "
+                    f"{where}: the file mixes multiple-choice lines (with 'choices' or 'options') and "
                     "exact-match lines (without); use one form per file"
                 )
             examples.append(EvalExample(prompt, answers, choices, task))
@@ -517,32 +526,6 @@ def choice_predictions(logliks: Sequence[float], lengths: Sequence[int]) -> tupl
 
 def _has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
-
-
-def render_prompt(tokenizer: Any, prompt: Prompt, chat_template: bool = True) -> str:
-    """Turn a prompt into model input text.
-
-    With ``chat_template=True`` and a tokenizer that has one, the prompt (a string becomes one
-    user message) goes through ``apply_chat_template(..., add_generation_prompt=True)``. Otherwise
-    a string is used as is and the contents of chat messages are joined by blank lines.
-
-    Args:
-        tokenizer: A transformers tokenizer.
-        prompt: Plain text or chat messages.
-        chat_template: Use the tokenizer's chat template when it has one.
-
-    Returns:
-        The text whose continuation the model is asked for.
-    """
-    if chat_template and _has_chat_template(tokenizer):
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        return cast(
-            str,
-            tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
-        )
-    if isinstance(prompt, str):
-        return prompt
-    return "\n\n".join(m["content"] for m in prompt)
 
 
 def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:

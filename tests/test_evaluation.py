@@ -142,7 +142,29 @@ def test_score_choices_plain_text_uses_space_delimiter(tiny_llama: Any, tokenize
     torch.testing.assert_close(torch.tensor(logliks), torch.tensor(expected), rtol=0, atol=1e-4)
     assert render_prompt(tokenizer, "The sky is", chat_template=False) == "The sky is"
     messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
-    assert render_prompt(tokenizer, messages, chat_template=False) == "S\n\nU"
+    assert render_prompt(tokenizer, messages, chat_template=False) == "S\nU"
+
+
+@pytest.mark.parametrize("chat_template", [True, False])
+def test_training_and_evaluation_render_prompts_alike(tokenizer: Any, chat_template: bool) -> None:
+    # Before: plain chat messages were joined by "\n" for training and "\n\n" for evaluation.
+    from tclora.data import Sample
+    from tclora.datamodules.cluster import TokenizedSamples
+
+    prompts: list[Any] = [
+        "Plain question?",
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"}],
+    ]
+    samples = [Sample(p, "answer", "t") for p in prompts]
+    training = TokenizedSamples(samples, torch.zeros(2), tokenizer, 64, chat_template)
+    for sample in samples:
+        rendered = render_prompt(tokenizer, sample.prompt, chat_template)
+        assert training.render_prompt(sample) == rendered
+        prompt_ids, _ = training.token_ids(samples.index(sample))
+        assert prompt_ids == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    expected = "Be brief.\nWhy?" if not chat_template else None
+    if expected is not None:
+        assert render_prompt(tokenizer, prompts[1], chat_template) == expected
 
 
 def test_score_choices_left_truncates_to_max_length(tiny_llama: Any, tokenizer: Any) -> None:
@@ -371,6 +393,31 @@ def test_load_local_multiple_choice_and_exact_match(tmp_path: Path, mc_set: Eval
     assert load_eval_set(labels).kind == "exact_match"  # auto keeps a local file's form
 
 
+def test_options_is_a_synonym_of_choices(tmp_path: Path) -> None:
+    rows = [
+        {"prompt": "Is red a color?", "options": ["yes", "no"], "answer": 0},
+        {"prompt": "Is a table a color?", "options": ["yes", "no"], "answer": "no"},
+    ]
+    path = write_jsonl(tmp_path / "bigbench.jsonl", rows)
+    loaded = load_eval_set(path)
+    assert loaded.kind == "multiple_choice"
+    assert [ex.choices for ex in loaded.examples] == [("yes", "no"), ("yes", "no")]
+    assert [ex.gold for ex in loaded.examples] == [0, 1]
+
+
+def test_integer_answer_without_choices_is_refused(tmp_path: Path) -> None:
+    # Before: read as exact match with the gold answer "1" -- silently wrong.
+    path = write_jsonl(
+        tmp_path / "opts.jsonl", [{"prompt": "Pick one", "option_list": ["a", "b"], "answer": 1}]
+    )
+    with pytest.raises(
+        EvalSetError,
+        match=r"opts\.jsonl:1: 'answer' is the integer 1, which reads as a choice index, but the "
+        r"line has no choice list \(fields \['choices', 'options'\]\)",
+    ):
+        load_eval_set(path)
+
+
 def test_load_subsample_is_seeded(tmp_path: Path) -> None:
     path = write_jsonl(
         tmp_path / "big.jsonl", [{"prompt": f"q{i}", "ideal": str(i)} for i in range(50)]
@@ -407,6 +454,10 @@ def test_load_subsample_is_seeded(tmp_path: Path) -> None:
         (
             ['{"prompt": "a", "choices": ["x", "x"], "answer": 0}'],
             r":1: field 'choices' has duplicate options",
+        ),
+        (
+            ['{"prompt": "a", "options": ["x"], "answer": 0}'],
+            r":1: field 'options' must be a list of at least 2",
         ),
         (
             ['{"prompt": "a", "choices": ["x", "y"]}'],

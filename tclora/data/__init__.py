@@ -11,6 +11,7 @@ from tclora.data.samples import (
     Sample,
     content_hash,
     prompt_text,
+    render_prompt,
     split_train_val,
 )
 from tclora.data.sources import (
@@ -36,5 +37,6 @@ __all__ = [
     "load_sources",
     "parse_source",
     "prompt_text",
+    "render_prompt",
     "split_train_val",
 ]

@@ -11,7 +11,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Message", "Prompt", "Sample", "content_hash", "prompt_text", "split_train_val"]
+__all__ = [
+    "Message",
+    "Prompt",
+    "Sample",
+    "content_hash",
+    "prompt_text",
+    "render_prompt",
+    "split_train_val",
+]
 
 Message = dict[str, Any]
 """One chat message: ``{"role": "user" | "system" | "assistant", "content": str}``."""
@@ -53,6 +61,30 @@ def prompt_text(prompt: Prompt) -> str:
     if isinstance(prompt, str):
         return prompt
     return "\n".join(str(m.get("content", "")) for m in prompt)
+
+
+def render_prompt(tokenizer: Any, prompt: Prompt, chat_template: bool = True) -> str:
+    """Turn a prompt into the text the model reads; the one renderer of training and evaluation.
+
+    With ``chat_template=True`` and a tokenizer that has a chat template, the prompt (a string
+    becomes one user message) goes through ``apply_chat_template(..., add_generation_prompt=True,
+    tokenize=False)``. Otherwise the prompt is :func:`prompt_text`: a string as is, the contents
+    of chat messages joined by newlines (no role tags).
+
+    Args:
+        tokenizer: A transformers tokenizer (only used with a chat template).
+        prompt: Plain text or chat messages.
+        chat_template: Use the tokenizer's chat template when it has one.
+
+    Returns:
+        The text whose continuation the model is asked for (or trained on).
+    """
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return str(
+            tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        )
+    return prompt_text(prompt)
 
 
 def content_hash(samples: Sequence[Sample]) -> str:

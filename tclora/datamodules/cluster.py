@@ -62,6 +62,7 @@ from tclora.data import (
     load_sources,
     parse_source,
     prompt_text,
+    render_prompt,
     split_train_val,
 )
 
@@ -210,17 +211,8 @@ class TokenizedSamples(Dataset):
         return len(self.samples)
 
     def render_prompt(self, sample: Sample) -> str:
-        """The prompt text the model sees (chat-rendered or plain)."""
-        if not self.chat_template:
-            return prompt_text(sample.prompt)
-        messages = (
-            [{"role": "user", "content": sample.prompt}]
-            if isinstance(sample.prompt, str)
-            else sample.prompt
-        )
-        return str(
-            self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        )
+        """The prompt text the model sees (:func:`tclora.data.render_prompt`, as in evaluation)."""
+        return render_prompt(self.tokenizer, sample.prompt, self.chat_template)
 
     def token_ids(self, index: int) -> tuple[list[int], list[int]]:
         """Prompt and response token ids of sample ``index`` (response ends with eos)."""
