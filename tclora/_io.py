@@ -17,7 +17,10 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import uuid
+import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,6 +65,99 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
         for chunk in iter(lambda: handle.read(chunk_bytes), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def read_npy(path: Path, mmap: bool = False) -> np.ndarray:
+    """Load the ``.npy`` array at ``path``, never unpickling, with a clear error for bad content.
+
+    Args:
+        path: The file.
+        mmap: Memory-map it read-only (the header's shape is then checked against the file size
+            without reading the data).
+
+    Returns:
+        The array.
+
+    Raises:
+        FileNotFoundError: There is no file at ``path``.
+        PermissionError: The file may not be read.
+        ValueError: The file is not a readable ``.npy`` array (truncated, garbage, an ``.npz``
+            archive, or object data that would need unpickling); the message names ``path``.
+    """
+    try:
+        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (FileNotFoundError, PermissionError):
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(
+            f"{path}: not a readable .npy array ({type(err).__name__}: {err})"
+        ) from err
+    if not isinstance(array, np.ndarray):  # an .npz archive
+        array.close()
+        raise ValueError(f"{path}: not a readable .npy array (an .npz archive)")
+    return array
+
+
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Load every array of the ``.npz`` archive at ``path``, never unpickling.
+
+    Args:
+        path: The file.
+
+    Returns:
+        ``{name: array}``, read into memory.
+
+    Raises:
+        FileNotFoundError: There is no file at ``path``.
+        PermissionError: The file may not be read.
+        ValueError: The file is not a readable ``.npz`` archive (truncated, garbage, a damaged
+            member, or object data that would need unpickling); the message names ``path``.
+    """
+    try:
+        archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise ValueError("a single .npy array")
+        with archive:
+            return {name: archive[name] for name in archive.files}
+    except (FileNotFoundError, PermissionError):
+        raise
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as err:
+        raise ValueError(
+            f"{path}: not a readable .npz archive ({type(err).__name__}: {err})"
+        ) from err
+
+
+_TEMP_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}$")  # tempfile.mkstemp(prefix=".<name>.")
+
+
+def remove_stale_temp_files(folder: Path, max_age_s: float = 3600.0) -> list[Path]:
+    """Delete the temporary files that killed :func:`atomic_write` calls left in ``folder``.
+
+    They are named ``.<name>.<8 random characters>``; only those unmodified for ``max_age_s``
+    seconds are removed, so a write in progress in another process is left alone.
+
+    Args:
+        folder: The folder to sweep (not recursive; nothing happens if it does not exist).
+        max_age_s: Minimum age, in seconds since the last modification.
+
+    Returns:
+        The removed paths.
+    """
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    cutoff = time.time() - max_age_s
+    for entry in folder.iterdir():
+        if _TEMP_FILE.match(entry.name) is None:
+            continue
+        try:
+            if not entry.is_file() or entry.is_symlink() or entry.stat().st_mtime > cutoff:
+                continue
+            entry.unlink()
+        except FileNotFoundError:  # removed concurrently
+            continue
+        removed.append(entry)
+    return removed
 
 
 _ORPHAN = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}$")

@@ -16,14 +16,22 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from tclora._io import atomic_save_npy, atomic_write_text
+from tclora._io import (
+    atomic_save_npy,
+    atomic_write_text,
+    read_npy,
+    remove_stale_temp_files,
+    sha256_file,
+)
 
 __all__ = [
     "CLUSTERING_METHODS",
@@ -81,30 +89,47 @@ def load_encoder(name_or_path: str | None = None, device: str | None = None) -> 
     return SentenceTransformer(name_or_path or default_encoder_path(), device=device)
 
 
-def encoder_fingerprint(name_or_path: str | None) -> str:
-    """Identify an encoder for cache keys: its name plus a hash of its configuration files.
+_FILE_DIGESTS: dict[tuple[str, int, int, int], str] = {}
 
-    A local folder is fingerprinted by the content of its small JSON files and the sizes of its
-    weight files, so a re-trained model saved to the same folder gets a new key.
+
+def _file_digest(file: Path) -> str:
+    """The sha256 of ``file``, memoised in this process by its path, size, mtime and inode."""
+    stat = file.stat()
+    memo_key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    digest = _FILE_DIGESTS.get(memo_key)
+    if digest is None:
+        digest = _FILE_DIGESTS[memo_key] = sha256_file(file)
+    return digest
+
+
+def encoder_fingerprint(name_or_path: str | None) -> str:
+    """Identify an encoder for cache keys.
+
+    A local folder is fingerprinted by the content of its files: a sha256 over the relative
+    path and the sha256 of the bytes of every regular file under it, in path order (recursively,
+    symbolic links followed; hidden files and folders -- names starting with ``"."``, such as
+    lock files and download metadata -- are skipped). So a re-trained model saved to the same
+    folder gets a new key, and an identical copy elsewhere (under the same folder name) the same
+    key. Each file is hashed once per process while its path, size, modification time and inode
+    are unchanged. Anything that is not a local folder (a hub id) is identified by its name
+    alone.
 
     Args:
         name_or_path: A local model folder or a hub id; ``None`` means the packaged default.
 
     Returns:
-        A short string naming the encoder.
+        ``"<folder name>-<16 hex digits>"`` for a folder, else ``name_or_path`` itself.
     """
     path = Path(name_or_path or default_encoder_path())
     if not path.is_dir():
         return str(name_or_path)
     digest = hashlib.sha256()
     for file in sorted(path.rglob("*")):
-        if not file.is_file():
+        relative = file.relative_to(path)
+        if any(part.startswith(".") for part in relative.parts) or not file.is_file():
             continue
-        digest.update(str(file.relative_to(path)).encode())
-        if file.suffix in (".json", ".txt") and file.stat().st_size < 1 << 20:
-            digest.update(file.read_bytes())
-        else:
-            digest.update(str(file.stat().st_size).encode())
+        digest.update(relative.as_posix().encode() + b"\0")
+        digest.update(_file_digest(file).encode() + b"\n")
     return f"{path.name}-{digest.hexdigest()[:16]}"
 
 
@@ -154,7 +179,14 @@ def cached_embeddings(
     The cache entry ``<cache_dir>/<key>.npy`` is written atomically. Work is split in chunks of
     ``chunk_size`` texts, each claimed with a file lock, so that several processes (ranks, nodes on
     a shared file system) calling this at once split the work and never embed a chunk another
-    one has embedded or is embedding; a killed run keeps its finished chunks.
+    one has embedded or is embedding; a killed run keeps its finished chunks, in
+    ``<cache_dir>/<key>.parts/rows-<start>-<stop>.npy`` (named by the rows they hold, so a rerun
+    with another ``chunk_size`` recomputes rather than misreads them).
+
+    Nothing unreadable is trusted: an entry or a finished chunk that is truncated, not an array,
+    holds object (pickled) data, or has the wrong shape or dtype is reported with a warning that
+    names the file, deleted and recomputed. Temporary files of killed writes older than an hour,
+    and ``.parts`` folders of finished entries left for an hour, are deleted.
 
     Args:
         texts: The texts, in order.
@@ -163,73 +195,178 @@ def cached_embeddings(
         cache_dir: Cache folder (created if needed).
         key: Cache key (:func:`embedding_cache_key`).
         chunk_size: Texts per claimed chunk.
-        compute: If ``False``, only read: return ``None`` on a miss.
+        compute: If ``False``, only read: return ``None`` on a miss (or an unusable entry, with
+            a warning; nothing is deleted).
         poll_seconds: Wait between checks for chunks other processes are computing.
         meta: Extra JSON-serialisable facts written next to the cache entry.
 
     Returns:
         ``(len(texts), D)`` float32 array with unit rows (memory-mapped read-only on a hit), or
-        ``None`` when ``compute`` is ``False`` and the entry is missing.
+        ``None`` when ``compute`` is ``False`` and the entry is missing or unusable.
+
+    Raises:
+        RuntimeError: The encoder returned an array of another shape than ``(n, D)``.
     """
     from filelock import FileLock, Timeout
 
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size!r} must be >= 1")
+    num_texts = len(texts)
     folder = Path(cache_dir).expanduser()
     final = folder / f"{key}.npy"
-    if final.is_file():
-        return _load_checked(final, len(texts))
+    if compute:
+        _remove_leftovers(folder)
+    problem: ValueError | None = None
+    try:
+        return _load_embeddings(final, num_texts)
+    except FileNotFoundError:
+        pass
+    except ValueError as err:
+        problem = err
     if not compute:
+        if problem is not None:
+            warnings.warn(f"embedding cache {problem}; ignoring it", stacklevel=2)
         return None
     folder.mkdir(parents=True, exist_ok=True)
+    final_lock = FileLock(str(final) + ".lock")
+    if problem is not None:
+        with final_lock:
+            hit = _valid_or_discard(final, num_texts)
+        if hit is not None:  # another process rebuilt it meanwhile
+            return hit
     parts = folder / f"{key}.parts"
-    parts.mkdir(exist_ok=True)
-    num_chunks = max(1, math.ceil(len(texts) / chunk_size))
+    ranges = [
+        (start, min(start + chunk_size, num_texts))
+        for start in range(0, max(num_texts, 1), chunk_size)
+    ]
     encode_fn: EncodeFn | None = None
 
-    def part(i: int) -> Path:
-        return parts / f"part-{i:06d}.npy"
+    def part(rows: tuple[int, int]) -> Path:
+        return parts / f"rows-{rows[0]:010d}-{rows[1]:010d}.npy"
 
-    pending = [i for i in range(num_chunks) if not part(i).is_file()]
-    while pending:
-        waiting = []
-        for i in pending:
-            lock = FileLock(str(part(i)) + ".lock")
-            try:
-                lock.acquire(timeout=0)
-            except Timeout:
-                waiting.append(i)  # another process is embedding this chunk
-                continue
-            try:
-                if not part(i).is_file():
-                    if encode_fn is None:
-                        encode_fn = _as_encode_fn(encode)
-                    chunk = list(texts[i * chunk_size : (i + 1) * chunk_size])
-                    atomic_save_npy(part(i), l2_normalize(encode_fn(chunk)))
-            finally:
-                lock.release()
-        pending = [i for i in waiting if not part(i).is_file()]
-        if pending:
-            time.sleep(poll_seconds)
-    with FileLock(str(final) + ".lock"):
-        if not final.is_file():
-            arrays = [np.load(part(i)) for i in range(num_chunks)]
-            embeddings = np.concatenate(arrays, axis=0).astype(np.float32, copy=False)
-            if embeddings.shape[0] != len(texts):
-                raise RuntimeError(
-                    f"embedding cache {parts}: {embeddings.shape[0]} rows for {len(texts)} texts"
+    while True:
+        parts.mkdir(exist_ok=True)
+        pending = [rows for rows in ranges if not part(rows).is_file()]
+        while pending and not final.is_file():
+            waiting = []
+            for rows in pending:
+                if final.is_file():  # another process finished the entry
+                    break
+                lock = FileLock(str(part(rows)) + ".lock")
+                try:
+                    lock.acquire(timeout=0)
+                except Timeout:
+                    waiting.append(rows)  # another process is embedding this chunk
+                    continue
+                try:
+                    if not part(rows).is_file():
+                        if encode_fn is None:
+                            encode_fn = _as_encode_fn(encode)
+                        chunk = list(texts[rows[0] : rows[1]])
+                        raw = np.asarray(encode_fn(chunk))
+                        if raw.ndim != 2 or raw.shape[0] != len(chunk) or raw.shape[1] < 1:
+                            raise RuntimeError(
+                                f"the encoder returned an array of shape {raw.shape} for "
+                                f"{len(chunk)} texts; expected ({len(chunk)}, D)"
+                            )
+                        atomic_save_npy(part(rows), l2_normalize(raw))
+                finally:
+                    lock.release()
+            pending = [rows for rows in waiting if not part(rows).is_file()]
+            if pending:
+                time.sleep(poll_seconds)
+        with final_lock:
+            hit = _valid_or_discard(final, num_texts)
+            if hit is not None:
+                return hit
+            arrays: list[np.ndarray] = []
+            for rows in ranges:
+                try:
+                    arrays.append(_load_embeddings(part(rows), rows[1] - rows[0]))
+                except FileNotFoundError:
+                    pass  # deleted meanwhile: computed again below
+                except ValueError as err:
+                    warnings.warn(
+                        f"embedding cache chunk {err}; deleting it and recomputing the chunk",
+                        stacklevel=2,
+                    )
+                    part(rows).unlink(missing_ok=True)
+            if len(arrays) == len(ranges) and len({a.shape[1] for a in arrays}) > 1:
+                warnings.warn(
+                    f"embedding cache chunks in {parts} have different widths "
+                    f"{sorted({a.shape[1] for a in arrays})}; deleting them and recomputing",
+                    stacklevel=2,
                 )
+                for rows in ranges:
+                    part(rows).unlink(missing_ok=True)
+                arrays = []
+            if len(arrays) != len(ranges):
+                continue  # compute the missing chunks, then assemble again
+            embeddings = np.concatenate(arrays, axis=0).astype(np.float32, copy=False)
+            del arrays
             atomic_save_npy(final, embeddings)
-            info = {"num_texts": len(texts), "dim": int(embeddings.shape[1]), **(meta or {})}
+            info = {"num_texts": num_texts, "dim": int(embeddings.shape[1]), **(meta or {})}
             atomic_write_text(folder / f"{key}.json", json.dumps(info, indent=1, sort_keys=True))
-            for i in range(num_chunks):
-                part(i).unlink(missing_ok=True)
-                Path(str(part(i)) + ".lock").unlink(missing_ok=True)
-            try:
-                parts.rmdir()
-            except OSError:
-                pass
-    return _load_checked(final, len(texts))
+            shutil.rmtree(parts, ignore_errors=True)  # chunks of any chunk size, locks, temps
+        return _load_embeddings(final, num_texts)
+
+
+def _load_embeddings(path: Path, num_rows: int) -> np.ndarray:
+    """Memory-map the float32 ``(num_rows, D)`` array at ``path``.
+
+    Raises:
+        FileNotFoundError: No such file.
+        ValueError: Unreadable, or of another shape or dtype (the message starts with ``path``).
+    """
+    array = read_npy(path, mmap=True)
+    if (
+        array.ndim != 2
+        or array.shape[0] != num_rows
+        or array.shape[1] < 1
+        or array.dtype != np.float32
+    ):
+        raise ValueError(
+            f"{path}: holds {array.shape} {array.dtype}, expected ({num_rows}, D) float32"
+        )
+    return array
+
+
+def _valid_or_discard(path: Path, num_rows: int) -> np.ndarray | None:
+    """The valid embeddings at ``path``, or ``None`` (missing, or invalid: warned and deleted).
+
+    The caller holds the entry's lock.
+    """
+    try:
+        return _load_embeddings(path, num_rows)
+    except FileNotFoundError:
+        return None
+    except ValueError as err:
+        warnings.warn(
+            f"embedding cache {err}; deleting it and recomputing the embeddings", stacklevel=3
+        )
+        path.unlink(missing_ok=True)
+        return None
+
+
+def _remove_leftovers(folder: Path, max_age_s: float = 3600.0) -> None:
+    """Delete what killed runs left in the embedding cache ``folder`` (untouched for an hour).
+
+    That is: temporary files of interrupted atomic writes, in ``folder`` and in its ``.parts``
+    folders, and the ``.parts`` folders of entries that are finished.
+    """
+    remove_stale_temp_files(folder, max_age_s)
+    cutoff = time.time() - max_age_s
+    for parts in folder.glob("*.parts"):
+        if not parts.is_dir() or parts.is_symlink():
+            continue
+        remove_stale_temp_files(parts, max_age_s)
+        finished = (folder / f"{parts.name[: -len('.parts')]}.npy").is_file()
+        try:
+            old = parts.stat().st_mtime < cutoff
+        except FileNotFoundError:
+            continue
+        if finished and old:
+            shutil.rmtree(parts, ignore_errors=True)
 
 
 def _as_encode_fn(encode: EncodeFn | Callable[[], EncodeFn]) -> EncodeFn:
@@ -241,16 +378,6 @@ def _as_encode_fn(encode: EncodeFn | Callable[[], EncodeFn]) -> EncodeFn:
     except (TypeError, ValueError):
         takes_args = True
     return encode if takes_args else encode()  # type: ignore[return-value,call-arg]
-
-
-def _load_checked(path: Path, num_texts: int) -> np.ndarray:
-    array = np.load(path, mmap_mode="r")
-    if array.ndim != 2 or array.shape[0] != num_texts or array.dtype != np.float32:
-        raise RuntimeError(
-            f"embedding cache {path} holds {array.shape} {array.dtype}, expected "
-            f"({num_texts}, D) float32; delete it to recompute"
-        )
-    return array
 
 
 # --------------------------------------------------------------------------------------------

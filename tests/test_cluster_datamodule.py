@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +222,136 @@ def test_cache_hit_never_calls_the_encoder(
     other = make_dm([str(multitask_jsonl)], tmp_path, tokenizer, embed_field="prompt_response")
     with pytest.raises(AssertionError, match="the encoder was loaded"):
         other.prepare_data()
+
+
+def _only_file(folder: Path, pattern: str) -> Path:
+    files = sorted(folder.glob(pattern))
+    assert len(files) == 1, files
+    return files[0]
+
+
+def test_truncated_embeddings_are_reported_and_rebuilt(
+    tmp_path: Path, multitask_jsonl: Path, tokenizer: Any
+) -> None:
+    first = ready([str(multitask_jsonl)], tmp_path, tokenizer)
+    embeddings = np.array(first.embeddings)
+    path = _only_file(tmp_path / "cache", "*.npy")
+    path.write_bytes(path.read_bytes()[:1000])  # a run killed mid-copy, a full disk
+    with pytest.warns(
+        UserWarning,
+        match=rf"embedding cache {re.escape(str(path))}: not a readable \.npy array "
+        r"\(ValueError: mmap length is greater than file size\); deleting it and recomputing "
+        r"the embeddings",
+    ):
+        again = ready([str(multitask_jsonl)], tmp_path, tokenizer)
+    assert again.embeddings is not None and again.embeddings.shape == (120, 384)
+    np.testing.assert_array_equal(again.embeddings, embeddings)
+    np.testing.assert_array_equal(np.load(path, allow_pickle=False), embeddings)
+    np.testing.assert_array_equal(again.assignments, first.assignments)
+
+
+def _write_bad_clusters(path: Path) -> None:
+    with open(path, "wb") as handle:  # readable, but cluster 7 of 3
+        np.savez(
+            handle,
+            assignments=np.full(120, 7, np.int64),
+            centroids=np.ones((3, 384), np.float32),
+            score_k=np.zeros(0, np.int64),
+            score=np.zeros(0, np.float64),
+        )
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        (
+            lambda p: p.write_bytes(p.read_bytes()[:1000]),
+            r"not a readable \.npz archive \(BadZipFile: File is not a zip file\)",
+        ),
+        (
+            lambda p: p.write_bytes(b"\x00garbage" * 64),
+            r"not a readable \.npz archive \(ValueError: This file contains pickled \(object\) data",
+        ),
+        (_write_bad_clusters, r"cluster ids 7\.\.7 are outside the 3 centroids"),
+    ],
+    ids=["truncated", "garbage", "inconsistent"],
+)
+def test_corrupt_cluster_cache_is_reported_and_rebuilt(
+    tmp_path: Path, multitask_jsonl: Path, tokenizer: Any, damage: Any, problem: str
+) -> None:
+    first = ready([str(multitask_jsonl)], tmp_path, tokenizer, num_clusters=3)
+    path = _only_file(tmp_path / "cache" / "clusters", "*.npz")
+    damage(path)
+    with pytest.warns(
+        UserWarning,
+        match=rf"ClusterDataModule: cache file {re.escape(str(path))}: {problem}.*; deleting it "
+        r"and rebuilding it",
+    ):
+        again = ready([str(multitask_jsonl)], tmp_path, tokenizer, num_clusters=3)
+    np.testing.assert_array_equal(again.assignments, first.assignments)
+    np.testing.assert_array_equal(again.centroids, first.centroids)
+    with np.load(path, allow_pickle=False) as rebuilt:
+        np.testing.assert_array_equal(rebuilt["assignments"], first.assignments)
+
+
+def test_pickled_token_lengths_are_reported_and_rebuilt(
+    tmp_path: Path, multitask_jsonl: Path, tokenizer: Any
+) -> None:
+    first = ready([str(multitask_jsonl)], tmp_path, tokenizer, max_length=45)
+    path = _only_file(tmp_path / "cache" / "lengths", "*.npy")
+    lengths = np.load(path, allow_pickle=False)
+    assert lengths.shape == (120, 2) and lengths.dtype == np.int64
+    np.save(path, np.asarray([{"prompt": 1}], dtype=object), allow_pickle=True)
+    with pytest.warns(
+        UserWarning,
+        match=rf"ClusterDataModule: cache file {re.escape(str(path))}: not a readable \.npy "
+        r"array \(ValueError: Array can't be memory-mapped: Python objects in dtype\.\); "
+        r"deleting it and rebuilding it",
+    ):
+        again = ready([str(multitask_jsonl)], tmp_path, tokenizer, max_length=45)
+    assert first.num_truncated is not None and first.num_truncated > 0
+    assert again.num_truncated == first.num_truncated
+    np.testing.assert_array_equal(np.load(path, allow_pickle=False), lengths)
+
+
+def test_leftover_temp_files_are_removed(
+    tmp_path: Path, multitask_jsonl: Path, tokenizer: Any
+) -> None:
+    ready([str(multitask_jsonl)], tmp_path, tokenizer)
+    cache = tmp_path / "cache"
+    old = [
+        cache / ".0123.npy.a1b2c3d4",
+        cache / "clusters" / ".4567.npz.e5f6g7h8",
+        cache / "lengths" / ".89ab.npy.i9j0k1l2",
+    ]
+    new = cache / "lengths" / ".cdef.npy.m3n4o5p6"  # a write in progress
+    for temp in [*old, new]:
+        temp.write_bytes(b"half")
+    for temp in old:
+        os.utime(temp, (time.time() - 7200, time.time() - 7200))
+    ready([str(multitask_jsonl)], tmp_path, tokenizer)
+    assert [temp.exists() for temp in [*old, new]] == [False, False, False, True]
+
+
+def test_unknown_registry_task_fails_at_construction(
+    tmp_path: Path, multitask_jsonl: Path, tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _forbid_encoder(monkeypatch)
+    with pytest.raises(
+        DataSourceError,
+        match=r"source 'registry:fod': no evals-registry task 'fod' under .*; did you mean "
+        r"\['food'\]\?$",
+    ):
+        ClusterDataModule(
+            sources=["registry:fod"], tokenizer=tokenizer, cache_dir=str(tmp_path / "cache")
+        )
+    # a source removed after construction: the reader's error, not a raw OSError
+    gone = tmp_path / "gone.jsonl"
+    gone.write_bytes(multitask_jsonl.read_bytes())
+    dm = make_dm([str(gone)], tmp_path, tokenizer)
+    gone.unlink()
+    with pytest.raises(DataSourceError, match=rf"'{re.escape(str(gone))}': no such file or folder"):
+        dm.prepare_data()
 
 
 def test_same_seed_same_assignments(tmp_path: Path, multitask_jsonl: Path, tokenizer: Any) -> None:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import threading
+import time
+import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -60,8 +65,15 @@ def test_cache_hit_never_calls_the_encoder(tmp_path: Path) -> None:
     assert enc.calls == [4, 4, 2]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k1.json", "k1.npy", "k1.npy.lock"]
     assert cached_embeddings(texts, enc, tmp_path, "other", compute=False) is None
-    with pytest.raises(RuntimeError, match=r"holds \(10, 4\) float32, expected \(3, D\)"):
-        cached_embeddings(texts[:3], enc, tmp_path, "k1")
+    # an entry of another shape is not trusted: reported, deleted and recomputed
+    with pytest.warns(
+        UserWarning,
+        match=r"k1\.npy: holds \(10, 4\) float32, expected \(3, D\) float32; deleting it and "
+        r"recomputing the embeddings",
+    ):
+        third = cached_embeddings(texts[:3], enc, tmp_path, "k1", chunk_size=4)
+    assert enc.calls == [4, 4, 2, 3]
+    np.testing.assert_array_equal(third, first[:3])
 
 
 def test_cache_resumes_finished_chunks_and_skips_chunks_another_process_holds(
@@ -73,12 +85,12 @@ def test_cache_resumes_finished_chunks_and_skips_chunks_another_process_holds(
     parts = tmp_path / "key.parts"
     parts.mkdir()
     ref = l2_normalize(CountingEncoder()(texts))
-    np.save(parts / "part-000000.npy", ref[:2])  # finished by an earlier, killed run
-    other = FileLock(str(parts / "part-000001.npy") + ".lock")
+    np.save(parts / "rows-0000000000-0000000002.npy", ref[:2])  # finished by a killed run
+    other = FileLock(str(parts / "rows-0000000002-0000000004.npy") + ".lock")
     other.acquire()  # "another process" is embedding chunk 1
 
     def finish_other() -> None:
-        np.save(parts / "part-000001.npy", ref[2:4])
+        np.save(parts / "rows-0000000002-0000000004.npy", ref[2:4])
         other.release()
 
     timer = threading.Timer(0.3, finish_other)
@@ -89,6 +101,142 @@ def test_cache_resumes_finished_chunks_and_skips_chunks_another_process_holds(
     assert enc.calls == [2]  # only chunk 2 was embedded here
     np.testing.assert_allclose(out, ref)
     assert not parts.exists()
+
+
+class Killed(Exception):
+    """Stands for the end of a process killed mid-embedding."""
+
+
+def _killed_after(chunks: int, enc: CountingEncoder) -> CountingEncoder:
+    """An encoder that embeds ``chunks`` chunks, then dies."""
+
+    class Dying(CountingEncoder):
+        def __call__(self, texts: list[str]) -> np.ndarray:
+            if len(enc.calls) == chunks:
+                raise Killed
+            return enc(texts)
+
+    return Dying()
+
+
+def test_parts_of_a_killed_run_with_another_chunk_size_are_not_misread(tmp_path: Path) -> None:
+    texts = [f"text {'a' * i}" for i in range(24)]
+    ref = l2_normalize(CountingEncoder()(texts))
+    first = CountingEncoder()
+    with pytest.raises(Killed):
+        cached_embeddings(texts, _killed_after(2, first), tmp_path, "key", chunk_size=5)
+    assert first.calls == [5, 5]
+    assert len(list((tmp_path / "key.parts").glob("*.npy"))) == 2  # kept for a rerun
+    enc = CountingEncoder()
+    out = cached_embeddings(texts, enc, tmp_path, "key", chunk_size=7)
+    assert enc.calls == [7, 7, 7, 3]  # the 5-row chunks are ignored, not misread
+    np.testing.assert_array_equal(out, ref)
+    assert not (tmp_path / "key.parts").exists()  # chunks of both sizes are cleaned up
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        ("garbage", r"not a readable \.npy array \(ValueError: This file contains pickled"),
+        ("rows", r"holds \(3, 4\) float32, expected \(2, D\) float32"),
+    ],
+)
+def test_a_corrupt_chunk_is_recomputed(tmp_path: Path, damage: str, problem: str) -> None:
+    texts = [f"text {'a' * i}" for i in range(6)]
+    ref = l2_normalize(CountingEncoder()(texts))
+    with pytest.raises(Killed):
+        cached_embeddings(texts, _killed_after(2, CountingEncoder()), tmp_path, "key", chunk_size=2)
+    chunk = tmp_path / "key.parts" / "rows-0000000002-0000000004.npy"
+    if damage == "garbage":
+        chunk.write_bytes(b"\x00garbage" * 20)
+    else:
+        np.save(chunk, ref[:3])
+    enc = CountingEncoder()
+    with pytest.warns(
+        UserWarning,
+        match=rf"embedding cache chunk .*key\.parts/rows-0000000002-0000000004\.npy: {problem}.*"
+        r"; deleting it and recomputing the chunk",
+    ):
+        out = cached_embeddings(texts, enc, tmp_path, "key", chunk_size=2)
+    assert enc.calls == [2, 2]  # chunk 2 (missing), then chunk 1 (corrupt)
+    np.testing.assert_array_equal(out, ref)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:200])  # header (128 bytes) and half of the rows
+
+
+def _write_npz(path: Path) -> None:
+    with open(path, "wb") as handle:
+        np.savez(handle, x=np.ones((10, 4), np.float32))
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        (_truncate, r"not a readable \.npy array \(ValueError: mmap length is greater than file"),
+        (
+            lambda p: p.write_bytes(b"\x00garbage" * 50),
+            r"not a readable \.npy array \(ValueError: This file contains pickled",
+        ),
+        (lambda p: p.write_bytes(b""), r"not a readable \.npy array \(EOFError: No data left"),
+        (
+            lambda p: np.save(p, np.asarray([{"a": 1}], dtype=object), allow_pickle=True),
+            r"not a readable \.npy array \(ValueError: Array can't be memory-mapped: Python obj",
+        ),
+        (
+            lambda p: np.save(p, np.ones((10, 4), np.float64)),
+            r"holds \(10, 4\) float64, expected \(10, D\) float32",
+        ),
+        (
+            _write_npz,
+            r"not a readable \.npy array \(an \.npz archive\)",
+        ),
+    ],
+    ids=["truncated", "garbage", "empty", "object", "float64", "npz"],
+)
+def test_a_corrupt_entry_is_reported_and_recomputed(
+    tmp_path: Path, damage: Any, problem: str
+) -> None:
+    texts = [f"text {'a' * i}" for i in range(10)]
+    enc = CountingEncoder()
+    first = np.array(cached_embeddings(texts, enc, tmp_path, "k1", chunk_size=4))
+    damage(tmp_path / "k1.npy")
+    match = rf"embedding cache .*k1\.npy: {problem}"
+    with pytest.warns(UserWarning, match=match + r".*; ignoring it"):
+        assert cached_embeddings(texts, enc, tmp_path, "k1", compute=False) is None
+    with pytest.warns(UserWarning, match=match + r".*; deleting it and recomputing the embeddings"):
+        again = cached_embeddings(texts, enc, tmp_path, "k1", chunk_size=4)
+    assert enc.calls == [4, 4, 2, 4, 4, 2]
+    np.testing.assert_array_equal(again, first)
+    np.testing.assert_array_equal(np.load(tmp_path / "k1.npy", allow_pickle=False), first)
+
+
+def test_leftovers_of_killed_writes_are_removed_after_an_hour(tmp_path: Path) -> None:
+    texts = ["a", "b", "c"]
+    cached_embeddings(texts, CountingEncoder(), tmp_path, "done", chunk_size=2)
+    stale_parts = tmp_path / "done.parts"  # a straggler's chunk, after the entry was finished
+    stale_parts.mkdir()
+    np.save(stale_parts / "rows-0000000000-0000000002.npy", np.ones((2, 4), np.float32))
+    live_parts = tmp_path / "todo.parts"  # the finished chunks of an unfinished entry: kept
+    live_parts.mkdir()
+    np.save(live_parts / "rows-0000000000-0000000002.npy", np.ones((2, 4), np.float32))
+    old_temps = [
+        tmp_path / ".done.npy.k2j_x9q0",
+        live_parts / ".rows-0000000000-0000000002.npy.abcdefgh",
+    ]
+    new_temp = tmp_path / ".other.npy.zzzzzzzz"  # a write in progress elsewhere
+    for temp in [*old_temps, new_temp]:
+        temp.write_bytes(b"half")
+    hour_ago = time.time() - 3700
+    for old in [*old_temps, stale_parts]:
+        os.utime(old, (hour_ago, hour_ago))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a hit: nothing to report
+        out = cached_embeddings(texts, CountingEncoder(), tmp_path, "done", chunk_size=2)
+    assert out is not None and out.shape == (3, 4)
+    assert not any(temp.exists() for temp in old_temps) and not stale_parts.exists()
+    assert new_temp.exists() and (live_parts / "rows-0000000000-0000000002.npy").exists()
 
 
 def test_cache_key_and_fingerprint(tmp_path: Path) -> None:
@@ -107,6 +255,35 @@ def test_cache_key_and_fingerprint(tmp_path: Path) -> None:
     (tmp_path / "enc" / "config.json").write_text('{"x": 1}')
     assert encoder_fingerprint(str(tmp_path / "enc")) != before
     assert encoder_fingerprint("org/model") == "org/model"
+
+
+def _save_encoder(folder: Path, weights: bytes) -> Path:
+    (folder / "1_Pooling").mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text('{"hidden_size": 4}')
+    (folder / "1_Pooling" / "config.json").write_text('{"mean": true}')
+    (folder / "model.safetensors").write_bytes(weights)
+    return folder
+
+
+def test_encoder_fingerprint_hashes_the_weights(tmp_path: Path) -> None:
+    old, new = bytes(range(256)) * 4, bytes(reversed(range(256))) * 4  # same size
+    a = encoder_fingerprint(str(_save_encoder(tmp_path / "a" / "enc", old)))
+    b = encoder_fingerprint(str(_save_encoder(tmp_path / "b" / "enc", new)))
+    assert a.startswith("enc-") and len(a) == len("enc-") + 16
+    assert a != b  # a re-trained encoder of the same file sizes is another encoder
+    copy = tmp_path / "c" / "enc"
+    shutil.copytree(tmp_path / "a" / "enc", copy)
+    (copy / ".cache").mkdir()  # hidden download metadata and locks do not count
+    (copy / ".cache" / "model.safetensors.lock").write_text("")
+    assert encoder_fingerprint(str(copy)) == a  # an identical copy is the same encoder
+    # re-trained and saved over the same folder later: the new weights are hashed
+    weights = tmp_path / "a" / "enc" / "model.safetensors"
+    weights.write_bytes(new)
+    later = weights.stat().st_mtime_ns + 10**9
+    os.utime(weights, ns=(later, later))
+    assert encoder_fingerprint(str(tmp_path / "a" / "enc")) == b
+    _save_encoder(tmp_path / "a" / "enc", old)  # re-saved identical: the first fingerprint
+    assert encoder_fingerprint(str(tmp_path / "a" / "enc")) == a
 
 
 def test_kmeans_is_seeded_and_recovers_blobs() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from tclora.data import (
     DataSourceError,
     Sample,
+    check_source,
     content_hash,
     load_source,
     load_sources,
@@ -105,6 +107,27 @@ def test_registry_errors() -> None:
         load_source("registry:2d_movment")
     with pytest.raises(DataSourceError, match=r"nothing after 'registry:'"):
         parse_source("registry:")
+
+
+def test_check_source_rejects_unknown_registry_tasks(tmp_path: Path, monkeypatch) -> None:
+    check_source(parse_source("registry:2d_movement"))  # exists: nothing is read
+    with pytest.raises(
+        DataSourceError,
+        match=r"^source 'registry:2d_movment': no evals-registry task '2d_movment' under .*; "
+        r"did you mean \['2d_movement', 'body_movement', '3d_globe_movement'\]\?$",
+    ):
+        check_source(parse_source("registry:2d_movment"))
+    root = tmp_path / "corpus"
+    for task in ("alpha", "beta"):
+        (root / task).mkdir(parents=True)
+    monkeypatch.setattr("tclora.assets.corpus_dir", lambda: root)
+    with pytest.raises(
+        DataSourceError,
+        match=rf"^source 'registry:zzz': no evals-registry task 'zzz' under "
+        rf"{re.escape(str(root))} \(2 tasks are available\)$",
+    ):
+        check_source(parse_source("registry:zzz"))
+    check_source(parse_source("registry:alpha"))
 
 
 def test_registry_skips_incomplete_lines_with_a_count(tmp_path: Path, monkeypatch) -> None:

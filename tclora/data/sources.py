@@ -148,15 +148,19 @@ def parse_source(source: str | Mapping[str, Any]) -> SourceSpec:
 
 
 def check_source(spec: SourceSpec) -> None:
-    """Cheap checks that need no reading: a local path exists, ``datasets`` is importable.
+    """Cheap checks that need no reading: a local path or registry task exists, ``datasets`` is
+    importable.
 
     Args:
         spec: A parsed source.
 
     Raises:
-        DataSourceError: The path is missing, or a Hugging Face source cannot be read here.
+        DataSourceError: The path or registry task is missing (for a task, with the closest task
+            names), or a Hugging Face source cannot be read here.
     """
-    if spec.kind == "path":
+    if spec.kind == "registry":
+        _registry_folder(spec)
+    elif spec.kind == "path":
         path = Path(spec.location).expanduser()
         if not path.exists():
             raise DataSourceError(f"source {spec.location!r}: no such file or folder")
@@ -375,7 +379,12 @@ def _read_path(spec: SourceSpec) -> list[Sample]:
     return samples
 
 
-def _read_registry(spec: SourceSpec) -> list[Sample]:
+def _registry_folder(spec: SourceSpec) -> Path:
+    """The folder of registry task ``spec.location``.
+
+    Raises:
+        DataSourceError: No such task, naming the closest task names ("did you mean").
+    """
     from tclora.assets import corpus_dir
 
     root = corpus_dir()
@@ -387,6 +396,11 @@ def _read_registry(spec: SourceSpec) -> list[Sample]:
             f"source {spec.label!r}: no evals-registry task {spec.location!r} under {root}"
             + (f"; did you mean {close}?" if close else f" ({len(known)} tasks are available)")
         )
+    return folder
+
+
+def _read_registry(spec: SourceSpec) -> list[Sample]:
+    folder = _registry_folder(spec)
     files = sorted(folder.rglob("*.jsonl"))
     samples: list[Sample] = []
     skipped = 0

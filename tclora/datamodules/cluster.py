@@ -22,7 +22,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +33,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from typing_extensions import override
 
+from tclora._io import (
+    atomic_save_npy,
+    atomic_write,
+    read_npy,
+    read_npz,
+    remove_stale_temp_files,
+)
 from tclora.clustering import (
     CLUSTERING_METHODS,
     assign_to_centroids,
@@ -491,6 +497,80 @@ def _check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
         raise ValueError(f"{name}={value!r}; allowed: {list(allowed)}")
 
 
+def _discard_cache_file(path: Path, problem: ValueError) -> None:
+    """Report an unusable cache file (``problem`` starts with its path) and delete it."""
+    rank_zero_warn(f"ClusterDataModule: cache file {problem}; deleting it and rebuilding it")
+    path.unlink(missing_ok=True)
+
+
+def _cached_lengths(path: Path, num_samples: int) -> np.ndarray | None:
+    """The ``(num_samples, 2)`` int64 token counts cached at ``path``, or ``None``.
+
+    ``None`` on a miss, or for a file that is unreadable (truncated, not an array, object data)
+    or of another shape or dtype: that one is reported, deleted and left to be rebuilt.
+    """
+    try:
+        lengths = read_npy(path, mmap=True)
+        if lengths.shape != (num_samples, 2) or lengths.dtype != np.int64:
+            raise ValueError(
+                f"{path}: holds {lengths.shape} {lengths.dtype}, expected ({num_samples}, 2) int64"
+            )
+        return np.array(lengths)
+    except FileNotFoundError:
+        return None
+    except ValueError as err:
+        _discard_cache_file(path, err)
+        return None
+
+
+def _cached_clusters(
+    path: Path, num_samples: int, dim: int
+) -> tuple[np.ndarray, np.ndarray, dict[int, float]] | None:
+    """The clusters cached at ``path`` (see ``ClusterDataModule._clusters``), or ``None``.
+
+    ``None`` on a miss, or for an archive that is unreadable or inconsistent (missing arrays,
+    wrong shapes or dtypes, cluster ids outside the centroids): that one is reported, deleted and
+    left to be rebuilt.
+    """
+    try:
+        arrays = read_npz(path)
+        missing = sorted({"assignments", "centroids", "score_k", "score"} - set(arrays))
+        if missing:
+            raise ValueError(f"{path}: lacks the array(s) {missing}")
+        assignments, centroids = arrays["assignments"], arrays["centroids"]
+        score_k, score = arrays["score_k"], arrays["score"]
+        if (
+            assignments.shape != (num_samples,)
+            or assignments.dtype != np.int64
+            or centroids.ndim != 2
+            or centroids.shape[0] < 1
+            or centroids.shape[1] != dim
+            or centroids.dtype != np.float32
+            or score_k.ndim != 1
+            or score_k.dtype != np.int64
+            or score.shape != score_k.shape
+            or score.dtype != np.float64
+        ):
+            raise ValueError(
+                f"{path}: holds assignments {assignments.shape} {assignments.dtype}, centroids "
+                f"{centroids.shape} {centroids.dtype}, scores {score_k.shape} {score_k.dtype} / "
+                f"{score.shape} {score.dtype}; expected ({num_samples},) int64, (K, {dim}) "
+                "float32, (S,) int64 / (S,) float64"
+            )
+        if num_samples and not 0 <= assignments.min() <= assignments.max() < len(centroids):
+            raise ValueError(
+                f"{path}: cluster ids {assignments.min()}..{assignments.max()} are outside the "
+                f"{len(centroids)} centroids"
+            )
+    except FileNotFoundError:
+        return None
+    except ValueError as err:
+        _discard_cache_file(path, err)
+        return None
+    scores = dict(zip(score_k.tolist(), score.tolist(), strict=True))
+    return assignments, centroids, scores
+
+
 class ClusterDataModule(LightningDataModule):
     """Cluster multi-task samples by sentence embedding; serve cluster-pure batches.
 
@@ -802,7 +882,8 @@ class ClusterDataModule(LightningDataModule):
         return self._read()[0]
 
     def _sources_fingerprint(self) -> tuple[Any, ...] | None:
-        """Sizes and modification times of every local file read, or None if not all local."""
+        """Sizes and modification times of every local file read, or None if not all local
+        (or a source is missing: reading it then raises the error)."""
         from tclora.assets import corpus_dir
 
         stats: list[Any] = []
@@ -812,8 +893,15 @@ class ClusterDataModule(LightningDataModule):
             root = Path(spec.location).expanduser() if spec.kind == "path" else None
             if root is None:
                 root = corpus_dir() / spec.location
+            if not root.exists():
+                return None  # reading it reports the missing source
             files = sorted(root.rglob("*")) if root.is_dir() else [root]
-            stats += [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+            for file in files:
+                try:
+                    stat = file.stat()
+                except FileNotFoundError:  # removed meanwhile: do not memoise
+                    return None
+                stats.append((str(file), stat.st_size, stat.st_mtime_ns))
         return tuple(stats)
 
     def _read(self) -> tuple[list[Sample], list[str], str]:
@@ -934,34 +1022,29 @@ class ClusterDataModule(LightningDataModule):
 
         The cache key covers the embedded texts, the encoder, the text choice, every clustering
         option, the split and the scikit-learn version, so a hit is the clustering this
-        configuration would compute.
+        configuration would compute. An unreadable or inconsistent entry is reported (naming the
+        file), deleted and recomputed; temporary files of killed writes are removed.
 
         Returns:
             ``(assignments of all samples, (K, D) centroids, silhouette scores of the k search)``.
         """
         path = self._cluster_cache_file(samples, texts_key)
-        if path.is_file():
-            with np.load(path, allow_pickle=False) as cached:
-                scores = dict(
-                    zip(cached["score_k"].tolist(), cached["score"].tolist(), strict=True)
-                )
-                return cached["assignments"], cached["centroids"], scores
+        remove_stale_temp_files(path.parent)
+        cached = _cached_clusters(path, len(samples), int(embeddings.shape[1]))
+        if cached is not None:
+            return cached
         assignments, centroids, scores = self._compute_clusters(samples, embeddings, train, val)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.savez(
-                    handle,
-                    assignments=assignments,
-                    centroids=centroids,
-                    score_k=np.asarray(list(scores), dtype=np.int64),
-                    score=np.asarray(list(scores.values()), dtype=np.float64),
-                )
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(
+            path,
+            lambda handle: np.savez(
+                handle,
+                assignments=np.asarray(assignments, dtype=np.int64),
+                centroids=np.asarray(centroids, dtype=np.float32),
+                score_k=np.asarray(list(scores), dtype=np.int64),
+                score=np.asarray(list(scores.values()), dtype=np.float64),
+            ),
+            binary=True,
+        )
         return assignments, centroids, scores
 
     def _compute_clusters(
@@ -1117,7 +1200,8 @@ class ClusterDataModule(LightningDataModule):
         """Prompt and response token counts of every sample, cached on disk.
 
         Keyed by the samples' content, the tokenizer (name, vocabulary, eos token and chat
-        template) and ``chat_template``.
+        template) and ``chat_template``. An unreadable or inconsistent entry is reported (naming
+        the file), deleted and rebuilt; temporary files of killed writes are removed.
         """
         tok = self.tokenizer
         record = json.dumps(
@@ -1135,23 +1219,15 @@ class ClusterDataModule(LightningDataModule):
             / "lengths"
             / f"{hashlib.sha256(record.encode()).hexdigest()[:32]}.npy"
         )
-        if path.is_file():
-            lengths = np.load(path, allow_pickle=False)
-            if lengths.shape == (len(self.samples), 2):
-                return lengths
+        remove_stale_temp_files(path.parent)
+        cached = _cached_lengths(path, len(self.samples))
+        if cached is not None:
+            return cached
         everything = TokenizedSamples(
             self.samples, np.zeros(len(self.samples)), tok, self.max_length, self.chat_template
         )
         lengths = everything.token_lengths()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.save(handle, lengths)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_save_npy(path, lengths)
         return lengths
 
     def _pad_token_id(self) -> int:
