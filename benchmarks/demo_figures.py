@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from tclora.callbacks.cp_merge import loadings_figure
 from tclora.clustering import plot_clusters, project_2d
 from tclora.datamodules import ClusterDataModule
 from tclora.merge import AdapterStack, component_analysis, cp_decompose
+from tclora.study import loadings_figure
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch.utils.data import DataLoader
 
 from tclora.callbacks import CPMergeCallback
-from tclora.merge_study import select_scale
+from tclora.study import select_scale
 
 ADAPTERS = ["task_x", "task_y", "task_z"]
 

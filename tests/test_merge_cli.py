@@ -11,7 +11,7 @@ import torch
 from conftest import build_tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from tclora.merge_cli import MergeInputError, adapter_base_models, merge_main
+from tclora.study.cli import MergeInputError, adapter_base_models, merge_main
 
 
 @pytest.fixture
@@ -115,3 +115,95 @@ def test_a_folder_that_is_not_an_adapter_is_refused(tmp_path: Path) -> None:
 def test_one_adapter_is_refused(adapter_folders: list[str], tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         merge_main(["--adapters", json.dumps(adapter_folders[:1]), "--output_dir", str(tmp_path)])
+
+
+def _quick_merge(folders: list[str], out: Path | None, scales: str, *extra: str) -> int:
+    args = ["--adapters", *folders, "--merge.cp_ranks", "[2]", "--merge.rules", "[mean_loading]"]
+    args += ["--merge.baselines", "[uniform]", "--merge.scales", scales]
+    args += ["--merge.references", "[base]", "--merge.max_length", "64"]
+    args += ["--merge.progress", "false", "--merge.cp_iters", "5", *extra]
+    if out is not None:
+        args += ["--output_dir", str(out)]
+    return merge_main(args)
+
+
+def test_a_reused_output_folder_never_mixes_runs(
+    tmp_path: Path,
+    adapter_folders: list[str],
+    multitask_jsonl: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Before: a second merge into the same folder reported the first run's 3-adapter table."""
+    out = tmp_path / "merged"
+    val = ["--val_data", json.dumps([{"path": str(multitask_jsonl), "max_samples": 4}])]
+    assert _quick_merge(adapter_folders, out, "[1.0, 2.0]", *val) == 0
+    first = json.loads((out / "results.json").read_text())
+    progress = json.loads((out / "merge_progress.json").read_text())
+    assert progress["fingerprint"] == first["fingerprint"]
+    assert first["adapters"] == ["adapter_0", "adapter_1", "adapter_2"]
+
+    # the same study again: every row is reused, the numbers are the same
+    with caplog.at_level("INFO"):
+        assert _quick_merge(adapter_folders, out, "[1.0, 2.0]", *val) == 0
+    assert "resuming, 3 rows of this very study already done" in caplog.text
+    again = json.loads((out / "results.json").read_text())
+    assert again["rows"] == first["rows"] and again["fingerprint"] == first["fingerprint"]
+
+    # other adapters and another scale grid: a fresh study, the old files moved aside
+    with pytest.warns(
+        UserWarning,
+        match=r"not resuming: .*merge_progress.json was written by a "
+        r"different run \(adapters, options, validation differ\)",
+    ):
+        assert _quick_merge(adapter_folders[:2], out, "[0.5]") == 0
+    second = json.loads((out / "results.json").read_text())
+    assert second["adapters"] == ["adapter_0", "adapter_1"]
+    assert second["fingerprint"] != first["fingerprint"]
+    assert {r["scale"] for r in second["rows"] if r["kind"] == "merge"} == {0.5}
+    (stale,) = out.glob("stale-*")
+    assert json.loads((stale / "results.json").read_text()) == first
+    assert (stale / "merged_adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_without_output_dir_every_run_gets_its_own_folder(
+    tmp_path: Path, adapter_folders: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        assert _quick_merge(adapter_folders[:2], None, "[1.0]") == 0
+    runs = sorted(p.name for p in (tmp_path / "runs" / "merge").iterdir())
+    assert runs == ["version_0", "version_1"]
+    for run in runs:
+        assert (tmp_path / "runs" / "merge" / run / "results.json").is_file()
+
+
+def test_adapters_accept_the_plain_list_form(tmp_path: Path, adapter_folders: list[str]) -> None:
+    # `--adapters A B` (the documented form) and `--adapters '[A, B]'` give the same run
+    assert _quick_merge(adapter_folders[:2], tmp_path / "a", "[1.0]") == 0
+    args = ["--adapters", json.dumps(adapter_folders[:2]), "--merge.cp_ranks", "[2]"]
+    args += ["--merge.rules", "[mean_loading]", "--merge.baselines", "[uniform]"]
+    args += ["--merge.references", "[base]", "--merge.max_length", "64", "--merge.cp_iters", "5"]
+    args += ["--merge.progress", "false", "--output_dir", str(tmp_path / "b")]
+    assert merge_main(args) == 0
+    a = json.loads((tmp_path / "a" / "results.json").read_text())
+    b = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert a["fingerprint"] == b["fingerprint"]
+
+
+def test_a_truncated_adapter_file_names_its_folder(adapter_folders: list[str]) -> None:
+    weights = Path(adapter_folders[1]) / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(
+        MergeInputError,
+        match=rf"adapter_model.safetensors' in folder '{adapter_folders[1]}' is unreadable .*"
+        r"truncated or corrupt",
+    ):
+        adapter_base_models(adapter_folders)
+
+
+def test_several_scales_without_validation_data_fail_before_loading(
+    tmp_path: Path, adapter_folders: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        _quick_merge(adapter_folders, tmp_path / "m", "[1.0, 2.0]")
+    assert "choosing among several scales needs validation data" in capsys.readouterr().err

@@ -7,44 +7,40 @@ Polyadic decomposition of their deltas, compare the merge with baseline merges a
 held-out evaluation sets, log everything, and export the kept merge as a standard peft adapter.
 
 Works on any ``LightningModule`` that holds a ``peft.PeftModel`` with two or more LoRA adapters.
+The study itself (:class:`~tclora.study.MergeStudy`) knows nothing of Lightning; this callback
+finds the model, gathers the validation batches and the router, calls the study and logs its
+results through ``trainer.loggers``.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import lightning.pytorch as pl
-import numpy as np
 from lightning.pytorch.callbacks.callback import Callback
-from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from tclora._io import atomic_write_text
-from tclora.evaluation import EvalSet, load_eval_set
-from tclora.merge import AdapterStack, export_adapter
-from tclora.merge_study import (
+from tclora._io import check_writable
+from tclora.study import (
     Baseline,
     CPRule,
+    MergeStudy,
     MethodResult,
     Reference,
+    Router,
     SelectionMetric,
     StudyConfig,
     StudyResult,
-    results_table,
+    log_study,
     row_from_dict,
     row_to_dict,
-    run_study,
-    to_csv,
-    to_markdown,
 )
+from tclora.study.study import MERGED_ADAPTER_DIR
 
-_PROGRESS = "merge_progress.json"
+__all__ = ["CPMergeCallback", "find_peft_model"]
 
 
 def find_peft_model(pl_module: pl.LightningModule) -> Any:
@@ -67,68 +63,40 @@ def find_peft_model(pl_module: pl.LightningModule) -> Any:
     )
 
 
-def lora_adapter_names(peft_model: Any, pattern: str | None = None) -> list[str]:
-    """LoRA adapters of ``peft_model`` whose name matches ``pattern`` (``re.search``), in order."""
-    from peft import LoraConfig
-
-    names = [n for n, c in peft_model.peft_config.items() if isinstance(c, LoraConfig)]
-    if pattern is not None:
-        names = [n for n in names if re.search(pattern, n)]
-    return names
-
-
-def loadings_figure(loadings: Mapping[str, Any]) -> Any:
-    """A heatmap of the CP task loadings (adapters x components), one panel per CP rank."""
-    from matplotlib.figure import Figure  # no pyplot: the caller's backend stays untouched
-
-    panels = [(label, np.asarray(data["heatmap"])) for label, data in loadings.items()]
-    fig = Figure(figsize=(4.5 * len(panels), 3.6))
-    axes = fig.subplots(1, len(panels), squeeze=False)
-    for ax, (label, heat) in zip(axes[0], panels, strict=True):
-        if float(heat.min()) >= 0:  # shares of each component (c_tq^2): sequential scale
-            image = ax.imshow(heat, cmap="viridis", vmin=0.0, aspect="auto")
-            ax.set_title(f"{label}: share of each component per adapter")
-        else:
-            limit = float(np.abs(heat).max()) or 1.0
-            image = ax.imshow(heat, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
-            ax.set_title(f"{label}: task loadings")
-        ax.set_xlabel("CP component (by decreasing weight)")
-        ax.set_ylabel("adapter")
-        names = loadings[label].get("adapters")
-        if names:
-            ax.set_yticks(range(len(names)), names)
-        fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    return fig
-
-
 class CPMergeCallback(Callback):
     r"""Merge a peft model's LoRA adapters at fit end: joint CP, baselines, evaluation, export.
 
     Every merge method gets its own scale, chosen on validation data (the data module's
     validation loaders, one per cluster) by ``selection_metric``; held-out evaluation sets are
     only ever reported. Results are logged through ``trainer.loggers`` and written as CSV, Markdown
-    and JSON to ``output_dir``; the kept merge is exported as a peft adapter folder.
+    and JSON to ``output_dir``; the kept merge is exported as a peft adapter folder. A study
+    interrupted mid-way resumes from ``output_dir`` only if it is the very same study (same
+    adapters, base model, options, evaluation and validation data, code): see
+    :mod:`tclora.study.progress`.
 
     Args:
         cp_ranks: CP rank (or ranks) of the joint decomposition.
         engine: ``"factored"`` (CP-ALS from the LoRA factors, never building a delta) or
             ``"dense"`` (tensorly ``parafac`` on the stacked deltas, the reference).
-        rules: CP merge rules to compare.
-        baselines: Dense merge baselines to compare.
-        scales: Grid of merge scales; each method's scale is chosen on validation data.
+        rules: CP merge rules to compare (default ``[sum_components, mean_loading]``).
+        baselines: Dense merge baselines to compare (default ``[uniform, ties, knots_ties, tsv,
+            iso_c]``).
+        scales: Grid of merge scales (default ``[1.0]``); each method's scale is chosen on
+            validation data.
         eval_sets: Held-out evaluation sets: ``registry:<task>`` or local JSONL paths.
         eval_max_items: Items per evaluation set (seeded subsample); ``None`` for all.
         selection_metric: ``"val_loss"`` (mean validation loss over clusters) or
             ``"val_loss_max"`` (the worst cluster's), lower is better.
         val_max_batches: Validation batches per cluster when choosing scales.
         adapters: Regular expression selecting the adapters to merge (default: all LoRA adapters).
-        references: References to evaluate beside the merges: ``"base"`` (adapters off),
-            ``"single"`` (each adapter), ``"routing"`` (each example with the adapter of its
-            nearest cluster centroid; needs a data module with ``embed`` and ``assign``).
+        references: References to evaluate beside the merges (default ``[base, single,
+            routing]``): ``"base"`` (adapters off), ``"single"`` (each adapter), ``"routing"``
+            (each example with the adapter of its nearest cluster centroid; needs a data module
+            with ``embed``, ``assign`` and ``cluster_names``).
         keep: Merge kept as the result: ``"best"`` by ``selection_metric``, or a method name such
             as ``"cp4_sum_components"``.
-        output_dir: Folder for tables, figures and exports (default ``<log_dir>/merge``).
+        output_dir: Folder for tables, figures and exports (default ``<log_dir>/merge``: the
+            logger's version folder, so every run has its own).
         export: Export the kept merge as a peft adapter folder (``<output_dir>/merged_adapter``).
         tokenizer: Tokenizer name or folder; default the module's or data module's ``tokenizer``.
         batch_size: Evaluation batch size.
@@ -169,207 +137,126 @@ class CPMergeCallback(Callback):
         seed: int = 0,
         progress: bool = True,
     ) -> None:
-        ranks = [cp_ranks] if isinstance(cp_ranks, int) else list(cp_ranks)
-        if not ranks or any(not isinstance(r, int) or r < 1 for r in ranks):
-            raise ValueError(f"cp_ranks={cp_ranks!r}: every CP rank must be an integer >= 1")
-        _check_choice("engine", engine, ("factored", "dense"))
-        rules = ["sum_components", "mean_loading"] if rules is None else list(rules)
-        baselines = (
-            ["uniform", "ties", "knots_ties", "tsv", "iso_c"]
-            if baselines is None
-            else list(baselines)
-        )
-        references = ["base", "single", "routing"] if references is None else list(references)
-        for rule in rules:
-            _check_choice("rules", rule, get_args(CPRule))
-        for method in baselines:
-            _check_choice("baselines", method, get_args(Baseline))
-        for ref in references:
-            _check_choice("references", ref, get_args(Reference))
-        _check_choice("selection_metric", selection_metric, get_args(SelectionMetric))
-        if not rules and not baselines:
-            raise ValueError(
-                "rules=[] and baselines=[]: nothing to merge; name at least one method"
-            )
-        scales = [1.0] if scales is None else [float(s) for s in scales]
-        if not scales or any(not math.isfinite(s) or s <= 0 for s in scales):
-            raise ValueError(f"scales={scales!r}: give one or more finite scales > 0")
-        for name, value in (
-            ("eval_max_items", eval_max_items),
-            ("val_max_batches", val_max_batches),
-        ):
-            if value is not None and value < 1:
-                raise ValueError(f"{name}={value!r}: must be >= 1 or None")
-        for name, value in (
-            ("batch_size", batch_size),
-            ("max_length", max_length),
-            ("max_new_tokens", max_new_tokens),
-            ("cp_iters", cp_iters),
-        ):
-            if value < 1:
-                raise ValueError(f"{name}={value!r}: must be >= 1")
-        if not 0.0 < density <= 1.0:
-            raise ValueError(f"density={density!r}: must be in (0, 1]")
-        if adapters is not None:
-            try:
-                re.compile(adapters)
-            except re.error as err:
-                raise ValueError(
-                    f"adapters={adapters!r} is not a valid regular expression: {err}"
-                ) from err
-        method_names = [f"cp{r}_{rule}" for r in ranks for rule in rules] + baselines
-        if keep != "best" and keep not in method_names:
-            raise ValueError(f"keep={keep!r}: expected 'best' or one of {method_names}")
-
-        self.config = StudyConfig(
-            cp_ranks=ranks,
+        config = StudyConfig.from_options(
+            cp_ranks=cp_ranks,
             engine=engine,
             rules=rules,
             baselines=baselines,
             scales=scales,
+            eval_sets=eval_sets,
+            eval_max_items=eval_max_items,
             selection_metric=selection_metric,
-            references=references,
             val_max_batches=val_max_batches,
+            adapters=adapters,
+            references=references,
+            keep=keep,
+            export=export,
             batch_size=batch_size,
             max_length=max_length,
             max_new_tokens=max_new_tokens,
             chat_template=chat_template,
             cp_iters=cp_iters,
             cp_tol=cp_tol,
-            seed=seed,
             density=density,
+            seed=seed,
             progress=progress,
         )
-        self.eval_set_sources = list(eval_sets or [])
-        self.eval_max_items = eval_max_items
-        self.adapters = adapters
-        self.keep = keep
+        self.study = MergeStudy(config)
         self.output_dir = output_dir
-        self.export = export
         self.tokenizer_name = tokenizer
         self.finished = False
-        self.done_rows: list[MethodResult] = []
-        self.result: StudyResult | None = None
-        self._eval_sets: list[EvalSet] = []
+        self._resumed: tuple[str, list[MethodResult]] | None = None
+        self._tokenizer: Any = None
+        self._out_dir: Path | None = None
+
+    @property
+    def config(self) -> StudyConfig:
+        """The study's options."""
+        return self.study.config
+
+    @property
+    def result(self) -> StudyResult | None:
+        """The study's result after fit end (``None`` before)."""
+        return self.study.result
 
     # ------------------------------------------------------------------ hooks
+    def check(self, trainer: pl.Trainer, datamodule: Any = None) -> None:
+        """Checks that need no model: evaluation sets load, output folder writable, K >= 2.
+
+        ``tclora fit`` calls it before the data module embeds anything; :meth:`setup` calls it
+        again (it is cheap and idempotent) for projects that use the callback alone.
+
+        Args:
+            trainer: The trainer (its log folder gives the default output folder).
+            datamodule: The data module, when the trainer does not hold it yet.
+
+        Raises:
+            ValueError: A missing or malformed evaluation set (file and line named), or a data
+                module with fewer than 2 clusters.
+            PermissionError: The output folder cannot be written.
+        """
+        if len(self.study.eval_sets) != len(self.config.eval_sets):
+            self.study.load_eval_sets()
+        check_writable(self.resolve_output_dir(trainer), "CPMergeCallback.output_dir")
+        datamodule = datamodule if datamodule is not None else getattr(trainer, "datamodule", None)
+        k = getattr(datamodule, "num_clusters", None) if datamodule is not None else None
+        if isinstance(k, int) and k < 2:
+            raise ValueError(
+                f"CPMergeCallback needs 2 or more adapters to merge, but the data module makes "
+                f"num_clusters={k}; use 2 or more clusters or remove the callback"
+            )
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.check(trainer)
+
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         peft_model = find_peft_model(pl_module)
-        names = lora_adapter_names(peft_model, self.adapters)
-        if len(names) < 2:
-            raise ValueError(
-                f"CPMergeCallback needs 2 or more LoRA adapters to merge; found {len(names)} "
-                f"({names}) with adapters={self.adapters!r}"
-            )
-        # Loading the evaluation sets here makes a missing or malformed file fail before training.
-        self.load_eval_sets()
+        self.study.adapter_names(peft_model)  # 2 or more, else a ValueError before training
+        self._tokenizer = self._find_tokenizer(trainer, pl_module, peft_model)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.finished:
-            rank_zero_info("CPMergeCallback: the merge study of this run is already finished")
-            return
-        if not self._eval_sets and self.eval_set_sources:
-            self.load_eval_sets()
         peft_model = find_peft_model(pl_module)
-        names = lora_adapter_names(peft_model, self.adapters)
-        self.run(
+        if self._tokenizer is None:
+            self._tokenizer = self._find_tokenizer(trainer, pl_module, peft_model)
+        out_dir = self.resolve_output_dir(trainer)
+        self._out_dir = out_dir
+        result = self.study.run(
             peft_model,
-            self._tokenizer(trainer, pl_module, peft_model),
-            out_dir=self.resolve_output_dir(trainer),
+            self._tokenizer,
+            out_dir=out_dir,
             val_loaders=self._val_loaders(trainer),
-            router=self._router(trainer, names),
+            router=self._router(trainer, self.study.adapter_names(peft_model)),
             is_global_zero=trainer.is_global_zero,
-            loggers=trainer.loggers,
-            step=trainer.global_step,
+            resumed=self._resumed,
         )
-
-    def run(
-        self,
-        peft_model: Any,
-        tokenizer: Any,
-        *,
-        out_dir: Path,
-        val_loaders: Sequence[Iterable[Mapping[str, Any]]] = (),
-        router: Any = None,
-        is_global_zero: bool = True,
-        loggers: Sequence[Logger] = (),
-        step: int = 0,
-    ) -> StudyResult:
-        """Run the merge study on ``peft_model`` and write, log and export its results.
-
-        This is what ``on_fit_end`` does, without a trainer: ``tclora merge`` calls it on adapters
-        loaded from folders.
-
-        Args:
-            peft_model: The peft model holding the adapters.
-            tokenizer: Its tokenizer.
-            out_dir: Folder for tables, figures, progress and the exported merge.
-            val_loaders: Validation batches per cluster, for choosing each method's scale.
-            router: Maps evaluation sets to per-example adapters (centroid routing), or ``None``.
-            is_global_zero: Whether this process writes files and logs.
-            loggers: Lightning loggers to log to.
-            step: Step at which metrics are logged.
-
-        Returns:
-            The study's result (also kept as ``self.result``).
-        """
-        names = lora_adapter_names(peft_model, self.adapters)
-        if len(names) < 2:
-            raise ValueError(
-                f"CPMergeCallback needs 2 or more LoRA adapters to merge; found {len(names)} "
-                f"({names}) with adapters={self.adapters!r}"
-            )
-        stack = AdapterStack.from_peft_model(peft_model, names)
-        done = self.done_rows or self._read_progress(out_dir)
-        rank_zero_info(
-            f"CPMergeCallback: merging {len(names)} adapters ({', '.join(names)}); "
-            f"methods {self._method_names()}; scales {self.config.scales}"
-        )
-        self.done_rows = list(done)
-
-        def save_progress(row: MethodResult) -> None:
-            self.done_rows.append(row)
-            if is_global_zero:
-                payload = json.dumps([row_to_dict(r) for r in self.done_rows], indent=1)
-                atomic_write_text(out_dir / _PROGRESS, payload)
-
-        result = run_study(
-            peft_model,
-            tokenizer,
-            stack,
-            cfg=self.config,
-            val_loaders=val_loaders,
-            eval_sets=self._eval_sets,
-            router=router,
-            keep=self.keep,
-            done=done,
-            on_row=save_progress,
-        )
-        self.result = result
-        if is_global_zero:
-            self._write_outputs(result, out_dir, stack)
-            self._log(loggers, step, result, out_dir)
         self.finished = True
-        return result
-
-    def load_eval_sets(self) -> list[EvalSet]:
-        """Load (and validate) the configured evaluation sets."""
-        self._eval_sets = [
-            load_eval_set(source, max_items=self.eval_max_items, seed=self.config.seed)
-            for source in self.eval_set_sources
-        ]
-        return self._eval_sets
+        if trainer.is_global_zero:
+            if trainer.loggers:
+                log_study(trainer.loggers, trainer.global_step, result, self.config)
+            else:
+                rank_zero_warn(
+                    f"CPMergeCallback: the trainer has no logger; results are written to "
+                    f"{out_dir} only"
+                )
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"finished": self.finished, "done_rows": [row_to_dict(r) for r in self.done_rows]}
+        return {
+            "fingerprint": self.study.fingerprint,
+            "finished": self.finished,
+            "done_rows": [row_to_dict(r) for r in self.study.rows],
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.finished = bool(state_dict.get("finished", False))
-        self.done_rows = [row_from_dict(r) for r in state_dict.get("done_rows", [])]
+        fingerprint = state_dict.get("fingerprint")
+        rows = [row_from_dict(r) for r in state_dict.get("done_rows", [])]
+        # rows are reused only if the study's fingerprint at fit end is the same
+        self._resumed = (str(fingerprint), rows) if fingerprint else None
 
     # ---------------------------------------------------------------- helpers
     def resolve_output_dir(self, trainer: pl.Trainer) -> Path:
@@ -378,26 +265,41 @@ class CPMergeCallback(Callback):
             return Path(self.output_dir)
         return Path(trainer.log_dir or trainer.default_root_dir) / "merge"
 
-    def _method_names(self) -> list[str]:
-        cfg = self.config
-        return [f"cp{r}_{rule}" for r in cfg.cp_ranks for rule in cfg.rules] + list(cfg.baselines)
+    def summary_lines(self) -> list[str]:
+        """Where this run's merge results are (for the CLI's closing message); empty before."""
+        if not self.finished or self._out_dir is None:
+            return []
+        lines = [f"  merge results:    {self._out_dir / 'results.md'}"]
+        if (self._out_dir / MERGED_ADAPTER_DIR).is_dir():
+            lines.append(f"  merged adapter:   {self._out_dir / MERGED_ADAPTER_DIR}")
+        if self.result is not None and self.result.kept:
+            lines.append(f"  kept merge:       {self.result.kept}")
+        return lines
 
-    def _tokenizer(
+    def _find_tokenizer(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, peft_model: Any
     ) -> Any:
+        from transformers import AutoTokenizer
+
+        from tclora.assets import resolve_model
+
         if self.tokenizer_name is not None:
-            from transformers import AutoTokenizer
-
-            from tclora.assets import resolve_model
-
             return AutoTokenizer.from_pretrained(resolve_model(self.tokenizer_name))
         for owner in (pl_module, getattr(trainer, "datamodule", None)):
             tokenizer = getattr(owner, "tokenizer", None)
             if tokenizer is not None:
                 return tokenizer
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(peft_model.get_base_model().config._name_or_path)
+        name = str(peft_model.get_base_model().config._name_or_path or "")
+        try:
+            return AutoTokenizer.from_pretrained(resolve_model(name))
+        except Exception as err:  # noqa: BLE001 -- re-raised with what to do
+            raise ValueError(
+                f"CPMergeCallback needs a tokenizer: none was given (tokenizer=None), neither the "
+                f"module nor the data module has a `tokenizer`, and the base model's name "
+                f"{name!r} does not load as one ({type(err).__name__}: "
+                f"{str(err).splitlines()[0][:200] if str(err) else ''}). Pass "
+                "CPMergeCallback(tokenizer=<folder or hub id>)"
+            ) from None
 
     def _val_loaders(self, trainer: pl.Trainer) -> list[Iterable[Mapping[str, Any]]]:
         datamodule = getattr(trainer, "datamodule", None)
@@ -417,13 +319,15 @@ class CPMergeCallback(Callback):
             return list(loaders)
         return [loaders]
 
-    def _router(self, trainer: pl.Trainer, names: Sequence[str]) -> Any:
+    def _router(self, trainer: pl.Trainer, names: Sequence[str]) -> Router | None:
+        if "routing" not in self.config.references:
+            return None
         datamodule = getattr(trainer, "datamodule", None)
-        if datamodule is None or not all(
-            hasattr(datamodule, a) for a in ("embed", "assign", "cluster_names")
-        ):
-            if "routing" in self.config.references:
-                rank_zero_info("CPMergeCallback: no data module with embed/assign: routing skipped")
+        if not isinstance(datamodule, Router):
+            rank_zero_info(
+                "CPMergeCallback: the data module cannot route (it needs embed, assign and "
+                "cluster_names): routing skipped"
+            )
             return None
         cluster_names = list(datamodule.cluster_names)
         if not set(cluster_names) <= set(names):
@@ -432,93 +336,4 @@ class CPMergeCallback(Callback):
                 f"{list(names)}: routing skipped"
             )
             return None
-
-        def route(eval_sets: Sequence[EvalSet]) -> dict[str, list[str]]:
-            from tclora.data import prompt_text
-
-            routes = {}
-            for es in eval_sets:
-                texts = [prompt_text(ex.prompt) for ex in es.examples]
-                ids = datamodule.assign(datamodule.embed(texts)) if texts else []
-                routes[es.name] = [cluster_names[int(i)] for i in ids]
-            return routes
-
-        return route
-
-    def _read_progress(self, out_dir: Path) -> list[MethodResult]:
-        path = out_dir / _PROGRESS
-        if not path.is_file():
-            return []
-        rows = [row_from_dict(r) for r in json.loads(path.read_text())]
-        rank_zero_info(f"CPMergeCallback: resuming, {len(rows)} rows already done in {path}")
-        return rows
-
-    def _write_outputs(self, result: StudyResult, out_dir: Path, stack: AdapterStack) -> None:
-        table = results_table(result)
-        atomic_write_text(out_dir / "results.csv", to_csv(table))
-        atomic_write_text(out_dir / "results.md", to_markdown(table))
-        summary = {
-            "kept": result.kept,
-            "eval_sets": result.eval_sets,
-            "rows": [row_to_dict(r) for r in result.rows],
-            "cp_fit_error": result.cp_fit_error,
-            "adapters": stack.names,
-        }
-        atomic_write_text(out_dir / "results.json", json.dumps(summary, indent=1))
-        if result.loadings:
-            loadings_figure(result.loadings).savefig(out_dir / "cp_loadings.png", dpi=110)
-        if self.export and result.kept is not None:
-            path = export_adapter(
-                result.merged(result.kept), out_dir / "merged_adapter", stack.lora_config
-            )
-            rank_zero_info(f"CPMergeCallback: kept merge {result.kept!r} exported to {path}")
-
-    def _log(
-        self, loggers: Sequence[Logger], step: int, result: StudyResult, out_dir: Path
-    ) -> None:
-        if not loggers:
-            rank_zero_warn(
-                f"CPMergeCallback: the trainer has no logger; results are written to {out_dir} only"
-            )
-            return
-        metrics: dict[str, float] = {}
-        for row in result.rows:
-            for name in result.eval_sets:
-                for key, value in row.scores.get(name, {}).items():
-                    if key != "n":
-                        metrics[f"merge/{row.name}/{name}/{key}"] = value
-            metrics[f"merge/{row.name}/average"] = row.average(result.eval_sets)
-            for key in ("scale", "selection", "merge_seconds", "norm", "cosine_to_sum"):
-                value = getattr(row, key)
-                if value is not None:
-                    metrics[f"merge/{row.name}/{key}"] = float(value)
-        for label, summary in result.cp_fit_error.items():
-            for key, value in summary.items():
-                metrics[f"merge/{label}/fit_error_{key}"] = value
-        metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
-        markdown = to_markdown(results_table(result))
-        kept_avg = result.row(result.kept).average(result.eval_sets) if result.kept else math.nan
-        hparams = {
-            "merge/cp_ranks": str(self.config.cp_ranks),
-            "merge/engine": self.config.engine,
-            "merge/kept": str(result.kept),
-            "merge/scales": str(self.config.scales),
-            "merge/selection_metric": self.config.selection_metric,
-        }
-        for logger in loggers:
-            logger.log_metrics(metrics, step=step)
-            if isinstance(logger, TensorBoardLogger):
-                writer = logger.experiment
-                writer.add_text("merge/results", markdown, global_step=step)
-                if result.loadings:
-                    writer.add_figure("merge/cp_loadings", loadings_figure(result.loadings), step)
-            if math.isfinite(kept_avg):
-                logger.log_hyperparams(hparams, metrics={"merge/kept_average": kept_avg})
-            else:
-                logger.log_hyperparams(hparams)
-            logger.save()
-
-
-def _check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r}: expected one of {list(allowed)}")
+        return datamodule

@@ -6,9 +6,6 @@ A merge ``ΔW = B' @ A'`` (``k`` columns per module) becomes a LoRA of rank ``r 
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +13,7 @@ import torch
 from peft import LoraConfig
 from torch import Tensor
 
+from tclora._io import atomic_dir
 from tclora.merge.rules import MergedAdapter
 
 __all__ = ["export_adapter", "fold_into_base", "install_adapter", "merged_lora_config"]
@@ -139,7 +137,8 @@ def install_adapter(peft_model: Any, name: str, merged: MergedAdapter) -> None:
 def export_adapter(
     merged: MergedAdapter, out_dir: str | Path, lora_config: LoraConfig | None
 ) -> Path:
-    """Write a merge as a standard peft adapter folder (atomically).
+    """Write a merge as a standard peft adapter folder (atomically: readers see the old folder
+    or the new one, whole).
 
     ``PeftModel.from_pretrained(base_model, out_dir)`` loads it; its delta on every module equals
     ``merged.delta(module)`` (float32 weights).
@@ -169,21 +168,9 @@ def export_adapter(
         a_p, b_p = _padded(merged, module, r)
         state[f"base_model.model.{module}.lora_A.weight"] = a_p.float().cpu().contiguous()
         state[f"base_model.model.{module}.lora_B.weight"] = b_p.float().cpu().contiguous()
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir()
+    with atomic_dir(out) as tmp:  # also removes leftovers of a killed earlier export
         config.save_pretrained(str(tmp))
         save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

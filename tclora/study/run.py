@@ -1,27 +1,21 @@
-"""Merge study: decompose, merge, pick each method's scale on validation data, evaluate, report.
+"""The merge study's core loop: decompose, merge, pick each method's scale, evaluate.
 
-No Lightning here: :class:`~tclora.callbacks.cp_merge.CPMergeCallback` (at fit end) and
-``tclora merge`` (on saved adapter folders) both call :func:`run_study` on a peft model that holds
-the trained adapters.
-
-Method names: ``cp{R}_{rule}`` for a CP merge at rank ``R`` (``cp4_sum_components``), the baseline
-name for a dense merge (``uniform``, ``ties``, ...), and for the references ``base`` (adapters
-disabled), ``single:<adapter>`` and ``routing`` (each example scored with the adapter of its
-nearest cluster centroid).
+No Lightning and no files here: :class:`~tclora.study.MergeStudy` calls :func:`run_study` and owns
+progress, outputs and export.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
+from tclora._dist import rank_and_world
+from tclora.data import prompt_text
 from tclora.evaluation import EvalSet, evaluate
 from tclora.merge import (
     AdapterStack,
@@ -34,90 +28,54 @@ from tclora.merge import (
     merge_cp,
     merge_report,
 )
+from tclora.study.config import StudyConfig
+from tclora.study.results import MethodResult, StudyResult
 
-CPRule = Literal["sum_components", "mean_loading", "ties_loading"]
-Baseline = Literal[
-    "uniform", "ties", "dare_linear", "dare_ties", "magnitude_prune", "knots_ties", "tsv", "iso_c"
+__all__ = [
+    "MERGED_ADAPTER",
+    "Router",
+    "build_merges",
+    "lm_loss",
+    "route",
+    "run_study",
+    "select_scale",
 ]
-Reference = Literal["base", "single", "routing"]
-SelectionMetric = Literal["val_loss", "val_loss_max"]
 
 MERGED_ADAPTER = "tclora_merged"
 
 
-@dataclass
-class StudyConfig:
-    """What to merge, how to pick scales, and what to evaluate (see ``CPMergeCallback``)."""
+@runtime_checkable
+class Router(Protocol):
+    """What centroid routing needs: embed texts, assign them to clusters, name the clusters.
 
-    cp_ranks: list[int] = field(default_factory=lambda: [4])
-    engine: Literal["factored", "dense"] = "factored"
-    rules: list[CPRule] = field(default_factory=lambda: ["sum_components", "mean_loading"])
-    baselines: list[Baseline] = field(default_factory=lambda: ["uniform", "ties"])
-    scales: list[float] = field(default_factory=lambda: [1.0])
-    selection_metric: SelectionMetric = "val_loss"
-    references: list[Reference] = field(default_factory=lambda: ["base", "single", "routing"])
-    val_max_batches: int | None = 8
-    batch_size: int = 8
-    max_length: int = 512
-    max_new_tokens: int = 16
-    chat_template: bool = True
-    cp_iters: int = 100
-    cp_tol: float = 1e-8
-    seed: int = 0
-    density: float = 0.2
-    progress: bool = True
+    :class:`~tclora.datamodules.ClusterDataModule` is one.
+    """
+
+    @property
+    def cluster_names(self) -> list[str]: ...
+
+    def embed(self, texts: list[str]) -> np.ndarray: ...
+
+    def assign(self, embeddings: np.ndarray) -> np.ndarray: ...
 
 
-@dataclass
-class MethodResult:
-    """One row of the results table."""
+def route(router: Router, eval_sets: Sequence[EvalSet]) -> dict[str, list[str]]:
+    """The adapter (cluster name) each example of each evaluation set is routed to.
 
-    name: str
-    kind: Literal["merge", "reference"]
-    scale: float | None = None
-    selection: float | None = None
-    scale_curve: dict[str, float] = field(default_factory=dict)
-    scores: dict[str, dict[str, float]] = field(default_factory=dict)
-    merge_seconds: float | None = None
-    norm: float | None = None
-    cosine_to_sum: float | None = None
+    Args:
+        router: Embeds the prompts' text and assigns each to its nearest cluster.
+        eval_sets: The evaluation sets.
 
-    def primary(self, eval_set: str) -> float:
-        """The headline number of ``eval_set``: accuracy for multiple choice, else exact match."""
-        scores = self.scores.get(eval_set, {})
-        for key in ("acc", "exact_match"):
-            if key in scores:
-                return scores[key]
-        return math.nan
-
-    def average(self, eval_sets: Sequence[str]) -> float:
-        values = [self.primary(name) for name in eval_sets]
-        return sum(values) / len(values) if values else math.nan
-
-
-@dataclass
-class StudyResult:
-    """Everything a study produced: rows, CP diagnostics and the kept merge."""
-
-    rows: list[MethodResult]
-    eval_sets: list[str]
-    cp_fit_error: dict[str, dict[str, float]]
-    loadings: dict[str, Any]
-    kept: str | None
-    merges: dict[str, MergedAdapter] = field(repr=False, default_factory=dict)
-
-    def row(self, name: str) -> MethodResult:
-        return next(r for r in self.rows if r.name == name)
-
-    def merged(self, name: str) -> MergedAdapter:
-        """Method ``name``'s merge at the scale chosen for it."""
-        return self.merges[name].scaled(self.row(name).scale or 1.0)
-
-
-def _world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+    Returns:
+        ``{eval set name: [adapter name per example]}``.
+    """
+    names = list(router.cluster_names)
+    routes = {}
+    for es in eval_sets:
+        texts = [prompt_text(ex.prompt) for ex in es.examples]
+        ids = router.assign(router.embed(texts)).tolist() if texts else []
+        routes[es.name] = [names[int(i)] for i in ids]
+    return routes
 
 
 @torch.no_grad()
@@ -153,7 +111,7 @@ def lm_loss(
             logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
         )
         total += torch.stack([loss.double(), (targets != -100).sum().double()])
-    if _world()[1] > 1:
+    if rank_and_world()[1] > 1:
         torch.distributed.all_reduce(total)
     model.train(was_training)
     return float(total[0] / total[1]) if total[1] > 0 else math.nan
@@ -249,8 +207,7 @@ def run_study(
     cfg: StudyConfig,
     val_loaders: Sequence[Iterable[Mapping[str, Any]]] = (),
     eval_sets: Sequence[EvalSet] = (),
-    router: Callable[[Sequence[EvalSet]], dict[str, list[str]]] | None = None,
-    keep: str = "best",
+    router: Router | None = None,
     done: Sequence[MethodResult] = (),
     on_row: Callable[[MethodResult], None] | None = None,
 ) -> StudyResult:
@@ -266,9 +223,8 @@ def run_study(
         val_loaders: Validation batches (one iterable per cluster) on which each method's scale is
             chosen; required when ``cfg.scales`` has more than one value.
         eval_sets: Held-out evaluation sets, never used for choosing anything.
-        router: Maps the evaluation sets to the adapter each example is routed to; ``None``
-            skips the routing reference.
-        keep: ``"best"`` keeps the merge with the lowest validation metric, or a method name.
+        router: Routes each evaluation example to one of the adapters (see :func:`route`);
+            ``None`` skips the routing reference.
         done: Rows already finished by an interrupted study: kept as they are, not redone.
         on_row: Called with each finished row (used to save progress).
 
@@ -318,7 +274,7 @@ def run_study(
                     )
                 )
         if "routing" in cfg.references and router is not None and "routing" not in finished:
-            routes = router(eval_sets)
+            routes = route(router, eval_sets)
             finish(
                 MethodResult(
                     "routing",
@@ -361,7 +317,7 @@ def run_study(
 
     order = {name: i for i, name in enumerate(plan())}
     rows = sorted([*rows, *finished.values()], key=lambda r: order.get(r.name, len(order)))
-    kept = _choose_kept(rows, keep)
+    kept = _choose_kept(rows, cfg.keep)
     fit_errors = {
         label: _summarise([r.fit_error for r in cp.values()]) for label, cp in cps.items()
     }
@@ -393,61 +349,3 @@ def _summarise(values: Sequence[float]) -> dict[str, float]:
         "max": float(tensor.max()),
         "min": float(tensor.min()),
     }
-
-
-def results_table(result: StudyResult) -> list[dict[str, Any]]:
-    """Rows of the methods x eval sets table (primary metric per set, their average, scale...)."""
-    table = []
-    for row in result.rows:
-        entry: dict[str, Any] = {"method": row.name, "kind": row.kind}
-        for name in result.eval_sets:
-            entry[name] = row.primary(name)
-        entry["average"] = row.average(result.eval_sets)
-        entry["scale"] = row.scale
-        entry["selection"] = row.selection
-        entry["norm"] = row.norm
-        entry["cosine_to_sum"] = row.cosine_to_sum
-        entry["merge_seconds"] = row.merge_seconds
-        table.append(entry)
-    return table
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4g}"
-    return str(value)
-
-
-def to_markdown(table: Sequence[Mapping[str, Any]]) -> str:
-    """Render :func:`results_table` rows as a Markdown table."""
-    if not table:
-        return ""
-    columns = list(table[0])
-    lines = [
-        "| " + " | ".join(columns) + " |",
-        "|" + "|".join("---" for _ in columns) + "|",
-    ]
-    lines += ["| " + " | ".join(_fmt(row[c]) for c in columns) + " |" for row in table]
-    return "\n".join(lines) + "\n"
-
-
-def to_csv(table: Sequence[Mapping[str, Any]]) -> str:
-    """Render :func:`results_table` rows as CSV text."""
-    if not table:
-        return ""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(table[0]))
-    writer.writeheader()
-    writer.writerows({k: _fmt(v) for k, v in row.items()} for row in table)
-    return buffer.getvalue()
-
-
-def row_to_dict(row: MethodResult) -> dict[str, Any]:
-    """A row as plain JSON-ready data (the inverse of :func:`row_from_dict`)."""
-    return asdict(row)
-
-
-def row_from_dict(data: Mapping[str, Any]) -> MethodResult:
-    return MethodResult(**dict(data))

@@ -1,0 +1,26 @@
+"""Where this process stands in a distributed run: one lookup for the whole package."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["rank_and_world"]
+
+
+def rank_and_world(trainer: Any = None) -> tuple[int, int]:
+    """``(global rank, world size)`` of this process.
+
+    Args:
+        trainer: A Lightning ``Trainer`` whose view is used when given; otherwise
+            ``torch.distributed`` when it is initialised, else ``(0, 1)``.
+
+    Returns:
+        The rank and the number of processes.
+    """
+    if trainer is not None:
+        return int(trainer.global_rank), int(trainer.world_size)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1

@@ -1,0 +1,50 @@
+"""The merge study: merge a library of LoRA adapters every configured way, pick each merge's scale
+on validation data, evaluate merges and references, write, log and export the results.
+
+Layers, each using only those above it: :mod:`~tclora.study.config` (options),
+:mod:`~tclora.study.results` (rows, tables, figure), :mod:`~tclora.study.run` (the core loop),
+:mod:`~tclora.study.progress` (fingerprint, resumable progress), :mod:`~tclora.study.study`
+(:class:`MergeStudy`: the whole job, files included), :mod:`~tclora.study.logging` (Lightning
+loggers) and :mod:`~tclora.study.cli` (``tclora merge``). No trainer anywhere.
+"""
+
+from tclora.study.config import Baseline, CPRule, Reference, SelectionMetric, StudyConfig
+from tclora.study.logging import log_study, study_metrics
+from tclora.study.results import (
+    MethodResult,
+    StudyResult,
+    loadings_figure,
+    results_table,
+    row_from_dict,
+    row_to_dict,
+    to_csv,
+    to_markdown,
+)
+from tclora.study.run import MERGED_ADAPTER, Router, lm_loss, route, run_study, select_scale
+from tclora.study.study import MergeStudy, lora_adapter_names
+
+__all__ = [
+    "MERGED_ADAPTER",
+    "Baseline",
+    "CPRule",
+    "MergeStudy",
+    "MethodResult",
+    "Reference",
+    "Router",
+    "SelectionMetric",
+    "StudyConfig",
+    "StudyResult",
+    "loadings_figure",
+    "lm_loss",
+    "log_study",
+    "lora_adapter_names",
+    "results_table",
+    "route",
+    "row_from_dict",
+    "row_to_dict",
+    "run_study",
+    "select_scale",
+    "study_metrics",
+    "to_csv",
+    "to_markdown",
+]

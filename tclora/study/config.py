@@ -1,0 +1,150 @@
+"""What a merge study does: one validated configuration, one set of defaults.
+
+:class:`StudyConfig` is the single source of truth for every option of the merge study; the
+callback (:class:`~tclora.callbacks.CPMergeCallback`) and ``tclora merge`` both build one.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, get_args
+
+__all__ = [
+    "Baseline",
+    "CPRule",
+    "Reference",
+    "SelectionMetric",
+    "StudyConfig",
+    "check_choice",
+]
+
+CPRule = Literal["sum_components", "mean_loading", "ties_loading"]
+Baseline = Literal[
+    "uniform", "ties", "dare_linear", "dare_ties", "magnitude_prune", "knots_ties", "tsv", "iso_c"
+]
+Reference = Literal["base", "single", "routing"]
+SelectionMetric = Literal["val_loss", "val_loss_max"]
+Engine = Literal["factored", "dense"]
+
+
+def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
+    """Raise ``ValueError`` naming ``name``, ``value`` and the allowed values when not allowed."""
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r}: expected one of {list(allowed)}")
+
+
+@dataclass
+class StudyConfig:
+    """What to merge, how to pick scales, what to evaluate (see ``CPMergeCallback`` for each).
+
+    Every value is checked on construction, so a bad option fails before any expensive work.
+    """
+
+    cp_ranks: list[int] = field(default_factory=lambda: [4])
+    engine: Engine = "factored"
+    rules: list[CPRule] = field(default_factory=lambda: ["sum_components", "mean_loading"])
+    baselines: list[Baseline] = field(
+        default_factory=lambda: ["uniform", "ties", "knots_ties", "tsv", "iso_c"]
+    )
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    eval_sets: list[str] = field(default_factory=list)
+    eval_max_items: int | None = 200
+    selection_metric: SelectionMetric = "val_loss"
+    val_max_batches: int | None = 8
+    adapters: str | None = None
+    references: list[Reference] = field(default_factory=lambda: ["base", "single", "routing"])
+    keep: str = "best"
+    export: bool = True
+    batch_size: int = 8
+    max_length: int = 512
+    max_new_tokens: int = 16
+    chat_template: bool = True
+    cp_iters: int = 100
+    cp_tol: float = 1e-8
+    density: float = 0.2
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        ranks = [self.cp_ranks] if isinstance(self.cp_ranks, int) else list(self.cp_ranks)
+        if not ranks or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks):
+            raise ValueError(f"cp_ranks={self.cp_ranks!r}: every CP rank must be an integer >= 1")
+        self.cp_ranks = ranks
+        check_choice("engine", self.engine, get_args(Engine))
+        self.rules, self.baselines = list(self.rules), list(self.baselines)
+        self.references = list(self.references)
+        for rule in self.rules:
+            check_choice("rules", rule, get_args(CPRule))
+        for method in self.baselines:
+            check_choice("baselines", method, get_args(Baseline))
+        for ref in self.references:
+            check_choice("references", ref, get_args(Reference))
+        check_choice("selection_metric", self.selection_metric, get_args(SelectionMetric))
+        if not self.rules and not self.baselines:
+            raise ValueError(
+                "rules=[] and baselines=[]: nothing to merge; name at least one method"
+            )
+        scales = list(self.scales)
+        if not scales or any(not math.isfinite(float(s)) or float(s) <= 0 for s in scales):
+            raise ValueError(f"scales={self.scales!r}: give one or more finite scales > 0")
+        self.scales = [float(s) for s in scales]
+        self.eval_sets = [str(s) for s in self.eval_sets]
+        for name in ("eval_max_items", "val_max_batches"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value!r}: must be >= 1 or None")
+        for name in ("batch_size", "max_length", "max_new_tokens", "cp_iters"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ValueError(f"{name}={value!r}: must be >= 1")
+        if not 0.0 < self.density <= 1.0:
+            raise ValueError(f"density={self.density!r}: must be in (0, 1]")
+        if self.adapters is not None:
+            try:
+                re.compile(self.adapters)
+            except re.error as err:
+                raise ValueError(
+                    f"adapters={self.adapters!r} is not a valid regular expression: {err}"
+                ) from err
+        if self.keep != "best" and self.keep not in self.method_names:
+            raise ValueError(f"keep={self.keep!r}: expected 'best' or one of {self.method_names}")
+
+    @classmethod
+    def from_options(cls, **options: Any) -> StudyConfig:
+        """Build from user options where ``None`` for a list option means its default.
+
+        Args:
+            **options: Field values; ``rules``, ``baselines``, ``scales``, ``eval_sets`` and
+                ``references`` set to ``None`` take the defaults above.
+
+        Returns:
+            The validated config.
+        """
+        lists = ("rules", "baselines", "scales", "eval_sets", "references")
+        return cls(**{k: v for k, v in options.items() if not (k in lists and v is None)})
+
+    @property
+    def method_names(self) -> list[str]:
+        """Merge methods in study order: ``cp{R}_{rule}`` for every rank and rule, then baselines."""
+        cp = [f"cp{r}_{rule}" for r in self.cp_ranks for rule in self.rules]
+        return cp + list(self.baselines)
+
+    def without_routing(self) -> StudyConfig:
+        """A copy with the ``routing`` reference removed (for runs without a router)."""
+        values = asdict(self)
+        values["references"] = [r for r in self.references if r != "routing"]
+        return StudyConfig(**values)
+
+    def outcome_fields(self) -> dict[str, Any]:
+        """The options that decide the study's rows (for its fingerprint).
+
+        Left out: ``progress`` and ``export`` (they change no number), and ``keep`` (the kept
+        merge is chosen from the finished rows).
+        """
+        values = asdict(self)
+        for name in ("progress", "export", "keep"):
+            values.pop(name)
+        return values
