@@ -47,11 +47,11 @@ Distributed notes:
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
-import shutil
-import tempfile
 import time
+from collections import deque
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,14 +63,23 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
-from tclora.assets import resolve_model
+from tclora._io import atomic_dir, atomic_write_text, check_writable
+from tclora.assets import base_model_id, resolve_model
 
-__all__ = ["LoRAModule", "lr_at_step", "linear_module_names", "DEFAULT_ADAPTER_PREFIX"]
+__all__ = [
+    "DEFAULT_ADAPTER_PREFIX",
+    "EXPORT_MANIFEST",
+    "LoRAModule",
+    "check_export_dir",
+    "linear_module_names",
+    "lr_at_step",
+]
 
 DEFAULT_ADAPTER_PREFIX = "cluster_"
 _SCHEDULES = ("constant", "linear", "cosine")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _RNG_SEED_STRIDE = 1_000_003  # separates the dropout streams of different ranks
+EXPORT_MANIFEST = "tclora_adapters.json"
 
 
 def lr_at_step(
@@ -136,15 +145,32 @@ def linear_module_names(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move folder ``tmp`` to ``final`` atomically, replacing an existing ``final``."""
-    if final.exists():
-        trash = final.with_name(f".{final.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-        os.replace(final, trash)
-        os.replace(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+def check_export_dir(path: str | os.PathLike[str]) -> Path:
+    """Check that ``path`` can receive a set of exported adapters, before any work.
+
+    The set replaces the whole folder at once, so the folder must be writable and either absent,
+    empty, or an earlier export (it holds ``tclora_adapters.json``); a folder with anything else
+    in it is refused rather than replaced.
+
+    Args:
+        path: The export folder (``model.export_dir``).
+
+    Returns:
+        ``path`` as a ``Path``.
+
+    Raises:
+        PermissionError: The folder cannot be created or written.
+        ValueError: The folder holds files that are not an earlier adapter export.
+    """
+    folder = check_writable(path, "model.export_dir")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / EXPORT_MANIFEST).is_file():
+        listing = sorted(p.name for p in folder.iterdir())[:5]
+        raise ValueError(
+            f"model.export_dir={str(path)!r} holds other files ({listing}) and is not an earlier "
+            f"adapter export (no {EXPORT_MANIFEST}); the export replaces the whole folder, so "
+            "choose an empty or new folder"
+        )
+    return folder
 
 
 @contextmanager
@@ -243,6 +269,8 @@ class LoRAModule(LightningModule):
         )
         _check(dtype in _DTYPES, "dtype", dtype, str(list(_DTYPES)))
         _check(bool(adapter_prefix), "adapter_prefix", adapter_prefix, "a non-empty string")
+        if export_dir is not None:
+            check_export_dir(export_dir)  # fails now, not after the whole fit
         self.save_hyperparameters()
         # Resolve the model before any expensive work (the data module's setup runs first in fit).
         self.model_path = resolve_model(model)
@@ -256,6 +284,7 @@ class LoRAModule(LightningModule):
         self._batch_start = 0.0
         self._val_sum: Tensor | None = None
         self._val_tokens: Tensor | None = None
+        self._recent_losses: deque[Tensor] = deque()
 
     @property
     def _hp(self) -> Any:
@@ -324,6 +353,9 @@ class LoRAModule(LightningModule):
             use_rslora=hp.use_rslora,
             bias="none",
             task_type="CAUSAL_LM",
+            # exported adapters name their base the way other tools load it (a hub id for the
+            # packaged model, else what the user gave)
+            base_model_name_or_path=base_model_id(hp.model),
         )
         names = [f"{hp.adapter_prefix}{i}" for i in range(k)]
         peft_model = None
@@ -343,6 +375,7 @@ class LoRAModule(LightningModule):
             param.requires_grad_(_is_lora(pname))
         self.model = peft_model
         self.adapter_names = names
+        self._recent_losses = deque(maxlen=k)
         self.hparams["num_adapters"] = k
         if len(self._adapter_steps) != k:
             self._adapter_steps = [0] * k
@@ -491,11 +524,32 @@ class LoRAModule(LightningModule):
         with self._adapter_rng(index):
             loss = self._forward_loss(batch)
         self._check_step(index, loss.detach(), batch_idx)
-        size = int(batch["input_ids"].shape[0])
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
-        self.log(f"train/loss_cluster_{index}", loss.detach(), batch_size=size)
-        self.log(f"lr/cluster_{index}", lr, batch_size=size)
+        self._log_step(index, loss.detach(), lr, int(batch["input_ids"].shape[0]))
         return loss
+
+    def _log_step(self, index: int, loss: Tensor, lr: float, size: int) -> None:
+        """Log the losses without aliasing against the cluster schedule.
+
+        ``train/loss`` is the mean over the last K steps (with round robin: one step of every
+        cluster), so sampling it every ``log_every_n_steps`` steps does not pick the same cluster
+        each time. Each cluster's loss and learning rate go to the loggers at that cluster's own
+        steps (rank zero), on the step axis Lightning uses; they also reach
+        ``trainer.callback_metrics`` through ``self.log(..., logger=False)``.
+        """
+        self._recent_losses.append(loss)
+        window = torch.stack(list(self._recent_losses)).mean()
+        self.log("train/loss", window, prog_bar=True, batch_size=size)
+        own: dict[str, Tensor | float] = {
+            f"train/loss_cluster_{index}": loss,
+            f"lr/cluster_{index}": lr,
+        }
+        for key, value in own.items():
+            self.log(key, value, batch_size=size, logger=False)
+        if self.trainer.is_global_zero and self.loggers:
+            step = self.trainer.fit_loop.epoch_loop._batches_that_stepped
+            values = {key: float(value) for key, value in own.items()}
+            for logger in self.loggers:
+                logger.log_metrics(values, step=step)
 
     def _check_step(self, index: int, loss: Tensor, batch_idx: int) -> None:
         """Raise on a non-finite loss, and (on several ranks) when ranks train different clusters.
@@ -626,42 +680,31 @@ class LoRAModule(LightningModule):
     def export_adapters(self, out_dir: str | os.PathLike[str]) -> list[Path]:
         """Write every adapter as a standard peft folder ``out_dir/<adapter name>``.
 
-        Each folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` and loads with
-        ``PeftModel.from_pretrained(base, folder)``. Folders are written to a temporary name and
-        moved into place, so a reader never sees a half-written adapter.
+        Written by peft's own ``save_pretrained`` (``adapter_config.json``,
+        ``adapter_model.safetensors``, a model card ``README.md``), each config naming its base
+        model as :func:`tclora.assets.base_model_id` does, so ``PeftModel.from_pretrained(base,
+        folder)`` and ``tclora merge`` take the folders as they are. The whole set is written to
+        a temporary sibling and swapped in at once (:func:`tclora._io.atomic_dir`): a reader sees
+        the previous set or the new one, never a set with some adapters missing; leftovers of a
+        killed export are removed. ``tclora_adapters.json`` lists the set.
 
         Args:
-            out_dir: Parent folder (created if needed).
+            out_dir: The export folder: absent, empty, or an earlier export (it is replaced).
 
         Returns:
             The adapter folders, in adapter order.
         """
         if self.model is None:
             raise RuntimeError("export_adapters() needs the model: call configure_model() first")
-        from peft import get_peft_model_state_dict
-        from safetensors.torch import save_file
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        folders: list[Path] = []
+        out = check_export_dir(out_dir)
+        base = base_model_id(self._hp.model)
         for name in self.adapter_names:
-            state = get_peft_model_state_dict(self.model, adapter_name=name)
-            tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-            tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out))
-            try:
-                save_file(
-                    tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"}
-                )
-                config = copy.deepcopy(self.model.peft_config[name])
-                config.inference_mode = True
-                config.save_pretrained(str(tmp))
-                final = out / name
-                _replace_dir(tmp, final)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            folders.append(final)
-        return folders
+            self.model.peft_config[name].base_model_name_or_path = base
+        manifest = {"adapters": list(self.adapter_names), "base_model": base}
+        with atomic_dir(out) as tmp:
+            self.model.save_pretrained(str(tmp), selected_adapters=list(self.adapter_names))
+            atomic_write_text(tmp / EXPORT_MANIFEST, json.dumps(manifest, indent=1))
+        return [out / name for name in self.adapter_names]
 
     @override
     def on_fit_end(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -274,7 +276,12 @@ def test_export_round_trip_identical_logits(tiny_model_dir: Path, tmp_path: Path
     export = tmp_path / "adapters"
     module, _ = fit(tiny_model_dir, batches, 2, export_dir=str(export), use_rslora=True)
     folders = sorted(p.name for p in export.iterdir())
-    assert folders == ["cluster_0", "cluster_1"]  # no temporary leftovers
+    # peft's save_pretrained: one folder per adapter and a model card; no temporary leftovers
+    assert folders == ["README.md", "cluster_0", "cluster_1", "tclora_adapters.json"]
+    for name in ("cluster_0", "cluster_1"):  # every adapter names its base (not only the first)
+        config = json.loads((export / name / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == str(tiny_model_dir)
+        assert config["inference_mode"] is True
     probe = make_batch(0, 99)
     module.eval()
     for k, name in enumerate(module.adapter_names):
@@ -291,10 +298,105 @@ def test_export_round_trip_identical_logits(tiny_model_dir: Path, tmp_path: Path
         with loaded.disable_adapter(), torch.no_grad():
             plain = loaded(input_ids=probe["input_ids"]).logits
         assert not torch.allclose(plain, want)  # the adapter changes the output
-    # exporting again replaces the folders atomically
+    # exporting again replaces the folders atomically, and removes a killed export's leftovers
+    orphan = tmp_path / ".adapters.tmp-999999-0123abcd"
+    (orphan / "cluster_0").mkdir(parents=True)
     again = module.export_adapters(export)
-    assert [p.name for p in again] == ["cluster_0", "cluster_1"]
-    assert sorted(p.name for p in export.iterdir()) == ["cluster_0", "cluster_1"]
+    assert again == [export / "cluster_0", export / "cluster_1"]
+    assert sorted(p.name for p in export.iterdir()) == folders
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapters"]
+
+
+def test_export_set_is_replaced_whole_or_not_at_all(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: a kill during export left cluster_0 complete and cluster_1 missing."""
+    from peft import PeftModel
+
+    batches = [make_batch(0, 0), make_batch(1, 1)]
+    export = tmp_path / "adapters"
+    module, _ = fit(tiny_model_dir, batches, 2, export_dir=str(export))
+    before = {p.name: p.read_bytes() for p in export.rglob("*") if p.is_file()}
+    real_save = PeftModel.save_pretrained
+    written: list[str] = []
+
+    def dies_after_the_first_adapter(self: Any, folder: str, **kwargs: Any) -> None:
+        real_save(self, folder, selected_adapters=kwargs["selected_adapters"][:1])
+        written.append(folder)
+        raise KeyboardInterrupt("killed mid-export")
+
+    monkeypatch.setattr(PeftModel, "save_pretrained", dies_after_the_first_adapter)
+    with torch.no_grad():
+        for _, p in module.adapter_parameters(0):
+            p.add_(1.0)
+    with pytest.raises(KeyboardInterrupt, match="killed mid-export"):
+        module.export_adapters(export)
+    assert written and not Path(written[0]).exists()  # the half-written set is gone
+    after = {p.name: p.read_bytes() for p in export.rglob("*") if p.is_file()}
+    assert after == before  # the previous set is untouched, both adapters present
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapters"]
+
+
+def test_export_dir_is_checked_before_any_work(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Before: an unwritable export dir failed only after the whole fit and merge study."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(
+        PermissionError,
+        match=r"model.export_dir='.*a_file/adapters' cannot be a folder: '.*a_file' is a file",
+    ):
+        LoRAModule(model=str(tiny_model_dir), export_dir=str(blocker / "adapters"))
+    foreign = tmp_path / "runs"
+    (foreign / "tensorboard").mkdir(parents=True)
+    with pytest.raises(
+        ValueError,
+        match=r"model.export_dir='.*runs' holds other files \(\['tensorboard'\]\) and is not an "
+        r"earlier adapter export \(no tclora_adapters.json\)",
+    ):
+        LoRAModule(model=str(tiny_model_dir), export_dir=str(foreign))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "runs"]  # nothing created
+
+
+def test_logged_losses_are_not_aliased_with_the_schedule(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Before: with round robin over K=2 and log_every_n_steps=2, every logged train/loss came
+    from cluster 1 and cluster 0's curve was never written."""
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.loggers import CSVLogger
+
+    class StepLosses(Callback):
+        def __init__(self) -> None:
+            self.losses: list[float] = []
+
+        def on_train_batch_end(
+            self, trainer: Trainer, pl_module: Any, outputs: Any, *a: Any
+        ) -> None:
+            self.losses.append(float(outputs["loss"]))
+
+    batches = [make_batch(i % 2, i) for i in range(8)]
+    steps = StepLosses()
+    seed_everything(0)
+    module = LoRAModule(model=str(tiny_model_dir), r=4, lora_alpha=8, lr=1e-2)
+    trainer = make_trainer(
+        logger=CSVLogger(str(tmp_path), name="csv"), log_every_n_steps=2, callbacks=[steps]
+    )
+    trainer.fit(module, datamodule=ListDataModule(batches, 2))
+    with open(Path(trainer.logger.log_dir) / "metrics.csv") as handle:  # type: ignore[union-attr]
+        rows = list(csv.DictReader(handle))
+
+    def logged(key: str) -> dict[int, float]:
+        return {int(r["step"]): float(r[key]) for r in rows if r.get(key)}
+
+    own_0, own_1 = logged("train/loss_cluster_0"), logged("train/loss_cluster_1")
+    assert sorted(own_0) == [0, 2, 4, 6] and sorted(own_1) == [1, 3, 5, 7]
+    for step, value in {**own_0, **own_1}.items():
+        assert value == pytest.approx(steps.losses[step], abs=1e-6)
+    assert sorted(logged("lr/cluster_0")) == [0, 2, 4, 6]
+    window = logged("train/loss")
+    assert sorted(window) == [1, 3, 5, 7]
+    for step, value in window.items():  # the mean of one step of each cluster
+        assert value == pytest.approx((steps.losses[step] + steps.losses[step - 1]) / 2, abs=1e-6)
 
 
 # ----------------------------------------------------------------------------- checkpoints
