@@ -510,7 +510,9 @@ def resolve_model(name: str | os.PathLike[str]) -> str:
     """Resolve a model name to something ``from_pretrained`` can open.
 
     Order: an existing local folder, then a packaged alias (built on first use), then a Hugging
-    Face hub id. A hub id that cannot be reached raises :class:`ModelNotFoundError` with the
+    Face hub id. The hub id of a packaged model (what its exported adapters name as their base)
+    falls back to the packaged copy when the hub cannot be reached, and says so on stderr. Any
+    other hub id that cannot be reached raises :class:`ModelNotFoundError` with the
     packaged aliases listed, instead of a stack trace from deep inside transformers. A packaged
     model, and a local folder holding a ``tclora-manifest.json``, is checked against the
     manifest's sha256 first (each file hashed once per size and mtime).
@@ -563,6 +565,15 @@ def resolve_model(name: str | os.PathLike[str]) -> str:
             return text
         except Exception:  # noqa: BLE001 -- not in the local hub cache
             pass
+    packaged = [s for s in ASSETS.values() if s.kind == "model" and s.hub_id == text]
+    if packaged:  # adapters exported from the packaged model name its hub id
+        spec = packaged[0]
+        print(
+            f"tclora: model={text!r}: the Hugging Face hub is unreachable ({reason}); using the "
+            f"packaged copy {spec.name!r} ({spec.description})",
+            file=sys.stderr,
+        )
+        return str(ensure_model(spec.name))
     raise ModelNotFoundError(
         f"model={text!r} is not a local folder or a packaged alias, and the Hugging Face hub is "
         f"unreachable ({reason}). Use a local model folder or one of the packaged aliases: "

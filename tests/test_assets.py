@@ -44,6 +44,16 @@ def test_hub_id_offline_gives_a_clear_message() -> None:
     assert "smollm2-135m-instruct" in message
 
 
+def test_packaged_hub_id_offline_uses_the_packaged_copy(
+    smollm2_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # exported adapters name "HuggingFaceTB/SmolLM2-135M-Instruct"; offline it is the packaged copy
+    assert assets.base_model_id("smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == str(smollm2_dir)
+    err = capsys.readouterr().err
+    assert "hub is unreachable (HF_HUB_OFFLINE is set); using the packaged copy" in err
+
+
 def test_missing_path_is_refused() -> None:
     with pytest.raises(ModelNotFoundError, match=r"no such local folder"):
         resolve_model("./no/such/model")

@@ -156,11 +156,48 @@ def test_fit_through_the_cli_with_a_tiny_model(
     assert merge.finished and merge.result is not None
     names = [row.name for row in merge.result.rows]
     assert names == ["base", "routing", "cp2_mean_loading", "uniform"]
+    folders = [out / "adapters" / f"cluster_{k}" for k in range(4)]
     assert sorted(p.name for p in (out / "adapters").iterdir()) == [
-        f"cluster_{k}" for k in range(4)
+        "README.md",
+        *[f.name for f in folders],
+        "tclora_adapters.json",
     ]
     assert (out / "merge" / "merged_adapter" / "adapter_model.safetensors").is_file()
     assert (out / "merge" / "results.md").is_file()
+    merged_config = json.loads(
+        (out / "merge" / "merged_adapter" / "adapter_config.json").read_text()
+    )
+    assert merged_config["base_model_name_or_path"] == str(tiny_model_dir)
+
+    # Before: only cluster_0 named its base model and `tclora merge` refused the fit's own
+    # adapters ("different base models"). Now fit -> export -> tclora merge works as is.
+    from tclora.study.cli import merge_main
+
+    code = merge_main(
+        [
+            "--adapters",
+            *[str(f) for f in folders],
+            "--output_dir",
+            str(tmp_path / "merged"),
+            "--merge.cp_ranks",
+            "[2]",
+            "--merge.rules",
+            "[mean_loading]",
+            "--merge.baselines",
+            "[uniform]",
+            "--merge.references",
+            "[base]",
+            "--merge.eval_sets",
+            json.dumps([str(heldout)]),
+            "--merge.max_length",
+            "64",
+            "--merge.progress",
+            "false",
+        ]
+    )
+    assert code == 0
+    summary = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert summary["adapters"] == [f.name for f in folders]
 
 
 def test_link_leaves_k_to_the_data_when_small_clusters_may_merge() -> None:
@@ -169,3 +206,114 @@ def test_link_leaves_k_to_the_data_when_small_clusters_may_merge() -> None:
     cli = cli_main(["--config", demo, "--data.min_cluster_size", "5"], run=False)
     assert cli.datamodule.num_clusters is None
     assert cli.model.hparams.num_adapters is None
+
+
+def _small_config(tmp_path: Path, tiny_model_dir: Path, multitask_jsonl: Path) -> dict[str, Any]:
+    out = tmp_path / "run"
+    return {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "max_steps": 4,
+            "limit_val_batches": 0,
+            "num_sanity_val_steps": 0,
+            "enable_progress_bar": False,
+            "default_root_dir": str(out),
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(out), "name": "tb"},
+            },
+        },
+        "model": {"model": str(tiny_model_dir), "r": 4, "export_dir": str(out / "adapters")},
+        "data": {
+            "sources": [str(multitask_jsonl)],
+            "tokenizer": str(tiny_model_dir),
+            "num_clusters": 2,
+            "batch_size": 4,
+            "max_length": 64,
+            "progress_bar": False,
+            "cache_dir": str(tmp_path / "cache"),
+        },
+    }
+
+
+def _write(tmp_path: Path, config: dict[str, Any], name: str = "config.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def _merge_callback(**init_args: Any) -> dict[str, Any]:
+    return {"class_path": "tclora.callbacks.CPMergeCallback", "init_args": init_args}
+
+
+def test_fit_checks_outputs_and_eval_sets_before_embedding(
+    tmp_path: Path, tiny_model_dir: Path, multitask_jsonl: Path
+) -> None:
+    """Before: these failed only after embedding (eval sets) or after the whole fit (folders)."""
+    config = _small_config(tmp_path, tiny_model_dir, multitask_jsonl)
+    config["trainer"]["callbacks"] = [_merge_callback(eval_sets=[str(tmp_path / "nope.jsonl")])]
+    with pytest.raises(ValueError, match=r"eval set file not found: .*nope.jsonl"):
+        cli_main(["fit", "--config", _write(tmp_path, config)])
+    assert not (tmp_path / "cache").exists()  # nothing was embedded
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    config = _small_config(tmp_path, tiny_model_dir, multitask_jsonl)
+    config["trainer"]["callbacks"] = [_merge_callback(output_dir=str(blocker / "merge"))]
+    with pytest.raises(
+        PermissionError, match=r"CPMergeCallback.output_dir='.*a_file/merge' cannot be a folder"
+    ):
+        cli_main(["fit", "--config", _write(tmp_path, config)])
+    config = _small_config(tmp_path, tiny_model_dir, multitask_jsonl)
+    config["trainer"]["default_root_dir"] = str(blocker / "root")
+    config["trainer"]["logger"]["init_args"]["save_dir"] = str(blocker / "logs")
+    with pytest.raises(PermissionError, match=r"trainer.default_root_dir='.*a_file/root'"):
+        cli_main(["fit", "--config", _write(tmp_path, config)])
+    assert not (tmp_path / "cache").exists()
+
+    config = _small_config(tmp_path, tiny_model_dir, multitask_jsonl)
+    config["data"]["clustering"] = "single"
+    config["trainer"]["callbacks"] = [_merge_callback()]
+    with pytest.raises(
+        ValueError,
+        match=r"CPMergeCallback needs 2 or more adapters to merge, but the data "
+        r"module makes num_clusters=1",
+    ):
+        cli_main(["fit", "--config", _write(tmp_path, config)])
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.slow
+def test_resume_names_every_model_value_the_checkpoint_overrides(
+    tmp_path: Path, tiny_model_dir: Path, multitask_jsonl: Path
+) -> None:
+    """Before: a resume with a new model.export_dir silently overwrote the first run's adapters."""
+    config = _small_config(tmp_path, tiny_model_dir, multitask_jsonl)
+    cli = cli_main(["fit", "--config", _write(tmp_path, config)])
+    (ckpt,) = Path(cli.trainer.log_dir or "").glob("checkpoints/*.ckpt")
+    first = (tmp_path / "run" / "adapters" / "cluster_0" / "adapter_model.safetensors").read_bytes()
+    other = tmp_path / "other_adapters"
+    with pytest.warns(
+        UserWarning,
+        match=r"the model section is taken from the checkpoint, not from the config; these "
+        rf"values differ and the checkpoint's are used: model.export_dir: config '{other}' -> "
+        rf"checkpoint '{tmp_path / 'run' / 'adapters'}'; model.lr: config 0.001 -> checkpoint "
+        r"0.0001",
+    ):
+        cli_main(
+            [
+                "fit",
+                "--config",
+                _write(tmp_path, config),
+                "--ckpt_path",
+                str(ckpt),
+                "--model.export_dir",
+                str(other),
+                "--model.lr",
+                "0.001",
+            ]
+        )
+    assert not other.exists()  # as the warning said: the checkpoint's export_dir was used
+    again = (tmp_path / "run" / "adapters" / "cluster_0" / "adapter_model.safetensors").read_bytes()
+    assert again == first  # resumed at its last step: the same adapters

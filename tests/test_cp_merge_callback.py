@@ -294,3 +294,57 @@ def test_select_scale_picks_the_lowest_finite_metric() -> None:
     assert select_scale({0.5: 2.0, 1.0: 1.5, 2.0: 1.5, 4.0: math.nan}) == 1.0
     with pytest.raises(ValueError, match="no finite validation metric"):
         select_scale({1.0: math.nan})
+
+
+def test_no_tokenizer_is_refused_before_training(tmp_path: Path, tokenizer: Any) -> None:
+    """Before: an opaque `OSError: Repo id must use alphanumeric chars` after the whole fit."""
+    module = UserModule(len(tokenizer))  # no `tokenizer` attribute; the base model has no name
+    trainer = _trainer(tmp_path, _callback(tmp_path, []), logger=False)
+    with pytest.raises(
+        ValueError,
+        match=r"CPMergeCallback needs a tokenizer: none was given \(tokenizer=None\), neither the "
+        r"module nor the data module has a `tokenizer`, and the base model's name '' does not "
+        r"load as one .* Pass CPMergeCallback\(tokenizer=<folder or hub id>\)",
+    ):
+        trainer.fit(module, datamodule=UserData(len(tokenizer)))
+    assert trainer.global_step == 0
+
+
+def test_resumed_rows_of_another_study_are_not_used(
+    tmp_path: Path, tokenizer: Any, eval_files: list[str]
+) -> None:
+    """Rows restored from a checkpoint are reused only under the same fingerprint."""
+    module = UserModule(len(tokenizer))
+    module.tokenizer = tokenizer
+    callback = _callback(
+        tmp_path, eval_files[:1], scales=[1.0], references=[], baselines=["uniform"], rules=[]
+    )
+    fake = {"name": "uniform", "kind": "merge", "scale": 99.0, "scores": {"colors": {"acc": 1.0}}}
+    callback.load_state_dict({"fingerprint": "0" * 64, "finished": True, "done_rows": [fake]})
+    _trainer(tmp_path, callback, logger=False).fit(module, datamodule=UserData(len(tokenizer)))
+    assert callback.result is not None
+    (row,) = callback.result.rows
+    assert row.scale == 1.0 and row.scores["colors"]["n"] == 6  # computed, not the fake row
+    state = callback.state_dict()
+    assert state["fingerprint"] == callback.study.fingerprint and state["finished"] is True
+    assert [r["name"] for r in state["done_rows"]] == ["uniform"]
+
+
+def test_callback_defaults_are_the_study_defaults() -> None:
+    """One set of defaults: every option the callback passes on defaults to StudyConfig's."""
+    import dataclasses
+    import inspect
+
+    from tclora.study import StudyConfig
+
+    study = StudyConfig()
+    fields = {f.name for f in dataclasses.fields(StudyConfig)}
+    for name, param in inspect.signature(CPMergeCallback.__init__).parameters.items():
+        if name in fields:
+            default = param.default
+            expected = getattr(study, name)
+            if default is None and isinstance(expected, list):
+                continue  # None stands for the study's list default
+            if name == "cp_ranks":
+                default = [default]
+            assert default == expected, name
