@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, get_args
+
+from tclora._checks import check_choice
 
 __all__ = [
     "Baseline",
@@ -18,7 +19,6 @@ __all__ = [
     "Reference",
     "SelectionMetric",
     "StudyConfig",
-    "check_choice",
 ]
 
 CPRule = Literal["sum_components", "mean_loading", "ties_loading"]
@@ -28,12 +28,6 @@ Baseline = Literal[
 Reference = Literal["base", "single", "routing"]
 SelectionMetric = Literal["val_loss", "val_loss_max"]
 Engine = Literal["factored", "dense"]
-
-
-def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
-    """Raise ``ValueError`` naming ``name``, ``value`` and the allowed values when not allowed."""
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r}: expected one of {list(allowed)}")
 
 
 @dataclass
