@@ -7,7 +7,7 @@ a new adapter to an existing decomposition.
 """
 
 from tclora.merge.baselines import BASELINES, iso_c, knots_ties, merge_baseline, tsv
-from tclora.merge.cp import CPResult, cp_als_factored, cp_decompose, fold_in, initialize_factored
+from tclora.merge.cp import CPResult, cp_decompose, fold_in
 from tclora.merge.export import export_adapter, fold_into_base, install_adapter, merged_lora_config
 from tclora.merge.rules import (
     CP_RULES,
@@ -27,12 +27,10 @@ __all__ = [
     "CPResult",
     "MergedAdapter",
     "component_analysis",
-    "cp_als_factored",
     "cp_decompose",
     "export_adapter",
     "fold_in",
     "fold_into_base",
-    "initialize_factored",
     "install_adapter",
     "iso_c",
     "knots_ties",

@@ -28,11 +28,6 @@ def lowrank_svd(B: Tensor, A: Tensor, rtol: float = 1e-10) -> tuple[Tensor, Tens
     return q_b @ p[:, keep], s[keep], q_a @ qh[keep].T
 
 
-def lowrank_inner(B1: Tensor, A1: Tensor, B2: Tensor, A2: Tensor) -> Tensor:
-    """Frobenius inner product ``⟨B1 A1, B2 A2⟩ = sum((B1ᵀ B2) ∗ (A1 A2ᵀ))`` without the products."""
-    return ((B1.T @ B2) * (A1 @ A2.T)).sum()
-
-
 def truncate_svd(delta: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
     """Best rank-``rank`` approximation of a dense matrix (Eckart–Young).
 

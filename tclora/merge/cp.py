@@ -38,11 +38,8 @@ from tclora.merge.stack import AdapterStack
 
 __all__ = [
     "CPResult",
-    "cp_als_factored",
-    "cp_als_factored_batch",
     "cp_decompose",
     "fold_in",
-    "initialize_factored",
 ]
 
 Engine = Literal["factored", "dense"]
@@ -253,9 +250,7 @@ def _svd_flip_u(u: Tensor) -> Tensor:
     return u * signs
 
 
-def initialize_factored(
-    factors: Sequence[tuple[Tensor, Tensor]], rank: int, init: Init = "svd", seed: int = 0
-) -> list[Tensor]:
+def _initialize(cat: _Concat, rank: int, init: Init, seed: int) -> list[Tensor]:
     """Initial ``[C, U, V]`` equal to tensorly's ``initialize_cp`` on the dense stack.
 
     ``"random"`` draws ``C``, ``U``, ``V`` from ``numpy.random.RandomState(seed).random_sample`` in
@@ -264,22 +259,8 @@ def initialize_factored(
     ``K_t = R_B[:, t] R_A[:, t]ᵀ`` (``T × k_B × k_A``, ``k ≤ Σr``), so the mode-2/3 unfoldings are
     ``Q_B K_(2)(…)ᵀ`` / ``Q_A K_(3)(…)ᵀ`` with orthonormal right factors. Mode 1 is scaled by its
     singular values; modes with fewer rows than ``rank`` are padded with random columns — as
-    tensorly does. (When an unfolding has fewer nonzero singular values than ``rank`` the
-    trailing singular vectors are arbitrary in both engines.)
-
-    Args:
-        factors: per adapter ``(A_t, B̃_t)`` with the scaling folded into ``B̃_t``.
-        rank: CP rank.
-        init: ``"svd"`` or ``"random"``.
-        seed: numpy random state.
-
-    Returns:
-        ``[C (T×R), U (d_out×R), V (d_in×R)]`` in the dtype/device of the factors.
+    tensorly does.
     """
-    return _initialize(_Concat.from_factors(factors), rank, init, seed)
-
-
-def _initialize(cat: _Concat, rank: int, init: Init, seed: int) -> list[Tensor]:
     dtype, device = cat.a.dtype, cat.a.device
     shape = (cat.T, int(cat.b.shape[0]), int(cat.a.shape[1]))
     rng = np.random.RandomState(seed)
@@ -319,86 +300,6 @@ def _bsolve(gram: Tensor, mttkrp: Tensor) -> Tensor:
     return torch.linalg.solve(gram.mT, mttkrp.mT).mT
 
 
-def cp_als_factored(
-    factors: Sequence[tuple[Tensor, Tensor]],
-    rank: int,
-    *,
-    n_iter_max: int = 100,
-    tol: float = 1e-8,
-    init: Init | Sequence[Tensor] = "svd",
-    seed: int = 0,
-) -> tuple[list[Tensor], list[float], float]:
-    """CP-ALS on ``X[t] = B̃_t A_t`` without forming ``X``.
-
-    Per sweep (``P = B_catᵀ U``, ``Q = A_cat V``, both ``Σr × R``; ``c(k)`` the loading row of the
-    adapter owning LoRA row ``k``):
-
-    * mode T:     ``M[t, q] = Σ_{k∈t} P[k, q] Q[k, q]``  →  ``C = M (UᵀU ∗ VᵀV)⁻¹``
-    * mode d_out: ``M = B_cat (Q ∗ C[task])``            →  ``U = M (CᵀC ∗ VᵀV)⁻¹``
-    * mode d_in:  ``M = A_catᵀ (P ∗ C[task])``           →  ``V = M (CᵀC ∗ UᵀU)⁻¹``
-    * error:      ``‖X − X̂‖² = ‖X‖² + sum(CᵀC ∗ UᵀU ∗ VᵀV) − 2 sum(M_{d_in} ∗ V)``
-
-    Args:
-        factors: per adapter ``(A_t r_t×d_in, B̃_t d_out×r_t)``, scaling folded into ``B̃_t``.
-        rank: CP rank ``R``.
-        n_iter_max: maximum sweeps.
-        tol: stop when ``|err_{i-1} − err_i| < tol`` (0: never).
-        init: ``"svd"``, ``"random"`` or explicit initial ``[C, U, V]``.
-        seed: numpy random state for the initialisation.
-
-    Returns:
-        ``([C, U, V], errors, ‖X‖)``: unnormalised factors, the relative error after each sweep.
-    """
-    init_list: Sequence[Tensor] | None = None if isinstance(init, str) else list(init)
-    mode: Init = init if isinstance(init, str) else "svd"
-    (out,) = cp_als_factored_batch(
-        [factors],
-        rank,
-        n_iter_max=n_iter_max,
-        tol=tol,
-        init=mode,
-        seed=seed,
-        initial=None if init_list is None else [init_list],
-    )
-    return out
-
-
-def cp_als_factored_batch(
-    batch: Sequence[Sequence[tuple[Tensor, Tensor]]],
-    rank: int,
-    *,
-    n_iter_max: int = 100,
-    tol: float = 1e-8,
-    init: Init = "svd",
-    seed: int = 0,
-    initial: Sequence[Sequence[Tensor]] | None = None,
-) -> list[tuple[list[Tensor], list[float], float]]:
-    """``cp_als_factored`` on several modules of one shape at once (batched kernels).
-
-    Every module follows exactly its own iterates and its own stopping rule (a module that
-    converges is taken out of the batch); batching only cuts the number of kernel launches,
-    which dominate for the small per-module products.
-
-    Args:
-        batch: per module, per adapter ``(A_t, B̃_t)``; all modules with equal shapes and ranks.
-        rank: CP rank ``R``.
-        n_iter_max: maximum sweeps.
-        tol: stopping tolerance (0: never stop early).
-        init: ``"svd"`` or ``"random"`` (each module initialised on its own, same ``seed``).
-        seed: numpy random state.
-        initial: explicit initial ``[C, U, V]`` per module (overrides ``init``).
-
-    Returns:
-        Per module ``([C, U, V], errors, ‖X‖)``.
-    """
-    cats = [_Concat.from_factors(f) for f in batch]
-    a = torch.stack([c.a for c in cats])
-    b = torch.stack([c.b for c in cats])
-    del cats
-    ranks = [int(x.shape[0]) for x, _ in batch[0]]
-    return _als_batched(a, b, ranks, rank, n_iter_max, tol, init, seed, initial)
-
-
 def _als_batched(
     a: Tensor,
     b: Tensor,
@@ -408,9 +309,34 @@ def _als_batched(
     tol: float,
     init: Init,
     seed: int,
-    initial: Sequence[Sequence[Tensor]] | None = None,
 ) -> list[tuple[list[Tensor], list[float], float]]:
-    """The factored ALS on ``a`` (``G × Σr × d_in``) and ``b`` (``G × d_out × Σr``)."""
+    """CP-ALS on ``X[t] = B̃_t A_t`` for ``G`` modules of one shape at once, never forming ``X``.
+
+    Per sweep (``P = B_catᵀ U``, ``Q = A_cat V``, both ``Σr × R``; ``c(k)`` the loading row of the
+    adapter owning LoRA row ``k``):
+
+    * mode T:     ``M[t, q] = Σ_{k∈t} P[k, q] Q[k, q]``  →  ``C = M (UᵀU ∗ VᵀV)⁻¹``
+    * mode d_out: ``M = B_cat (Q ∗ C[task])``            →  ``U = M (CᵀC ∗ VᵀV)⁻¹``
+    * mode d_in:  ``M = A_catᵀ (P ∗ C[task])``           →  ``V = M (CᵀC ∗ UᵀU)⁻¹``
+    * error:      ``‖X − X̂‖² = ‖X‖² + sum(CᵀC ∗ UᵀU ∗ VᵀV) − 2 sum(M_{d_in} ∗ V)``
+
+    Every module follows exactly its own iterates and stopping rule (``|err_{i-1} − err_i| <
+    tol``; a converged module leaves the batch); batching only cuts kernel launches.
+
+    Args:
+        a: ``A_cat`` per module, ``G × Σr × d_in``.
+        b: ``B_cat`` per module with the scalings folded in, ``G × d_out × Σr``.
+        ranks: LoRA rank of each adapter (``Σ ranks = Σr``).
+        rank: CP rank ``R``.
+        n_iter_max: Maximum sweeps.
+        tol: Stopping tolerance (0: never stop early).
+        init: ``"svd"`` or ``"random"`` (:func:`_initialize`, each module on its own).
+        seed: numpy random state of the initialisation.
+
+    Returns:
+        Per module ``([C, U, V], errors, ‖X‖)``: unnormalised factors and the relative error
+        after each sweep.
+    """
     t_count = len(ranks)
     task = _task_index(ranks, a.device)
     bt = b.transpose(1, 2)
@@ -421,14 +347,9 @@ def _als_batched(
     norms = [math.sqrt(max(x, 0.0)) for x in norm_sq.tolist()]
     denom = torch.tensor([n if n > 0 else 1.0 for n in norms], dtype=a.dtype, device=a.device)
     g_count = a.shape[0]
-    starts = (
-        initial
-        if initial is not None
-        else [
-            _initialize(_Concat(a[g], b[g], task, t_count), rank, init, seed)
-            for g in range(g_count)
-        ]
-    )
+    starts = [
+        _initialize(_Concat(a[g], b[g], task, t_count), rank, init, seed) for g in range(g_count)
+    ]
     c, u, v = (
         torch.stack([s[i].to(dtype=a.dtype, device=a.device) for s in starts]) for i in range(3)
     )
