@@ -1,5 +1,10 @@
 """LoRAModule: one frozen causal LM, K LoRA adapters, each trained only on its own cluster.
 
+(Why one file over 500 lines: the hooks below share one piece of per-adapter state -- step
+counts, learning-rate schedules, dropout random streams, param groups -- and the invariant stated
+next holds only if every hook updates it consistently; splitting the hooks across files would
+scatter that state. The pure parts, ``lr_at_step`` and ``linear_module_names``, are small.)
+
 Design (why one optimizer with automatic optimization is sound here):
 
 * Every adapter ``cluster_k`` gets its own AdamW *param group*. A batch of cluster ``k`` activates
@@ -280,19 +285,15 @@ class LoRAModule(LightningModule):
         self._adapter_steps: list[int] = []
         self._rng_states: dict[int, tuple[Tensor, Tensor | None]] = {}
         self._pending: set[int] = set()
-        self._schedule_lengths_: list[int | None] = []
+        self._schedule_lengths: list[int | None] = []
         self._batch_start = 0.0
         self._val_sum: Tensor | None = None
         self._val_tokens: Tensor | None = None
         self._recent_losses: deque[Tensor] = deque()
 
-    @property
-    def _hp(self) -> Any:
-        return self.hparams
-
     # ------------------------------------------------------------------ model
     def _resolve_num_adapters(self) -> int:
-        given = self._hp.num_adapters
+        given = self.hparams["num_adapters"]
         trainer = self._trainer
         datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
         data_k = getattr(datamodule, "num_clusters", None) if datamodule is not None else None
@@ -329,7 +330,7 @@ class LoRAModule(LightningModule):
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
-        hp = self._hp
+        hp: Any = self.hparams
         base = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=_DTYPES[hp.dtype])
         available = linear_module_names(base)
         targets = list(hp.target_modules) if hp.target_modules is not None else available
@@ -340,8 +341,8 @@ class LoRAModule(LightningModule):
                 f"{hp.model!r} does not have: {missing}. Its linear modules are: {available}"
             )
         if hp.gradient_checkpointing:
-            base.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
+            base.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
             )
         base.config.use_cache = False
         base.train()  # from_pretrained returns eval mode; Lightning keeps a module's mode
@@ -394,7 +395,7 @@ class LoRAModule(LightningModule):
         self.model.base_model.set_adapter(self.adapter_names[index])
 
     # -------------------------------------------------------------- optimizer
-    def _schedule_lengths(self) -> list[int | None]:
+    def _schedule_lengths_from_trainer(self) -> list[int | None]:
         """Length of every adapter's decay schedule, in that adapter's own steps.
 
         ``max_steps_per_adapter`` if given; else, when the train loader's sampler exposes
@@ -402,7 +403,7 @@ class LoRAModule(LightningModule):
         ``max_epochs``, each cluster's own number of optimizer steps; else the trainer's
         estimated steps divided by K.
         """
-        hp = self._hp
+        hp: Any = self.hparams
         k = len(self.adapter_names)
         if hp.lr_schedule == "constant":
             return [None] * k
@@ -424,29 +425,31 @@ class LoRAModule(LightningModule):
 
     def lr_for(self, index: int) -> float:
         """Learning rate of adapter ``index``'s next step, from its own step count."""
-        hp = self._hp
+        hp: Any = self.hparams
         return lr_at_step(
             self._adapter_steps[index],
             base_lr=hp.lr,
             schedule=hp.lr_schedule,
             warmup_steps=hp.warmup_steps,
             total_steps=(
-                self._schedule_lengths_[index]
-                if self._schedule_lengths_
+                self._schedule_lengths[index]
+                if self._schedule_lengths
                 else hp.max_steps_per_adapter
             ),
         )
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        self._schedule_lengths_ = self._schedule_lengths()
+        self._schedule_lengths = self._schedule_lengths_from_trainer()
         groups = []
         for i, name in enumerate(self.adapter_names):
             params = [p for _, p in self.adapter_parameters(i)]
             if not params:
                 raise RuntimeError(f"adapter {name} has no parameters")
             groups.append({"params": params, "lr": self.lr_for(i), "adapter": name})
-        return torch.optim.AdamW(groups, lr=self._hp.lr, weight_decay=self._hp.weight_decay)
+        return torch.optim.AdamW(
+            groups, lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"]
+        )
 
     @override
     def setup(self, stage: str) -> None:
@@ -481,7 +484,7 @@ class LoRAModule(LightningModule):
     @contextmanager
     def _adapter_rng(self, index: int) -> Iterator[None]:
         """Run the block on adapter ``index``'s own random stream (only when dropout is on)."""
-        if self._hp.lora_dropout == 0:
+        if self.hparams["lora_dropout"] == 0:
             yield
             return
         device = self.device
@@ -490,7 +493,9 @@ class LoRAModule(LightningModule):
         with torch.random.fork_rng(devices=[cuda_index] if on_cuda else []):
             state = self._rng_states.get(index)
             if state is None:
-                torch.manual_seed(self._hp.init_seed + index + _RNG_SEED_STRIDE * self.global_rank)
+                torch.manual_seed(
+                    self.hparams["init_seed"] + index + _RNG_SEED_STRIDE * self.global_rank
+                )
             else:
                 torch.set_rng_state(state[0])
                 if on_cuda and state[1] is not None:
@@ -697,7 +702,7 @@ class LoRAModule(LightningModule):
         if self.model is None:
             raise RuntimeError("export_adapters() needs the model: call configure_model() first")
         out = check_export_dir(out_dir)
-        base = base_model_id(self._hp.model)
+        base = base_model_id(self.hparams["model"])
         for name in self.adapter_names:
             self.model.peft_config[name].base_model_name_or_path = base
         manifest = {"adapters": list(self.adapter_names), "base_model": base}
@@ -708,7 +713,7 @@ class LoRAModule(LightningModule):
 
     @override
     def on_fit_end(self) -> None:
-        export_dir = self._hp.export_dir
+        export_dir = self.hparams["export_dir"]
         if export_dir is None:
             return
         with self._full_parameters():

@@ -543,7 +543,7 @@ def test_schedule_length_follows_each_clusters_own_batches(tiny_model_dir: Path)
     seed_everything(0)
     module = LoRAModule(model=str(tiny_model_dir), r=4, lr=1.0, lr_schedule="linear")
     make_trainer(max_epochs=2).fit(module, datamodule=Counted(batches, 2))
-    assert module._schedule_lengths_ == [6, 2]
+    assert module._schedule_lengths == [6, 2]
     assert module.lr_for(0) == 0.0 and module.lr_for(1) == 0.0  # both schedules ran out
     assert module._adapter_steps == [6, 2]
 
@@ -637,4 +637,4 @@ def test_fit_with_cluster_datamodule(tiny_model_dir: Path, multitask_jsonl: Path
     assert data.num_clusters == 4
     assert sum(module._adapter_steps) == 8
     assert all(f"val/loss_cluster_{k}" in trainer.callback_metrics for k in range(4))
-    assert len(module._schedule_lengths_) == 4
+    assert len(module._schedule_lengths) == 4
