@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import build_tiny_llama
+from helpers import build_tiny_llama
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -288,12 +288,6 @@ def test_malformed_eval_set_names_file_and_line(tmp_path: Path, tokenizer: Any) 
 def test_constructor_errors(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         CPMergeCallback(**kwargs)
-
-
-def test_select_scale_picks_the_lowest_finite_metric() -> None:
-    assert select_scale({0.5: 2.0, 1.0: 1.5, 2.0: 1.5, 4.0: math.nan}) == 1.0
-    with pytest.raises(ValueError, match="no finite validation metric"):
-        select_scale({1.0: math.nan})
 
 
 def test_no_tokenizer_is_refused_before_training(tmp_path: Path, tokenizer: Any) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import build_tiny_llama
+from helpers import build_tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from tclora.study.cli import MergeInputError, adapter_base_models, merge_main

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import randomize_lora
+from helpers import randomize_lora
 from peft import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model
 from torch.testing import assert_close
 

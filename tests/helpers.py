@@ -1,0 +1,104 @@
+"""Test helpers, imported one way (``from helpers import ...``), like Lightning's BoringModel:
+tiny causal LMs built from a config (never the hub), LoRA weights made nonzero, and a tiny
+multi-task corpus. The fixtures that use them live in ``conftest.py``.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+
+__all__ = ["TINY_CONFIG", "build_tiny_llama", "make_multitask_samples", "randomize_lora"]
+
+TINY_CONFIG: dict[str, Any] = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=True,
+)
+
+
+def build_tiny_llama(vocab_size: int, seed: int = 0, **overrides: Any) -> Any:
+    """A 2-layer Llama with hidden size 32, initialised from ``seed``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, **{**TINY_CONFIG, **overrides})
+    return LlamaForCausalLM(config).eval()
+
+
+def randomize_lora(model: Any, seed: int = 0) -> None:
+    """LoRA B is zero-initialised: give every adapter's A and B random nonzero values."""
+    from peft.tuners.lora import LoraLayer
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in sorted(model.named_modules(), key=lambda kv: kv[0]):
+            if isinstance(layer, LoraLayer):
+                for name in sorted(layer.lora_A):
+                    for w in (layer.lora_A[name].weight, layer.lora_B[name].weight):
+                        w.copy_(torch.randn(w.shape, generator=g) * 0.3)
+
+
+def make_multitask_samples(per_task: int = 30, seed: int = 0) -> list[dict[str, str]]:
+    """Four tasks with clearly different input formats: arithmetic, translation, sentiment, code."""
+    rng = random.Random(seed)
+    words = {
+        "cat": "chat",
+        "dog": "chien",
+        "house": "maison",
+        "water": "eau",
+        "bread": "pain",
+        "apple": "pomme",
+        "book": "livre",
+        "sun": "soleil",
+        "tree": "arbre",
+        "car": "voiture",
+    }
+    good = ["loved", "enjoyed", "adored", "liked"]
+    bad = ["hated", "disliked", "loathed", "despised"]
+    things = ["the film", "this restaurant", "the new phone", "that concert", "the hotel"]
+    samples: list[dict[str, str]] = []
+    for _ in range(per_task):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        samples.append(
+            {
+                "prompt": f"What is {a} + {b}? Answer with a number.",
+                "response": str(a + b),
+                "task": "arithmetic",
+            }
+        )
+        en = rng.choice(sorted(words))
+        samples.append(
+            {
+                "prompt": f"Translate the English word '{en}' into French.",
+                "response": words[en],
+                "task": "translation",
+            }
+        )
+        positive = rng.random() < 0.5
+        verb = rng.choice(good if positive else bad)
+        samples.append(
+            {
+                "prompt": f"Review: I {verb} {rng.choice(things)}. Is this review "
+                "positive or negative?",
+                "response": "positive" if positive else "negative",
+                "task": "sentiment",
+            }
+        )
+        x = rng.randint(1, 9)
+        k = rng.randint(2, 5)
+        samples.append(
+            {
+                "prompt": f"```python\ndef f(x):\n    return x * {k}\nprint(f({x}))\n```\n"
+                "What does this code print?",
+                "response": str(x * k),
+                "task": "code",
+            }
+        )
+    return samples

@@ -1,0 +1,112 @@
+"""The merge study without Lightning: options, scale choice, fingerprint and progress."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from helpers import build_tiny_llama
+from peft import LoraConfig, get_peft_model
+
+from tclora.evaluation import EvalExample, EvalSet
+from tclora.merge import AdapterStack
+from tclora.study import MethodResult, StudyConfig, select_scale
+from tclora.study.progress import (
+    PROGRESS_FILE,
+    fingerprint_components,
+    read_progress,
+    retire_outputs,
+    study_fingerprint,
+    write_progress,
+)
+
+
+def test_select_scale_picks_the_lowest_finite_metric() -> None:
+    assert select_scale({0.5: 2.0, 1.0: 1.5, 2.0: 1.5, 4.0: math.nan}) == 1.0
+    with pytest.raises(ValueError, match="no finite validation metric"):
+        select_scale({1.0: math.nan})
+
+
+def _peft(seed: int = 0) -> Any:
+    config = LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    torch.manual_seed(seed)
+    model = get_peft_model(build_tiny_llama(64, seed=1), config, adapter_name="a")
+    model.add_adapter("b", config)
+    return model
+
+
+def _components(model: Any, cfg: StudyConfig, sets: list[EvalSet], **kw: Any) -> dict[str, Any]:
+    stack = AdapterStack.from_peft_model(model, ["a", "b"])
+    tokenizer = kw.pop("tokenizer", _Tok())
+    return fingerprint_components(
+        stack=stack,
+        model=model,
+        tokenizer=tokenizer,
+        cfg=cfg,
+        eval_sets=sets,
+        val_loaders=kw.pop("val_loaders", []),
+        routing=False,
+    )
+
+
+class _Tok:
+    name_or_path = "tok"
+    bos_token = eos_token = pad_token = "<s>"
+    chat_template = None
+
+    def __len__(self) -> int:
+        return 64
+
+
+def _set(answer: str) -> list[EvalSet]:
+    return [EvalSet("s", "exact_match", [EvalExample("q", (answer,), None, "t")], "s.jsonl")]
+
+
+def test_fingerprint_covers_what_decides_the_rows() -> None:
+    model = _peft()
+    cfg = StudyConfig(scales=[1.0])
+    base = study_fingerprint(_components(model, cfg, _set("x")))
+    assert base == study_fingerprint(_components(model, cfg, _set("x")))
+    # options that change no number leave it as it is
+    quiet = StudyConfig(scales=[1.0], progress=False, export=False, keep="uniform")
+    assert study_fingerprint(_components(model, quiet, _set("x"))) == base
+    # each of these is a different study
+    assert study_fingerprint(_components(model, cfg, _set("y"))) != base  # eval content
+    assert study_fingerprint(_components(model, StudyConfig(scales=[2.0]), _set("x"))) != base
+    batches = [[{"input_ids": torch.ones(1, 3, dtype=torch.long)}]]
+    assert study_fingerprint(_components(model, cfg, _set("x"), val_loaders=batches)) != base
+    with torch.no_grad():
+        model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["b"].weight.add_(1e-3)
+    assert study_fingerprint(_components(model, cfg, _set("x"))) != base  # adapter weights
+    other_base = _peft()
+    with torch.no_grad():
+        other_base.base_model.model.lm_head.weight.mul_(2.0)  # same adapters, another base
+    assert study_fingerprint(_components(other_base, cfg, _set("x"))) != base
+
+
+def test_progress_round_trip_mismatch_and_retirement(tmp_path: Path) -> None:
+    model = _peft()
+    cfg = StudyConfig(scales=[1.0])
+    mine = _components(model, cfg, _set("x"))
+    rows = [MethodResult("uniform", "merge", scale=1.0, scores={"s": {"exact_match": 0.5}})]
+    assert read_progress(tmp_path, mine) == ([], None)  # nothing there
+    write_progress(tmp_path, mine, rows)
+    assert read_progress(tmp_path, mine) == (rows, None)
+    theirs = _components(model, StudyConfig(scales=[2.0]), _set("y"))
+    assert read_progress(tmp_path, theirs) == (
+        [],
+        f"{tmp_path / PROGRESS_FILE} was written by a different run (eval_sets, options differ)",
+    )
+    (tmp_path / PROGRESS_FILE).write_text("{not json")
+    found, reason = read_progress(tmp_path, mine)
+    assert found == [] and reason is not None and "is unreadable (JSONDecodeError" in reason
+    (tmp_path / "results.md").write_text("old")
+    (tmp_path / "keep.txt").write_text("not ours")
+    moved = retire_outputs(tmp_path)
+    assert moved is not None and moved.name.startswith("stale-")
+    assert sorted(p.name for p in moved.iterdir()) == [PROGRESS_FILE, "results.md"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt", moved.name]
+    assert retire_outputs(tmp_path) is None
