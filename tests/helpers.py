@@ -5,12 +5,20 @@ multi-task corpus. The fixtures that use them live in ``conftest.py``.
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["TINY_CONFIG", "build_tiny_llama", "make_multitask_samples", "randomize_lora"]
+__all__ = [
+    "TINY_CONFIG",
+    "build_tiny_llama",
+    "make_multitask_samples",
+    "merge_argv",
+    "randomize_lora",
+]
 
 TINY_CONFIG: dict[str, Any] = dict(
     hidden_size=32,
@@ -102,3 +110,37 @@ def make_multitask_samples(per_task: int = 30, seed: int = 0) -> list[dict[str, 
             }
         )
     return samples
+
+
+QUICK_MERGE: dict[str, Any] = {
+    "cp_ranks": [2],
+    "rules": ["mean_loading"],
+    "baselines": ["uniform"],
+    "scales": [1.0],
+    "references": ["base"],
+    "max_length": 64,
+    "cp_iters": 5,
+    "progress": False,
+}
+
+
+def merge_argv(
+    folders: list[str] | list[Path], out: Path | None = None, *extra: str, **options: Any
+) -> list[str]:
+    """``tclora merge`` arguments for a quick study: :data:`QUICK_MERGE` updated by ``options``.
+
+    Args:
+        folders: Adapter folders (given as ``--adapters A B ...``).
+        out: ``--output_dir`` (omitted when ``None``).
+        *extra: More arguments, as they are (e.g. ``"--val_data", "[...]"``).
+        **options: ``--merge.<name>`` values (JSON-encoded).
+
+    Returns:
+        The argument list.
+    """
+    args = ["--adapters", *[str(f) for f in folders]]
+    for name, value in {**QUICK_MERGE, **options}.items():
+        args += [f"--merge.{name}", json.dumps(value)]
+    if out is not None:
+        args += ["--output_dir", str(out)]
+    return args + list(extra)

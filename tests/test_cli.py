@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
+from helpers import merge_argv
 
 from tclora.cli import TCLoraCLI, cli_main
 
@@ -173,28 +174,7 @@ def test_fit_through_the_cli_with_a_tiny_model(
     # adapters ("different base models"). Now fit -> export -> tclora merge works as is.
     from tclora.study.cli import merge_main
 
-    code = merge_main(
-        [
-            "--adapters",
-            *[str(f) for f in folders],
-            "--output_dir",
-            str(tmp_path / "merged"),
-            "--merge.cp_ranks",
-            "[2]",
-            "--merge.rules",
-            "[mean_loading]",
-            "--merge.baselines",
-            "[uniform]",
-            "--merge.references",
-            "[base]",
-            "--merge.eval_sets",
-            json.dumps([str(heldout)]),
-            "--merge.max_length",
-            "64",
-            "--merge.progress",
-            "false",
-        ]
-    )
+    code = merge_main(merge_argv(folders, tmp_path / "merged", eval_sets=[str(heldout)]))
     assert code == 0
     summary = json.loads((tmp_path / "merged" / "results.json").read_text())
     assert summary["adapters"] == [f.name for f in folders]

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import build_tiny_llama
+from helpers import build_tiny_llama, merge_argv
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from tclora.study.cli import MergeInputError, adapter_base_models, merge_main
@@ -46,31 +46,19 @@ def test_merge_command_on_folders(
         )
     )
     out = tmp_path / "merged"
+    val = json.dumps([{"path": str(multitask_jsonl), "max_samples": 8}])
     code = merge_main(
-        [
-            "--adapters",
-            json.dumps(adapter_folders),
+        merge_argv(
+            adapter_folders,
+            out,
             "--val_data",
-            json.dumps([{"path": str(multitask_jsonl), "max_samples": 8}]),
-            "--output_dir",
-            str(out),
-            "--merge.cp_ranks",
-            "[2]",
-            "--merge.rules",
-            "[mean_loading]",
-            "--merge.baselines",
-            "[uniform, tsv]",
-            "--merge.scales",
-            "[0.5, 1.0]",
-            "--merge.references",
-            "[base, single]",
-            "--merge.eval_sets",
-            json.dumps([str(heldout)]),
-            "--merge.max_length",
-            "64",
-            "--merge.progress",
-            "false",
-        ]
+            val,
+            baselines=["uniform", "tsv"],
+            scales=[0.5, 1.0],
+            references=["base", "single"],
+            eval_sets=[str(heldout)],
+            cp_iters=100,
+        )
     )
     assert code == 0
     printed = capsys.readouterr().out
@@ -118,13 +106,7 @@ def test_one_adapter_is_refused(adapter_folders: list[str], tmp_path: Path) -> N
 
 
 def _quick_merge(folders: list[str], out: Path | None, scales: str, *extra: str) -> int:
-    args = ["--adapters", *folders, "--merge.cp_ranks", "[2]", "--merge.rules", "[mean_loading]"]
-    args += ["--merge.baselines", "[uniform]", "--merge.scales", scales]
-    args += ["--merge.references", "[base]", "--merge.max_length", "64"]
-    args += ["--merge.progress", "false", "--merge.cp_iters", "5", *extra]
-    if out is not None:
-        args += ["--output_dir", str(out)]
-    return merge_main(args)
+    return merge_main(merge_argv(folders, out, *extra, scales=json.loads(scales)))
 
 
 def test_a_reused_output_folder_never_mixes_runs(
@@ -180,11 +162,8 @@ def test_without_output_dir_every_run_gets_its_own_folder(
 def test_adapters_accept_the_plain_list_form(tmp_path: Path, adapter_folders: list[str]) -> None:
     # `--adapters A B` (the documented form) and `--adapters '[A, B]'` give the same run
     assert _quick_merge(adapter_folders[:2], tmp_path / "a", "[1.0]") == 0
-    args = ["--adapters", json.dumps(adapter_folders[:2]), "--merge.cp_ranks", "[2]"]
-    args += ["--merge.rules", "[mean_loading]", "--merge.baselines", "[uniform]"]
-    args += ["--merge.references", "[base]", "--merge.max_length", "64", "--merge.cp_iters", "5"]
-    args += ["--merge.progress", "false", "--output_dir", str(tmp_path / "b")]
-    assert merge_main(args) == 0
+    listed = merge_argv([json.dumps(adapter_folders[:2])], tmp_path / "b")
+    assert merge_main(listed) == 0
     a = json.loads((tmp_path / "a" / "results.json").read_text())
     b = json.loads((tmp_path / "b" / "results.json").read_text())
     assert a["fingerprint"] == b["fingerprint"]
