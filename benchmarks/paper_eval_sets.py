@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from tclora._io import atomic_write_text
 
 Record = dict[str, Any]
 
@@ -115,16 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("data/paper_eval"))
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
     args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
     for name in args.sets:
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=args.out)
-        count = 0
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for record in records(name):
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-                count += 1
-        os.replace(tmp, args.out / f"{name}.jsonl")
-        print(f"{name}: {count} items -> {args.out / f'{name}.jsonl'}")
+        lines = [json.dumps(record, ensure_ascii=False) + "\n" for record in records(name)]
+        atomic_write_text(args.out / f"{name}.jsonl", "".join(lines))
+        print(f"{name}: {len(lines)} items -> {args.out / f'{name}.jsonl'}")
     return 0
 
 

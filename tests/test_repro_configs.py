@@ -8,7 +8,6 @@ instantiating anything), never run.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import math
@@ -19,6 +18,19 @@ from unittest import mock
 
 import pytest
 import yaml
+
+from benchmarks.repro.aggregate import collect, summarise
+from benchmarks.repro.data import majority_floor, prepare_data
+from benchmarks.repro.report import markdown
+from benchmarks.repro.runs import run_overrides
+from benchmarks.repro.sweep import (
+    OOD_TASKS,
+    TRAIN_TASKS,
+    Sweep,
+    merge_callback,
+    run_dir,
+    study_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -45,19 +57,7 @@ def _resolved(*args: str) -> dict[str, Any]:
 
 
 def _merge_callback(cfg: dict[str, Any]) -> dict[str, Any]:
-    (callback,) = [
-        c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("CPMergeCallback")
-    ]
-    return dict(callback["init_args"])
-
-
-def _repro() -> Any:
-    spec = importlib.util.spec_from_file_location("repro_small", ROOT / "benchmarks/repro_small.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["repro_small"] = module
-    spec.loader.exec_module(module)
-    return module
+    return dict(merge_callback(cfg)["init_args"])
 
 
 @pytest.mark.parametrize(
@@ -102,29 +102,28 @@ def test_paper_config_combines_with_fsdp() -> None:
 
 
 def test_repro_small_config_and_run_overrides(tmp_path: Path) -> None:
-    repro = _repro()
     cfg = _resolved("--config", str(CONFIGS / "repro_small.yaml"))
     assert cfg["model"]["model"] == "smollm2-135m-instruct"
     tasks = [s["task"] for s in cfg["data"]["sources"]]
-    assert tasks == list(repro.TRAIN_TASKS) and len(tasks) >= 12
+    assert tasks == list(TRAIN_TASKS) and len(tasks) >= 12
     merge = _merge_callback(cfg)
     stems = [Path(p).stem for p in merge["eval_sets"]]
-    assert stems == list(repro.TRAIN_TASKS) + list(repro.OOD_TASKS)
-    assert not set(repro.OOD_TASKS) & set(repro.TRAIN_TASKS) and len(repro.OOD_TASKS) >= 6
+    assert stems == list(TRAIN_TASKS) + list(OOD_TASKS)
+    assert not set(OOD_TASKS) & set(TRAIN_TASKS) and len(OOD_TASKS) >= 6
     assert merge["cp_ranks"] == [4, 16] and len(merge["scales"]) > 1
 
-    sweep = repro.Sweep(work_dir=tmp_path)
-    per_task = repro.run_overrides(sweep, "per_task", 2, evaluate_base=False)
+    sweep = Sweep(work_dir=tmp_path)
+    per_task = run_overrides(sweep, "per_task", 2, evaluate_base=False)
     assert per_task["data"]["clustering"] == "per_task"
     assert (per_task["seed_everything"], per_task["data"]["seed"]) == (2, 2)
     assert per_task["model"]["init_seed"] == 2000
     init = per_task["trainer"]["callbacks"][0]["init_args"]
     assert init["references"] == ["routing", "single"]
     assert init["output_dir"] == str(tmp_path / "runs" / "per_task" / "seed2" / "merge")
-    kmeans = repro.run_overrides(sweep, "kmeans8", 0, evaluate_base=True)
+    kmeans = run_overrides(sweep, "kmeans8", 0, evaluate_base=True)
     assert (kmeans["data"]["clustering"], kmeans["data"]["num_clusters"]) == ("kmeans", 8)
     assert kmeans["trainer"]["callbacks"][0]["init_args"]["references"] == ["base", "routing"]
-    assert repro.run_overrides(sweep, "single", 0, False)["trainer"]["callbacks"] == []
+    assert run_overrides(sweep, "single", 0, False)["trainer"]["callbacks"] == []
     # Every override, on top of the base config, still parses through the CLI.
     override = tmp_path / "overrides.yaml"
     override.write_text(yaml.safe_dump(kmeans))
@@ -134,10 +133,9 @@ def test_repro_small_config_and_run_overrides(tmp_path: Path) -> None:
 
 
 def test_splits_are_disjoint_fixed_and_floors_come_from_train(tmp_path: Path) -> None:
-    repro = _repro()
     from tclora.evaluation import load_eval_set
 
-    sweep = repro.Sweep(
+    sweep = Sweep(
         work_dir=tmp_path,
         train_tasks=("food", "positive-binary-operations"),
         ood_tasks=("which_is_heavier",),
@@ -145,14 +143,14 @@ def test_splits_are_disjoint_fixed_and_floors_come_from_train(tmp_path: Path) ->
         test_items=25,
         ood_items=500,
     )
-    manifest = repro.prepare_data(sweep)
+    manifest = prepare_data(sweep)
     for task in sweep.train_tasks:
         train = [json.loads(x) for x in (tmp_path / "data/train" / f"{task}.jsonl").open()]
         test = load_eval_set(tmp_path / "data/test" / f"{task}.jsonl")
         assert (len(train), len(test)) == (30, 25)
         train_prompts = {json.dumps(r["prompt"]) for r in train}
         assert not train_prompts & {json.dumps(e.prompt) for e in test.examples}
-        floor = repro.majority_floor([r["response"] for r in train], test.examples)
+        floor = majority_floor([r["response"] for r in train], test.examples)
         assert manifest["tasks"][task]["majority"] == floor
     assert load_eval_set(tmp_path / "data/test/food.jsonl").kind == "multiple_choice"
     assert load_eval_set(tmp_path / "data/test/positive-binary-operations.jsonl").kind == (
@@ -161,25 +159,23 @@ def test_splits_are_disjoint_fixed_and_floors_come_from_train(tmp_path: Path) ->
     assert manifest["tasks"]["which_is_heavier"]["n_test"] == 183  # all of a small task
     # Same settings: same files; other settings on the same folder: a clear refusal.
     before = (tmp_path / "data/test/food.jsonl").read_text()
-    assert repro.prepare_data(sweep) == manifest
+    assert prepare_data(sweep) == manifest
     assert (tmp_path / "data/test/food.jsonl").read_text() == before
     sweep.test_items = 26
     with pytest.raises(SystemExit, match="other split settings"):
-        repro.prepare_data(sweep)
+        prepare_data(sweep)
 
 
 def test_majority_floor_counts_exact_match_answers() -> None:
-    repro = _repro()
     from tclora.evaluation import EvalExample
 
     mc = [EvalExample("q", (a,), ("No", "Yes"), "t") for a in ("Yes", "No", "Yes", "Yes")]
-    assert repro.majority_floor(["No", "No", "Yes"], mc) == {"answer": "No", "accuracy": 0.25}
+    assert majority_floor(["No", "No", "Yes"], mc) == {"answer": "No", "accuracy": 0.25}
     em = [EvalExample("q", ("7", "seven"), None, "t"), EvalExample("q", ("8",), None, "t")]
-    assert repro.majority_floor(["seven", "Seven.", "seven"], em)["accuracy"] == 0.5
+    assert majority_floor(["seven", "Seven.", "seven"], em)["accuracy"] == 0.5
 
 
 def test_summary_normalises_by_best_single_adapter_and_checks_floors() -> None:
-    repro = _repro()
     manifest = {
         "tasks": {
             "a": {
@@ -221,7 +217,7 @@ def test_summary_normalises_by_best_single_adapter_and_checks_floors() -> None:
         rec("kmeans4", 0, "cp4_sum_components", 0.4, 0.6, 0.7),
         rec("kmeans4", 1, "cp4_sum_components", 0.5, 0.5, 0.5),
     ]
-    summary = repro.summarise(records, manifest)
+    summary = summarise(records, manifest)
     cp = next(r for r in summary["rows"] if r["method"] == "cp4_sum_components")
     # seed 0: (0.4/0.8 + 0.6/0.6) / 2 = 0.75; seed 1: (0.5/1.0 + 0.5/1.0) / 2 = 0.5
     assert math.isclose(cp["normalised"], 0.625)
@@ -233,17 +229,60 @@ def test_summary_normalises_by_best_single_adapter_and_checks_floors() -> None:
     checks = {(c["seed"], c["task"]): c["clearly_beats"] for c in summary["adapter_checks"]}
     # 0.6 vs majority 0.6 is not above it; 0.8 vs 0.5 and 1.0 vs 0.6 clearly are.
     assert checks == {(0, "a"): True, (0, "b"): False, (1, "a"): True, (1, "b"): True}
-    text = repro.markdown(summary, "cmd")
+    text = markdown(summary, "cmd")
     assert "Not clearly above: b (seed 0" in text and "| kmeans4 | cp4_sum_components |" in text
 
 
+def test_method_order_is_the_study_config_of_the_sweep() -> None:
+    methods = study_config(Sweep()).method_names
+    assert methods == [
+        *(
+            f"cp{r}_{rule}"
+            for r in (4, 16)
+            for rule in ("sum_components", "mean_loading", "ties_loading")
+        ),
+        *("uniform", "ties", "knots_ties", "tsv", "iso_c"),
+    ]
+    assert study_config(Sweep.quick()).method_names == [
+        *(f"cp{r}_{rule}" for r in (4, 16) for rule in ("sum_components", "mean_loading")),
+        *("uniform", "ties", "knots_ties", "tsv", "iso_c"),
+    ]
+
+
+def test_collect_reads_study_rows_through_the_library(tmp_path: Path) -> None:
+    from tclora.study import MethodResult, row_to_dict
+
+    sweep = Sweep(work_dir=tmp_path, seeds=(0,), variants=("kmeans4", "single"))
+    manifest = {"tasks": {"a": {}, "u": {}}}
+    rows = [
+        MethodResult("base", "reference", scores={"a": {"acc": 0.5, "acc_norm": 0.9}}),
+        MethodResult(
+            "cp4_sum_components",
+            "merge",
+            scale=2.0,
+            merge_seconds=1.5,
+            scores={"a": {"acc": 0.75}, "u": {"exact_match": 0.25}, "other": {"acc": 1.0}},
+        ),
+    ]
+    results = {"rows": [row_to_dict(r) for r in rows], "cp_fit_error": {"cp4": {"mean": 0.3}}}
+    merge = run_dir(sweep, "kmeans4", 0) / "merge"
+    merge.mkdir(parents=True)
+    (merge / "results.json").write_text(json.dumps(results))
+    # The one-LoRA run's file as written before rows were row_to_dict data: name, kind, scores.
+    single = run_dir(sweep, "single", 0) / "merge"
+    single.mkdir(parents=True)
+    old_row = {"name": "single_lora", "kind": "reference", "scores": {"u": {"acc": 0.4}}}
+    (single / "results.json").write_text(json.dumps({"rows": [old_row], "cp_fit_error": {}}))
+    base, cp, lora = collect(sweep, manifest)
+    assert (base["method"], base["acc"], base["scale"]) == ("base", {"a": 0.5}, None)
+    assert cp["acc"] == {"a": 0.75, "u": 0.25}  # accuracy, else exact match; unknown sets dropped
+    assert (cp["scale"], cp["merge_seconds"], cp["cp_fit_error"]) == (2.0, 1.5, 0.3)
+    assert (lora["method"], lora["acc"], lora["run_seconds"]) == ("single_lora", {"u": 0.4}, None)
+
+
 def test_figure_draws_every_method_and_the_floors(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location(
-        "make_figures", ROOT / "benchmarks/make_figures.py"
-    )
-    assert spec is not None and spec.loader is not None
-    figures = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(figures)
+    from benchmarks import make_figures as figures  # sets matplotlib's Agg backend on import
+
     row = {"in_domain": 0.6, "in_domain_std": 0.02, "out_of_domain": 0.4}
     summary = {
         "rows": [

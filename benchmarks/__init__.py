@@ -1,0 +1,1 @@
+"""Benchmark and reproduction scripts of ``tclora``; a package so that tests import them."""

@@ -1,0 +1,270 @@
+"""From finished runs to the sweep's numbers: one record per (clustering, seed, method) read from
+each run's ``merge/results.json``, their mean +- std over seeds with standard errors and
+normalised accuracy, the per-task adapter checks, parameter counts and timings.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.repro.sweep import Sweep, run_dir, study_config
+
+__all__ = ["adapter_checks", "adapter_storage", "collect", "summarise", "timings", "train_rate"]
+
+REFERENCE_ORDER = ("base", "single_adapters", "single_lora", "routing")
+VARIANT_ORDER = ("base", "single", "per_task", "kmeans4", "kmeans8")
+
+
+def _mean(values: Sequence[float]) -> float:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(values) / len(values) if values else math.nan
+
+
+def _std(values: Sequence[float]) -> float:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def _binomial_se(accs: Mapping[str, float], manifest: Mapping[str, Any]) -> float:
+    """One standard error of a mean of per-task accuracies from item sampling alone."""
+    if not accs:
+        return math.nan
+    var = sum(p * (1 - p) / manifest["tasks"][t]["n_test"] for t, p in accs.items())
+    return math.sqrt(var) / len(accs)
+
+
+def _results(folder: Path) -> dict[str, Any] | None:
+    """A run's ``merge/results.json`` (``None`` while the run is unfinished)."""
+    path = folder / "merge" / "results.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def adapter_storage(adapter_dir: Path, cp_rank: int) -> dict[str, int]:
+    """Parameter counts of the K exported adapters and of their rank-``cp_rank`` CP factors.
+
+    Per adapted weight (d_out x d_in) a LoRA adapter stores r (d_in + d_out) numbers; the joint CP
+    model of K adapters stores R (d_in + d_out + K) (factors U, V and task loadings C).
+    """
+    from safetensors import safe_open
+
+    folders = sorted(p for p in adapter_dir.iterdir() if p.is_dir())
+    k = len(folders)
+    lora = 0
+    cp = 0
+    with safe_open(str(folders[0] / "adapter_model.safetensors"), framework="pt") as handle:
+        shapes = {key: handle.get_slice(key).get_shape() for key in handle.keys()}  # noqa: SIM118
+    for key, shape in shapes.items():
+        if "lora_A" not in key:
+            continue
+        r, d_in = shape
+        d_out = shapes[key.replace("lora_A", "lora_B")][0]
+        lora += r * (d_in + d_out)
+        cp += cp_rank * (d_in + d_out + k)
+    return {"adapters": k, "lora_params": k * lora, "cp_params": cp}
+
+
+def train_rate(folder: Path) -> dict[str, float]:
+    """Training throughput logged by ``LoRAModule`` (``train/tokens_per_s``) in a run's events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rates: list[float] = []
+    for path in sorted((folder / "tensorboard").rglob("events.out.tfevents.*")):
+        events = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        events.Reload()
+        if "train/tokens_per_s" in events.Tags()["scalars"]:
+            rates += [e.value for e in events.Scalars("train/tokens_per_s")]
+    return {"tokens_per_s": _mean(rates), "logged_steps": len(rates)}
+
+
+def timings(sweep: Sweep) -> dict[str, Any]:
+    """Wall time per run, training throughput and the seconds of one full evaluation pass."""
+    out: dict[str, Any] = {}
+    for variant in sweep.variants:
+        for seed in sweep.seeds:
+            folder = run_dir(sweep, variant, seed)
+            timing = folder / "timing.json"
+            if not timing.is_file():
+                continue
+            entry = {**json.loads(timing.read_text()), **train_rate(folder)}
+            result = _results(folder)
+            if result is not None and "eval_pass_seconds" in result:
+                entry["eval_pass_seconds"] = result["eval_pass_seconds"]
+            out[f"{variant}/seed{seed}"] = entry
+    return out
+
+
+def collect(sweep: Sweep, manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One record per (variant, seed, method) with its per-task headline scores.
+
+    Rows are read back with :func:`tclora.study.row_from_dict` and scored with
+    :meth:`tclora.study.MethodResult.primary` (accuracy, else exact match), as the study does.
+    """
+    from tclora.study import row_from_dict
+
+    records = []
+    for variant in sweep.variants:
+        for seed in sweep.seeds:
+            folder = run_dir(sweep, variant, seed)
+            result = _results(folder)
+            if result is None:
+                continue
+            timing = folder / "timing.json"
+            seconds = json.loads(timing.read_text())["seconds"] if timing.is_file() else None
+            for row in map(row_from_dict, result["rows"]):
+                rank = row.name[2:].split("_")[0] if row.name.startswith("cp") else None
+                fit = result["cp_fit_error"].get(f"cp{rank}", {}) if rank else {}
+                storage = None
+                if rank and (folder / "adapters").is_dir():
+                    storage = adapter_storage(folder / "adapters", int(rank))
+                records.append(
+                    {
+                        "variant": variant,
+                        "seed": seed,
+                        "method": "single_lora" if variant == "single" else row.name,
+                        "kind": row.kind,
+                        "scale": row.scale,
+                        "merge_seconds": row.merge_seconds,
+                        "cp_fit_error": fit.get("mean"),
+                        "storage": storage,
+                        "run_seconds": seconds,
+                        "acc": {t: row.primary(t) for t in row.scores if t in manifest["tasks"]},
+                    }
+                )
+    return records
+
+
+def summarise(
+    records: list[dict[str, Any]],
+    manifest: Mapping[str, Any],
+    methods: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Mean +- std over seeds per (variant, method): in-domain, normalised in-domain, unseen.
+
+    Args:
+        records: :func:`collect`'s records.
+        manifest: The splits' manifest (:func:`benchmarks.repro.data.prepare_data`).
+        methods: Merge methods in table order (default: the default sweep's
+            :attr:`tclora.study.StudyConfig.method_names`); the references come first.
+
+    Returns:
+        ``{"rows", "floors", "adapter_checks", "tasks"}``.
+    """
+    if methods is None:
+        methods = study_config(Sweep()).method_names
+    tasks = manifest["tasks"]
+    in_domain = [t for t, v in tasks.items() if v["group"] == "in_domain"]
+    ood = [t for t, v in tasks.items() if v["group"] == "out_of_domain"]
+    # Normaliser: per seed and task, the best single per-task adapter's accuracy on that task.
+    best_single: dict[tuple[int, str], float] = {}
+    for rec in records:
+        if rec["variant"] == "per_task" and rec["method"].startswith("single:"):
+            for t in in_domain:
+                key = (rec["seed"], t)
+                best_single[key] = max(best_single.get(key, -1.0), rec["acc"].get(t, math.nan))
+    base = next((r for r in records if r["method"] == "base"), None)
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = collections.defaultdict(list)
+    for rec in records:
+        method = rec["method"]
+        if method == "base":
+            groups[("base", "base")].append(rec)
+        elif method.startswith("single:"):
+            groups[(rec["variant"], "single_adapters")].append(rec)
+        else:
+            groups[(rec["variant"], method)].append(rec)
+    rows: list[dict[str, Any]] = []
+    for (variant, method), recs in groups.items():
+        if method == "single_adapters":
+            # Per seed: each task scored by its best single adapter (the upper reference).
+            per_seed: dict[int, dict[str, float]] = collections.defaultdict(dict)
+            for rec in recs:
+                for t, a in rec["acc"].items():
+                    per_seed[rec["seed"]][t] = max(per_seed[rec["seed"]].get(t, -1.0), a)
+            accs = [per_seed[s] for s in sorted(per_seed)]
+            seeds = sorted(per_seed)
+        else:
+            accs = [r["acc"] for r in recs]
+            seeds = [r["seed"] for r in recs]
+        id_means = [_mean([a.get(t, math.nan) for t in in_domain]) for a in accs]
+        ood_means = [_mean([a.get(t, math.nan) for t in ood]) for a in accs]
+        norm_means = [
+            _mean(
+                [
+                    a.get(t, math.nan) / best_single[(s, t)]
+                    for t in in_domain
+                    if best_single.get((s, t), 0) > 0
+                ]
+            )
+            for a, s in zip(accs, seeds, strict=True)
+        ]
+        first = recs[0]
+        per_task = {t: _mean([a.get(t, math.nan) for a in accs]) for t in in_domain + ood}
+        rows.append(
+            {
+                "variant": variant,
+                "method": method,
+                "seeds": len(accs),
+                "in_domain": _mean(id_means),
+                "in_domain_std": _std(id_means),
+                "in_domain_se": _binomial_se(
+                    {t: per_task[t] for t in in_domain if math.isfinite(per_task[t])}, manifest
+                ),
+                "normalised": _mean(norm_means),
+                "normalised_std": _std(norm_means),
+                "out_of_domain": _mean(ood_means),
+                "out_of_domain_std": _std(ood_means),
+                "out_of_domain_se": _binomial_se(
+                    {t: per_task[t] for t in ood if math.isfinite(per_task[t])}, manifest
+                ),
+                "scale": _mean([r["scale"] for r in recs if r["scale"] is not None]),
+                "cp_fit_error": _mean(
+                    [r["cp_fit_error"] for r in recs if r["cp_fit_error"] is not None]
+                ),
+                "merge_seconds": _mean(
+                    [r["merge_seconds"] for r in recs if r["merge_seconds"] is not None]
+                ),
+                "lora_params": (first["storage"] or {}).get("lora_params"),
+                "cp_params": (first["storage"] or {}).get("cp_params"),
+                "per_task": per_task,
+            }
+        )
+    order = {m: i for i, m in enumerate(REFERENCE_ORDER)}
+    order.update({m: 10 + i for i, m in enumerate(methods)})
+    vorder = {v: i for i, v in enumerate(VARIANT_ORDER)}
+    rows.sort(key=lambda r: (vorder.get(r["variant"], 9), order.get(r["method"], 99)))
+    floors = {
+        "majority": {t: tasks[t]["majority"]["accuracy"] for t in in_domain},
+        "majority_in_domain": _mean([tasks[t]["majority"]["accuracy"] for t in in_domain]),
+        "chance_out_of_domain": _mean([tasks[t]["chance"] for t in ood]),
+        "base": None if base is None else base["acc"],
+    }
+    checks = adapter_checks(best_single, manifest)
+    return {"rows": rows, "floors": floors, "adapter_checks": checks, "tasks": dict(tasks)}
+
+
+def adapter_checks(
+    best_single: Mapping[tuple[int, str], float], manifest: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """Does each task's per-task adapter beat the majority answer by more than 2 standard errors?"""
+    out = []
+    for (seed, task), acc in sorted(best_single.items()):
+        info = manifest["tasks"][task]
+        floor = info["majority"]["accuracy"]
+        pooled = (acc + floor) / 2  # the standard error of acc - floor under "no difference"
+        se = math.sqrt(max(pooled * (1 - pooled), 1 / info["n_test"]) / info["n_test"])
+        out.append(
+            {
+                "seed": seed,
+                "task": task,
+                "adapter": acc,
+                "majority": floor,
+                "margin_se": (acc - floor) / se if se > 0 else math.inf,
+                "clearly_beats": acc - floor > 2 * se,
+            }
+        )
+    return out

@@ -1,0 +1,85 @@
+"""The sweep's command line (``main``): flags onto a :class:`~benchmarks.repro.sweep.Sweep`,
+then splits, runs, aggregation and the results files, in that order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import benchmarks.repro
+from benchmarks.repro.aggregate import collect, summarise, timings
+from benchmarks.repro.data import prepare_data
+from benchmarks.repro.report import write_results
+from benchmarks.repro.runs import run_one
+from benchmarks.repro.sweep import VARIANTS, Sweep, study_config
+
+__all__ = ["PROG", "main"]
+
+PROG = "python benchmarks/repro_small.py"
+
+
+def _parser() -> argparse.ArgumentParser:
+    doc = benchmarks.repro.__doc__ or ""
+    parser = argparse.ArgumentParser(prog=PROG, description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run of the harness")
+    parser.add_argument("--prepare-only", action="store_true", help="write the splits and stop")
+    parser.add_argument("--aggregate-only", action="store_true", help="only aggregate results")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1 2)")
+    parser.add_argument(
+        "--variants", nargs="+", choices=VARIANTS, help=f"subset of {' '.join(VARIANTS)} to run"
+    )
+    parser.add_argument("--test-items", type=int, help="test items per training task")
+    parser.add_argument("--ood-items", type=int, help="items per unseen task")
+    parser.add_argument("--work-dir", type=Path, help="runs and splits (default runs/repro_small)")
+    parser.add_argument("--results-dir", type=Path, help="aggregated results folder")
+    parser.add_argument("--threads", type=int, help="OMP/MKL threads of each run (default: all)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the sweep as ``python benchmarks/repro_small.py [flags]``; return the exit code."""
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sweep = Sweep.quick() if args.quick else Sweep()
+    if args.seeds:
+        sweep.seeds = tuple(args.seeds)
+    if args.variants:
+        sweep.variants = tuple(args.variants)
+    if args.test_items:
+        sweep.test_items = args.test_items
+    if args.ood_items:
+        sweep.ood_items = args.ood_items
+    if args.work_dir:
+        sweep.work_dir = args.work_dir.resolve()
+    if args.results_dir:
+        sweep.results_dir = args.results_dir.resolve()
+    command = f"{PROG} " + " ".join(argv or sys.argv[1:])
+    manifest = prepare_data(sweep)
+    print(f"splits in {sweep.work_dir / 'data'}: {json.dumps(manifest['settings'])}")
+    if args.prepare_only:
+        return 0
+    if not args.aggregate_only:
+        first = True
+        for seed in sweep.seeds:
+            for variant in sweep.variants:
+                # The base model does not depend on the seed or the clustering: score it once.
+                evaluate_base = first and variant != "single"
+                run_one(sweep, variant, seed, evaluate_base, args.threads)
+                first = first and not evaluate_base
+    records = collect(sweep, manifest)
+    if not records:
+        print("no finished runs to aggregate")
+        return 1
+    summary = summarise(records, manifest, study_config(sweep).method_names)
+    summary["timings"] = timings(sweep)
+    summary["sweep"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(sweep).items()}
+    write_results(summary, sweep, command.strip())
+    for run, entry in summary["timings"].items():
+        print(f"timing {run}: " + ", ".join(f"{k}={v:.4g}" for k, v in entry.items()))
+    return 0

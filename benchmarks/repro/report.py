@@ -1,0 +1,118 @@
+"""The sweep's outputs: the summary as Markdown (main table, per-task table, floors, adapter
+checks), and ``repro_small.{md,json,csv}`` in the results folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from benchmarks.repro.sweep import Sweep
+from tclora._io import atomic_write_text
+
+__all__ = ["markdown", "write_results"]
+
+
+def _pct(value: Any, std: Any = None) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    text = f"{100 * value:.1f}"
+    if std is not None and isinstance(std, float) and math.isfinite(std):
+        text += f" ± {100 * std:.1f}"
+    return text
+
+
+def _num(value: Any, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return format(value, fmt)
+
+
+def markdown(summary: Mapping[str, Any], command: str) -> str:
+    """The results as Markdown: main table, per-task table, floors and adapter checks."""
+    floors = summary["floors"]
+    lines = [
+        f"Command: `{command}`",
+        "",
+        "Accuracy in % (mean ± std over seeds). In-domain: each training task's held-out test "
+        "split; normalised: accuracy / the task's best single per-task adapter (same seed); "
+        "unseen: tasks never trained or clustered on. ±SE: one standard error of the mean from "
+        "test-item sampling alone.",
+        "",
+        "| clustering | method | seeds | in-domain | ±SE | normalised | unseen | ±SE | scale "
+        "| CP fit err | merge s | params K adapters | params CP |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in summary["rows"]:
+        lines.append(
+            f"| {r['variant']} | {r['method']} | {r['seeds']} "
+            f"| {_pct(r['in_domain'], r['in_domain_std'])} | {_pct(r['in_domain_se'])} "
+            f"| {_pct(r['normalised'], r['normalised_std'])} "
+            f"| {_pct(r['out_of_domain'], r['out_of_domain_std'])} "
+            f"| {_pct(r['out_of_domain_se'])} | {_num(r['scale'], '.3g')} "
+            f"| {_num(r['cp_fit_error'], '.3f')} | {_num(r['merge_seconds'], '.2f')} "
+            f"| {_num(r['lora_params'], ',')} | {_num(r['cp_params'], ',')} |"
+        )
+    lines += [
+        "",
+        f"Floors: majority answer of the training split, in-domain mean "
+        f"{_pct(floors['majority_in_domain'])}; chance on the unseen multiple-choice tasks "
+        f"(0 for short answers), mean {_pct(floors['chance_out_of_domain'])}.",
+        "",
+        "Per task (mean over seeds; base model and majority floor beside each):",
+        "",
+    ]
+    tasks = list(summary["tasks"])
+    methods = list(summary["rows"])
+    header = "| task | group | n | majority | " + " | ".join(
+        f"{r['variant']}/{r['method']}" for r in methods
+    )
+    lines += [header + " |", "|" + "---|" * (4 + len(methods))]
+    for t in tasks:
+        info = summary["tasks"][t]
+        maj = info.get("majority", {}).get("accuracy")
+        cells = " | ".join(_pct(r["per_task"].get(t)) for r in methods)
+        group = "in" if info["group"] == "in_domain" else "unseen"
+        lines.append(f"| {t} | {group} | {info['n_test']} | {_pct(maj)} | {cells} |")
+    checks = summary["adapter_checks"]
+    if checks:
+        beaten = sum(c["clearly_beats"] for c in checks)
+        lines += [
+            "",
+            f"Per-task adapters clearly above the majority answer (> 2 SE): {beaten} of "
+            f"{len(checks)} (task, seed) pairs.",
+        ]
+        failing = [c for c in checks if not c["clearly_beats"]]
+        if failing:
+            lines.append(
+                "Not clearly above: "
+                + ", ".join(
+                    f"{c['task']} (seed {c['seed']}: {_pct(c['adapter'])} vs {_pct(c['majority'])})"
+                    for c in failing
+                )
+                + "."
+            )
+    return "\n".join(lines) + "\n"
+
+
+def write_results(summary: Mapping[str, Any], sweep: Sweep, command: str) -> None:
+    """Write ``repro_small.{md,json,csv}`` to ``sweep.results_dir`` and print the Markdown."""
+    out = sweep.results_dir
+    text = markdown(summary, command)
+    atomic_write_text(out / "repro_small.md", text)
+    atomic_write_text(
+        out / "repro_small.json", json.dumps({**summary, "command": command}, indent=1)
+    )
+    buffer = io.StringIO()
+    keys = [k for k in summary["rows"][0] if k != "per_task"] if summary["rows"] else []
+    tasks = list(summary["tasks"])
+    writer = csv.writer(buffer)
+    writer.writerow(keys + tasks)
+    for r in summary["rows"]:
+        writer.writerow([r[k] for k in keys] + [r["per_task"].get(t) for t in tasks])
+    atomic_write_text(out / "repro_small.csv", buffer.getvalue())
+    print(text)

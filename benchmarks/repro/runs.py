@@ -1,0 +1,158 @@
+"""One run of the sweep: its override config on top of ``configs/repro_small.yaml``, its
+``tclora fit`` invocation (skipped when its results exist), and the evaluation of the one-LoRA
+run, which has no merge study (one adapter cannot be merged) and is scored here instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml  # type: ignore[import-untyped]
+
+from benchmarks.repro.sweep import (
+    BASE_CONFIG,
+    ROOT,
+    Sweep,
+    base_config,
+    callback_options,
+    eval_files,
+    merge_callback,
+    run_dir,
+    study_config,
+)
+from tclora._io import atomic_write_text
+
+__all__ = ["evaluate_single_lora", "run_one", "run_overrides"]
+
+
+def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def run_overrides(sweep: Sweep, variant: str, seed: int, evaluate_base: bool) -> dict[str, Any]:
+    """The override config of one run (on top of ``configs/repro_small.yaml``)."""
+    folder = run_dir(sweep, variant, seed)
+    data = sweep.work_dir / "data"
+    refs = ["routing"] + (["single"] if variant == "per_task" else [])
+    callback = merge_callback(base_config())
+    callback["init_args"] = callback_options(
+        sweep,
+        eval_sets=eval_files(sweep),
+        output_dir=str(folder / "merge"),
+        seed=seed,
+        references=(["base"] if evaluate_base else []) + refs,
+    )
+    if variant.startswith("kmeans"):
+        clustering: dict[str, Any] = {"clustering": "kmeans", "num_clusters": int(variant[6:])}
+    else:
+        clustering = {"clustering": variant}
+    out: dict[str, Any] = {
+        "seed_everything": seed,
+        "trainer": {
+            "default_root_dir": str(folder),
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(folder), "name": "tensorboard", "version": ""},
+            },
+            # One adapter cannot be merged: the single-LoRA run is evaluated by this script.
+            "callbacks": [] if variant == "single" else [callback],
+        },
+        # Adapter k of seed s starts from seed 1000 s + k: every adapter has its own init.
+        "model": {"init_seed": 1000 * seed, "export_dir": str(folder / "adapters")},
+        "data": {
+            "seed": seed,
+            "sources": [
+                {"path": str(data / "train" / f"{t}.jsonl"), "task": t} for t in sweep.train_tasks
+            ],
+            **clustering,
+        },
+    }
+    extra = {k: v for k, v in sweep.overrides.items() if k != "callback"}
+    return _deep_merge(out, extra)
+
+
+def evaluate_single_lora(sweep: Sweep, variant: str, seed: int) -> None:
+    """Score the one-LoRA run's exported adapter on every set, as the callback would (the same
+    :class:`~tclora.study.StudyConfig` options, loader and :func:`tclora.evaluation.evaluate` calls).
+
+    Writes ``merge/results.json`` in the merge study's form (rows are
+    :func:`tclora.study.row_to_dict` data), plus ``eval_pass_seconds``: the time of one model
+    scored on every set, the unit of the sweep's evaluation cost.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tclora.assets import resolve_model
+    from tclora.study import MergeStudy, MethodResult, row_to_dict
+    from tclora.study.run import _evaluate_all  # the study's own scoring of every set
+
+    folder = run_dir(sweep, variant, seed)
+    cfg = study_config(sweep, eval_sets=eval_files(sweep), seed=seed)
+    eval_sets = MergeStudy(cfg).load_eval_sets()  # a missing file fails before any model loads
+    adapters = sorted(p for p in (folder / "adapters").iterdir() if p.is_dir())
+    if len(adapters) != 1:
+        raise SystemExit(f"{folder / 'adapters'}: expected one exported adapter, got {adapters}")
+    path = resolve_model(base_config()["model"]["model"])
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path), adapters[0])
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    scores = _evaluate_all(model, tokenizer, eval_sets, cfg)
+    seconds = time.perf_counter() - start
+    row = MethodResult(name="single_lora", kind="reference", scores=scores)
+    summary: dict[str, Any] = {
+        "kept": None,
+        "eval_sets": list(scores),
+        "rows": [row_to_dict(row)],
+        "cp_fit_error": {},
+        "adapters": [adapters[0].name],
+        "eval_pass_seconds": seconds,
+    }
+    atomic_write_text(folder / "merge" / "results.json", json.dumps(summary, indent=1))
+
+
+def run_one(
+    sweep: Sweep, variant: str, seed: int, evaluate_base: bool, threads: int | None = None
+) -> float:
+    """Fit (and evaluate) one run through the CLI unless its results exist; return seconds."""
+    folder = run_dir(sweep, variant, seed)
+    if (folder / "merge" / "results.json").is_file():
+        print(f"[skip] {variant} seed {seed}: {folder / 'merge' / 'results.json'} exists")
+        return 0.0
+    folder.mkdir(parents=True, exist_ok=True)
+    override = folder / "overrides.yaml"
+    atomic_write_text(
+        override,
+        yaml.safe_dump(run_overrides(sweep, variant, seed, evaluate_base), sort_keys=False),
+    )
+    exe = Path(sys.executable).with_name("tclora")
+    command = [str(exe), "fit", "--config", str(BASE_CONFIG), "--config", str(override)]
+    print(f"[run ] {variant} seed {seed}: {' '.join(command)}", flush=True)
+    start = time.perf_counter()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if threads is not None:  # on a shared machine, OpenMP spin-waits can slow small kernels a lot
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    with open(folder / "fit.log", "w") as log:
+        done = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"{variant} seed {seed} failed (exit {done.returncode}); see {log.name}")
+    if variant == "single":
+        evaluate_single_lora(sweep, variant, seed)
+    seconds = time.perf_counter() - start
+    atomic_write_text(folder / "timing.json", json.dumps({"seconds": seconds}))
+    print(f"[done] {variant} seed {seed}: {seconds:.0f} s", flush=True)
+    return seconds
