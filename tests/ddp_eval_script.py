@@ -41,15 +41,16 @@ def _worker(rank: int, port: int, tokenizer_dir: str, mc: str, em: str, out_dir:
         from transformers import AutoTokenizer
 
         import tclora.evaluation as ev
+        import tclora.evaluation.distributed as ev_distributed
 
         scored: list[int] = []
-        original = ev._score_group
+        original = ev_distributed._score_group
 
         def counting(model: Any, tokenizer: Any, examples: list[Any], *a: Any, **k: Any) -> Any:
             scored.append(len(examples))
             return original(model, tokenizer, examples, *a, **k)
 
-        ev._score_group = counting  # type: ignore[assignment]
+        ev_distributed._score_group = counting  # type: ignore[assignment]
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         model, peft_model = build_models(len(tokenizer))
         mc_set = ev.load_eval_set(mc)

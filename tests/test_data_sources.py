@@ -124,10 +124,17 @@ def test_check_source_rejects_unknown_registry_tasks(tmp_path: Path, monkeypatch
     with pytest.raises(
         DataSourceError,
         match=rf"^source 'registry:zzz': no evals-registry task 'zzz' under "
-        rf"{re.escape(str(root))} \(2 tasks are available\)$",
+        rf"{re.escape(str(root))} \(2 tasks are available; "
+        r"tclora\.assets\.list_corpus_tasks\(\) lists the MIT-licensed ones\)$",
     ):
         check_source(parse_source("registry:zzz"))
     check_source(parse_source("registry:alpha"))
+    (root / "alpha" / "sub").mkdir()
+    for outside in ("../corpus", "alpha/sub", ".hidden"):  # one folder name, inside the corpus
+        with pytest.raises(
+            DataSourceError, match=rf"no evals-registry task {re.escape(repr(outside))}"
+        ):
+            check_source(parse_source(f"registry:{outside}"))
 
 
 def test_registry_skips_incomplete_lines_with_a_count(tmp_path: Path, monkeypatch) -> None:
@@ -170,8 +177,11 @@ def test_bad_sources_have_clear_messages(tmp_path: Path) -> None:
     with pytest.raises(DataSourceError, match=r"empty data \(no samples\)"):
         load_source(str(tmp_path / "empty.jsonl"))
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "response": "b"}\n{oops\n')
-    with pytest.raises(DataSourceError, match=r"bad\.jsonl:2: not valid JSON"):
+    with pytest.raises(DataSourceError, match=r"bad\.jsonl:2: not valid JSON \(.* at column 2\)"):
         load_source(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "latin.jsonl").write_bytes(b'{"prompt": "caf\xe9", "response": "b"}\n')
+    with pytest.raises(DataSourceError, match=r"latin\.jsonl: not UTF-8 text"):
+        load_source(str(tmp_path / "latin.jsonl"))
     _write_jsonl(tmp_path / "p.jsonl", [{"prompt": 5, "response": "b"}])
     with pytest.raises(DataSourceError, match=r"field 'prompt' must be a string or a list"):
         load_source(str(tmp_path / "p.jsonl"))

@@ -17,7 +17,6 @@ A source is written as a string or a dict:
 from __future__ import annotations
 
 import csv
-import difflib
 import json
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -27,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from tclora.data.jsonl import read_jsonl, registry_task_folder
 from tclora.data.samples import Prompt, Sample
 
 __all__ = [
@@ -255,15 +255,7 @@ def _records_to_samples(
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    loads = json.loads
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            try:
-                yield number, loads(line)
-            except json.JSONDecodeError as err:
-                if not line.strip():
-                    continue
-                raise DataSourceError(f"{path}:{number}: not valid JSON ({err.msg})") from err
+    return read_jsonl(path, DataSourceError)
 
 
 def _iter_json(path: Path) -> Iterator[tuple[int | str, Any]]:
@@ -380,23 +372,8 @@ def _read_path(spec: SourceSpec) -> list[Sample]:
 
 
 def _registry_folder(spec: SourceSpec) -> Path:
-    """The folder of registry task ``spec.location``.
-
-    Raises:
-        DataSourceError: No such task, naming the closest task names ("did you mean").
-    """
-    from tclora.assets import corpus_dir
-
-    root = corpus_dir()
-    folder = root / spec.location
-    if not folder.is_dir():
-        known = sorted(p.name for p in root.iterdir() if p.is_dir())
-        close = difflib.get_close_matches(spec.location, known, n=5)
-        raise DataSourceError(
-            f"source {spec.label!r}: no evals-registry task {spec.location!r} under {root}"
-            + (f"; did you mean {close}?" if close else f" ({len(known)} tasks are available)")
-        )
-    return folder
+    """The folder of registry task ``spec.location`` (see :func:`registry_task_folder`)."""
+    return registry_task_folder(spec.location, f"source {spec.label!r}", DataSourceError)
 
 
 def _read_registry(spec: SourceSpec) -> list[Sample]:

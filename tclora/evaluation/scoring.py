@@ -1,0 +1,406 @@
+"""Scoring: exact-match normalisation, harness-style tokenisation, log-likelihood and generation.
+
+Owns the pure helpers (:func:`normalize_answer`, :func:`is_exact_match`,
+:func:`choice_predictions`), the lm-evaluation-harness context/continuation split
+(:func:`encode_pair`) and the two model scorers, :func:`score_choices` (multiple choice by summed
+log-likelihood) and :func:`generate_answers` (greedy short answers). Prompts are rendered by
+:func:`tclora.data.render_prompt`, the one renderer. Nothing here shards or aggregates; see
+:mod:`tclora.evaluation.distributed`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import unicodedata
+from collections.abc import Sequence
+from typing import Any, cast
+
+import torch
+from tqdm.auto import tqdm
+
+from tclora.data.samples import Prompt, render_prompt
+from tclora.evaluation.sets import EvalExample
+
+__all__ = [
+    "choice_predictions",
+    "encode_pair",
+    "generate_answers",
+    "is_exact_match",
+    "normalize_answer",
+    "score_choices",
+]
+
+# --------------------------------------------------------------------------------------------
+# Pure scoring helpers
+# --------------------------------------------------------------------------------------------
+
+
+def normalize_answer(text: str) -> str:
+    """Normalise an answer for exact match.
+
+    Whitespace runs collapse to one space, the text is casefolded, and leading/trailing whitespace
+    and trailing punctuation (any Unicode ``P*`` category: ``.``, ``!``, ``。``, ...) are removed.
+
+    Args:
+        text: A prediction or a reference answer.
+
+    Returns:
+        The normalised text.
+    """
+    out = " ".join(text.split()).casefold()
+    end = len(out)
+    while end and (out[end - 1].isspace() or unicodedata.category(out[end - 1]).startswith("P")):
+        end -= 1
+    return out[:end]
+
+
+def is_exact_match(prediction: str, answers: Sequence[str]) -> bool:
+    """Whether a prediction equals one of the acceptable answers after :func:`normalize_answer`.
+
+    Args:
+        prediction: Generated text (already cut to its first line).
+        answers: Acceptable answers.
+
+    Returns:
+        ``True`` on a match.
+    """
+    target = normalize_answer(prediction)
+    return any(target == normalize_answer(a) for a in answers)
+
+
+def choice_predictions(logliks: Sequence[float], lengths: Sequence[int]) -> tuple[int, int]:
+    """The harness' multiple-choice predictions from per-choice log-likelihoods.
+
+    Args:
+        logliks: Summed log-likelihood of each choice's continuation.
+        lengths: Length of each choice in characters (``len(choice)``).
+
+    Returns:
+        ``(pred, pred_norm)``: argmax of ``logliks`` and of ``logliks / lengths`` (first index on
+        ties, like ``numpy.argmax``).
+
+    Raises:
+        ValueError: ``logliks`` is empty or not as long as ``lengths``.
+    """
+    if len(logliks) != len(lengths) or not logliks:
+        raise ValueError(
+            f"logliks and lengths must be non-empty and of equal length, got {len(logliks)} "
+            f"and {len(lengths)}"
+        )
+    ll = torch.tensor(list(logliks), dtype=torch.float64)
+    norm = ll / torch.tensor([max(int(n), 1) for n in lengths], dtype=torch.float64)
+    return int(torch.argmax(ll)), int(torch.argmax(norm))
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenisation
+# --------------------------------------------------------------------------------------------
+
+
+def _has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def _prefix_token(tokenizer: Any) -> int:
+    for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    raise ValueError(
+        "tokenizer has neither a BOS nor an EOS token to condition an empty context on"
+    )
+
+
+def encode_pair(
+    tokenizer: Any, context: str, continuation: str, add_special_tokens: bool
+) -> tuple[list[int], list[int]]:
+    """Token ids of a context and of its continuation, split the lm-evaluation-harness way.
+
+    Trailing whitespace of the context moves to the continuation; ``context + continuation`` is
+    encoded whole and cut at the length of the encoded context (``HFLM._encode_pair``). An empty
+    context is replaced by the BOS (else EOS) token.
+
+    Args:
+        tokenizer: A transformers tokenizer.
+        context: The rendered prompt.
+        continuation: The choice text (with its delimiter).
+        add_special_tokens: Passed to the tokenizer (``False`` for chat-templated text).
+
+    Returns:
+        ``(context_ids, continuation_ids)``.
+
+    Raises:
+        ValueError: The context is empty and the tokenizer has neither a BOS nor an EOS token.
+    """
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = _encode(tokenizer, context + continuation, add_special_tokens)
+    context_ids = _encode(tokenizer, context, add_special_tokens)
+    continuation_ids = whole[len(context_ids) :]
+    if not context_ids:
+        context_ids = [_prefix_token(tokenizer)]
+    return context_ids, continuation_ids
+
+
+def _model_device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover - models without parameters
+        return torch.device("cpu")
+
+
+def _supports_logits_to_keep(model: Any) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - exotic forward
+        return False
+
+
+def _check_positive(**values: int) -> None:
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Model scoring
+# --------------------------------------------------------------------------------------------
+
+
+def score_choices(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[EvalExample],
+    *,
+    batch_size: int = 8,
+    max_length: int = 1024,
+    chat_template: bool = True,
+    progress: bool = False,
+) -> list[tuple[list[float], list[int]]]:
+    """Summed log-likelihood of every choice of every example.
+
+    Each (example, choice) pair is one row: the context is the rendered prompt, the continuation
+    the choice (bare under a chat template, else ``" " + choice``), split by :func:`encode_pair`
+    and left-truncated to ``max_length + 1`` tokens. Rows with the same input tokens (e.g.
+    single-token choices after one context) share a forward pass; inputs are sorted by length,
+    right-padded with an attention mask and run ``batch_size`` at a time; only the positions that
+    predict continuation tokens are projected to the vocabulary (``logits_to_keep``) when the
+    model supports it. Log-softmax is taken in float32. The model is used as is (no ``eval()`` or
+    ``no_grad`` here; :func:`evaluate` sets both).
+
+    Args:
+        model: A causal LM (transformers or peft) returning ``.logits``.
+        tokenizer: Its tokenizer.
+        examples: Items with ``choices``.
+        batch_size: Distinct inputs (choice rows) per forward pass.
+        max_length: Longest input in tokens (context is truncated from the left).
+        chat_template: Render prompts with the tokenizer's chat template when it has one.
+        progress: Show a tqdm bar.
+
+    Returns:
+        Per example: the summed log-likelihood of each choice, and each choice's length in
+        characters (lm-evaluation-harness' ``completion_len``, used by ``acc_norm``).
+
+    Raises:
+        ValueError: An example without choices, a continuation longer than ``max_length``
+            tokens, or a bad ``batch_size`` / ``max_length``.
+    """
+    _check_positive(batch_size=batch_size, max_length=max_length)
+    for i, ex in enumerate(examples):
+        if not ex.choices:
+            raise ValueError(f"example {i} (task {ex.task!r}) has no choices to score")
+    templated = chat_template and _has_chat_template(tokenizer)
+    delimiter = "" if templated else " "
+
+    # (example index, choice index, input ids, number of continuation tokens)
+    rows: list[tuple[int, int, list[int], list[int]]] = []
+    for i, ex in enumerate(examples):
+        context = render_prompt(tokenizer, ex.prompt, chat_template)
+        for j, choice in enumerate(cast(tuple[str, ...], ex.choices)):
+            ctx_ids, cont_ids = encode_pair(
+                tokenizer, context, delimiter + choice, add_special_tokens=not templated
+            )
+            if not cont_ids:
+                raise ValueError(f"example {i} (task {ex.task!r}) choice {j} encodes to no tokens")
+            if len(cont_ids) > max_length:
+                raise ValueError(
+                    f"example {i} (task {ex.task!r}) choice {j} has {len(cont_ids)} tokens, more "
+                    f"than max_length={max_length}"
+                )
+            window = (ctx_ids + cont_ids)[-(max_length + 1) :]
+            rows.append((i, j, window[:-1], cont_ids))
+
+    # Rows with the same input (e.g. single-token choices after the same context) share one
+    # forward pass: the logits are identical, only the gathered targets differ.
+    shared: dict[tuple[int, ...], list[int]] = {}
+    for r, row in enumerate(rows):
+        shared.setdefault(tuple(row[2]), []).append(r)
+    inputs = sorted(shared, key=lambda inp: (-len(inp), shared[inp][0]))
+    device = _model_device(model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    use_keep = _supports_logits_to_keep(model)
+    sums = [0.0] * len(rows)
+    starts = range(0, len(inputs), batch_size)
+    for start in tqdm(starts, desc="score choices", disable=not progress, leave=False):
+        chunk = inputs[start : start + batch_size]
+        batch = [(list(inp), [rows[r][3] for r in shared[inp]]) for inp in chunk]
+        values_per_input = _score_rows(model, batch, device, pad_id, use_keep)
+        for inp, values in zip(chunk, values_per_input, strict=True):
+            for r, value in zip(shared[inp], values, strict=True):
+                sums[r] = value
+
+    results: list[tuple[list[float], list[int]]] = [
+        ([], [len(c) for c in cast(tuple[str, ...], ex.choices)]) for ex in examples
+    ]
+    for (i, _, _, _), value in zip(rows, sums, strict=True):
+        results[i][0].append(value)
+    return results
+
+
+@torch.no_grad()
+def _score_rows(
+    model: Any,
+    batch: list[tuple[list[int], list[list[int]]]],
+    device: torch.device,
+    pad_id: int,
+    use_keep: bool,
+) -> list[list[float]]:
+    """Summed log-likelihood of continuations, for a right-padded batch of inputs.
+
+    Args:
+        model: The causal LM.
+        batch: ``(input_ids, continuations)`` pairs; each continuation's tokens are the last
+            ``len(continuation)`` targets of its input (``input[1:] + [last token]``).
+        device: Where the model lives.
+        pad_id: Padding token (masked out).
+        use_keep: Pass ``logits_to_keep`` to project only the needed positions.
+
+    Returns:
+        For each input, the summed log-probability of each of its continuations.
+    """
+    width = max(len(inp) for inp, _ in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for b, (inp, _) in enumerate(batch):
+        input_ids[b, : len(inp)] = torch.tensor(inp)
+        attention_mask[b, : len(inp)] = 1
+    # Position p predicts token p + 1, so a continuation of n tokens after input `inp` is
+    # predicted at positions len(inp) - n .. len(inp) - 1 (its last token ends the window).
+    first = min(len(inp) - max(len(c) for c in conts) for inp, conts in batch)
+    keep = width - first
+    kwargs: dict[str, Any] = {"logits_to_keep": keep} if use_keep else {}
+    out = model(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        use_cache=False,
+        **kwargs,
+    )
+    logits = out.logits[:, -keep:, :]
+    sums: list[list[float]] = []
+    for b, (inp, conts) in enumerate(batch):
+        n_max = max(len(c) for c in conts)
+        lo = len(inp) - n_max - (width - keep)
+        logprobs = torch.log_softmax(logits[b, lo : lo + n_max].float(), dim=-1)
+        row = []
+        for cont in conts:
+            target = torch.tensor(cont, device=logprobs.device).unsqueeze(-1)
+            row.append(float(logprobs[n_max - len(cont) :].gather(-1, target).sum()))
+        sums.append(row)
+    return sums
+
+
+def generate_answers(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    *,
+    batch_size: int = 8,
+    max_length: int = 1024,
+    max_new_tokens: int = 16,
+    chat_template: bool = True,
+    progress: bool = False,
+) -> list[str]:
+    """Greedy short answers: the first non-empty line of each generated continuation.
+
+    Prompts are rendered by :func:`render_prompt`, left-truncated to ``max_length`` tokens, sorted
+    by length and left-padded into batches (the tokenizer itself is not modified); generation is
+    greedy (``do_sample=False``) for at most ``max_new_tokens`` and only new tokens are decoded
+    (special tokens skipped).
+
+    Args:
+        model: A causal LM with ``generate``.
+        tokenizer: Its tokenizer.
+        prompts: Plain texts or chat messages.
+        batch_size: Prompts per ``generate`` call.
+        max_length: Longest prompt in tokens.
+        max_new_tokens: Generation budget.
+        chat_template: Render prompts with the tokenizer's chat template when it has one.
+        progress: Show a tqdm bar.
+
+    Returns:
+        One answer string per prompt (possibly empty), in input order.
+
+    Raises:
+        ValueError: A bad ``batch_size`` / ``max_length`` / ``max_new_tokens``, or a tokenizer
+            with neither a pad nor an EOS token.
+    """
+    _check_positive(batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens)
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("tokenizer has neither a pad nor an EOS token to pad generation batches")
+    templated = chat_template and _has_chat_template(tokenizer)
+    encoded = [
+        _encode(tokenizer, render_prompt(tokenizer, p, chat_template), not templated)[-max_length:]
+        for p in prompts
+    ]
+    order = sorted(range(len(encoded)), key=lambda r: (-len(encoded[r]), r))
+    device = _model_device(model)
+    answers = [""] * len(encoded)
+    generation_config = _greedy_config(model, max_new_tokens, int(pad_id))
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc="generate", disable=not progress, leave=False):
+        idx = order[start : start + batch_size]
+        width = max(len(encoded[r]) for r in idx)
+        input_ids = torch.full((len(idx), width), int(pad_id), dtype=torch.long)
+        attention_mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for b, r in enumerate(idx):
+            ids = encoded[r]
+            input_ids[b, width - len(ids) :] = torch.tensor(ids)
+            attention_mask[b, width - len(ids) :] = 1
+        out = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            generation_config=generation_config,
+        )
+        texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        for r, text in zip(idx, texts, strict=True):
+            lines = [line for line in text.strip().splitlines() if line.strip()]
+            answers[r] = lines[0].strip() if lines else ""
+    return answers
+
+
+def _greedy_config(model: Any, max_new_tokens: int, pad_id: int) -> Any:
+    """The model's generation config, made greedy (sampling knobs cleared to avoid warnings)."""
+    import copy
+
+    from transformers import GenerationConfig
+
+    base = getattr(model, "generation_config", None)
+    config = copy.deepcopy(base) if base is not None else GenerationConfig()
+    config.do_sample = False
+    config.num_beams = 1
+    config.temperature = None
+    config.top_p = None
+    config.top_k = None
+    config.max_new_tokens = max_new_tokens
+    config.max_length = None
+    config.pad_token_id = pad_id
+    return config
