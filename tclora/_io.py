@@ -40,7 +40,7 @@ def atomic_write(path: Path, write: Callable[[IO[Any]], object], binary: bool = 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb" if binary else "w") as handle:
+        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8") as handle:
             write(handle)
         os.replace(tmp, path)
     finally:

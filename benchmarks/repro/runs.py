@@ -97,8 +97,7 @@ def evaluate_single_lora(sweep: Sweep, variant: str, seed: int) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tclora.assets import resolve_model
-    from tclora.study import MergeStudy, MethodResult, row_to_dict
-    from tclora.study.run import _evaluate_all  # the study's own scoring of every set
+    from tclora.study import MergeStudy, MethodResult, StudyResult, evaluate_sets, study_summary
 
     folder = run_dir(sweep, variant, seed)
     cfg = study_config(sweep, eval_sets=eval_files(sweep), seed=seed)
@@ -111,15 +110,12 @@ def evaluate_single_lora(sweep: Sweep, variant: str, seed: int) -> None:
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path), adapters[0])
     torch.manual_seed(seed)
     start = time.perf_counter()
-    scores = _evaluate_all(model, tokenizer, eval_sets, cfg)
+    scores = evaluate_sets(model, tokenizer, eval_sets, cfg)  # the study's own scoring
     seconds = time.perf_counter() - start
     row = MethodResult(name="single_lora", kind="reference", scores=scores)
+    result = StudyResult([row], list(scores), cp_fit_error={}, loadings={}, kept=None)
     summary: dict[str, Any] = {
-        "kept": None,
-        "eval_sets": list(scores),
-        "rows": [row_to_dict(row)],
-        "cp_fit_error": {},
-        "adapters": [adapters[0].name],
+        **study_summary(result, adapters=[adapters[0].name], fingerprint=None),
         "eval_pass_seconds": seconds,
     }
     atomic_write_text(folder / "merge" / "results.json", json.dumps(summary, indent=1))

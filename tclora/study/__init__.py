@@ -17,10 +17,19 @@ from tclora.study.results import (
     results_table,
     row_from_dict,
     row_to_dict,
+    study_summary,
     to_csv,
     to_markdown,
 )
-from tclora.study.run import MERGED_ADAPTER, Router, lm_loss, route, run_study, select_scale
+from tclora.study.run import (
+    MERGED_ADAPTER,
+    Router,
+    evaluate_sets,
+    lm_loss,
+    route,
+    run_study,
+    select_scale,
+)
 from tclora.study.study import MergeStudy, lora_adapter_names
 
 __all__ = [
@@ -34,6 +43,7 @@ __all__ = [
     "SelectionMetric",
     "StudyConfig",
     "StudyResult",
+    "evaluate_sets",
     "loadings_figure",
     "lm_loss",
     "log_study",
@@ -44,6 +54,7 @@ __all__ = [
     "row_to_dict",
     "run_study",
     "select_scale",
+    "study_summary",
     "study_metrics",
     "to_csv",
     "to_markdown",

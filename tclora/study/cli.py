@@ -164,8 +164,7 @@ def _val_loader(sources: list[Any], tokenizer: Any, max_length: int, batch_size:
     import numpy as np
     from torch.utils.data import DataLoader
 
-    from tclora.data import load_sources, parse_source
-    from tclora.datamodules.cluster import TokenizedSamples, collate_batch
+    from tclora.data import TokenizedSamples, collate_batch, load_sources, parse_source
 
     samples = load_sources([parse_source(s) for s in sources])
     dataset = TokenizedSamples(

@@ -26,6 +26,7 @@ __all__ = [
     "results_table",
     "row_from_dict",
     "row_to_dict",
+    "study_summary",
     "to_csv",
     "to_markdown",
 ]
@@ -77,6 +78,29 @@ class StudyResult:
     def merged(self, name: str) -> MergedAdapter:
         """Method ``name``'s merge at the scale chosen for it."""
         return self.merges[name].scaled(self.row(name).scale or 1.0)
+
+
+def study_summary(
+    result: StudyResult, *, adapters: Sequence[str], fingerprint: str | None
+) -> dict[str, Any]:
+    """The JSON-ready ``results.json`` of a study: rows, kept merge, eval sets, CP fit errors.
+
+    Args:
+        result: The study's result.
+        adapters: The merged adapters' names.
+        fingerprint: The study's fingerprint (:mod:`tclora.study.progress`), or ``None``.
+
+    Returns:
+        ``{"fingerprint", "kept", "eval_sets", "rows", "cp_fit_error", "adapters"}``.
+    """
+    return {
+        "fingerprint": fingerprint,
+        "kept": result.kept,
+        "eval_sets": list(result.eval_sets),
+        "rows": [row_to_dict(r) for r in result.rows],
+        "cp_fit_error": result.cp_fit_error,
+        "adapters": list(adapters),
+    }
 
 
 def row_to_dict(row: MethodResult) -> dict[str, Any]:

@@ -137,13 +137,25 @@ def _validation_metric(
     return max(losses) if cfg.selection_metric == "val_loss_max" else sum(losses) / len(losses)
 
 
-def _evaluate_all(
+def evaluate_sets(
     model: Any,
     tokenizer: Any,
     eval_sets: Sequence[EvalSet],
     cfg: StudyConfig,
     adapter_per_example: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, dict[str, float]]:
+    """Score ``model`` on every evaluation set with the study's settings.
+
+    Args:
+        model: The (peft) model, with the adapter to score active.
+        tokenizer: Its tokenizer.
+        eval_sets: The sets.
+        cfg: The study's options (batch size, lengths, chat template, progress).
+        adapter_per_example: Per set, the adapter of each example (routing), or ``None``.
+
+    Returns:
+        ``{set name: {"acc", "acc_norm", "n"} or {"exact_match", "n"}}``.
+    """
     return {
         es.name: evaluate(
             model,
@@ -258,7 +270,7 @@ def run_study(
     try:
         if "base" in cfg.references and "base" not in finished:
             with model.disable_adapter():
-                scores = _evaluate_all(model, tokenizer, eval_sets, cfg)
+                scores = evaluate_sets(model, tokenizer, eval_sets, cfg)
                 selection = _validation_metric(model, val_loaders, cfg) if val_loaders else None
             finish(MethodResult("base", "reference", selection=selection, scores=scores))
         if "single" in cfg.references:
@@ -270,7 +282,7 @@ def run_study(
                     MethodResult(
                         f"single:{adapter}",
                         "reference",
-                        scores=_evaluate_all(model, tokenizer, eval_sets, cfg),
+                        scores=evaluate_sets(model, tokenizer, eval_sets, cfg),
                     )
                 )
         if "routing" in cfg.references and router is not None and "routing" not in finished:
@@ -279,7 +291,7 @@ def run_study(
                 MethodResult(
                     "routing",
                     "reference",
-                    scores=_evaluate_all(model, tokenizer, eval_sets, cfg, routes),
+                    scores=evaluate_sets(model, tokenizer, eval_sets, cfg, routes),
                 )
             )
         for name, merged in merges.items():
@@ -304,7 +316,7 @@ def run_study(
                     scale=chosen,
                     selection=curve.get(chosen),
                     scale_curve={str(s): v for s, v in curve.items()},
-                    scores=_evaluate_all(model, tokenizer, eval_sets, cfg),
+                    scores=evaluate_sets(model, tokenizer, eval_sets, cfg),
                     merge_seconds=seconds[name],
                     norm=report.get("norm"),
                     cosine_to_sum=report.get("cosine_to_sum"),

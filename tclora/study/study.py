@@ -33,7 +33,7 @@ from tclora.study.results import (
     StudyResult,
     loadings_figure,
     results_table,
-    row_to_dict,
+    study_summary,
     to_csv,
     to_markdown,
 )
@@ -195,14 +195,7 @@ class MergeStudy:
         table = results_table(result)
         atomic_write_text(out_dir / "results.csv", to_csv(table))
         atomic_write_text(out_dir / "results.md", to_markdown(table))
-        summary = {
-            "fingerprint": self.fingerprint,
-            "kept": result.kept,
-            "eval_sets": result.eval_sets,
-            "rows": [row_to_dict(r) for r in result.rows],
-            "cp_fit_error": result.cp_fit_error,
-            "adapters": stack.names,
-        }
+        summary = study_summary(result, adapters=stack.names, fingerprint=self.fingerprint)
         atomic_write_text(out_dir / "results.json", json.dumps(summary, indent=1))
         if result.loadings:
             figure = loadings_figure(result.loadings)
