@@ -14,16 +14,12 @@ import pytest
 import torch
 from conftest import make_multitask_samples
 
+import tclora.clustering.policy as policy_mod
 import tclora.datamodules.cluster as cluster_mod
 from tclora.clustering import load_encoder
-from tclora.data import DataSourceError
+from tclora.data import DataSourceError, collate_batch, tokenize_sample
 from tclora.datamodules import ClusterDataModule
-from tclora.datamodules.cluster import (
-    ClusterBatchSampler,
-    cluster_schedule,
-    collate_batch,
-    tokenize_sample,
-)
+from tclora.datamodules.sampler import ClusterBatchSampler, cluster_schedule
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +76,7 @@ def test_cluster_schedules() -> None:
     np.testing.assert_array_equal(p0, cluster_schedule([30, 10, 20], "proportional", 0, 0))
     assert not np.array_equal(p0, cluster_schedule([30, 10, 20], "proportional", 0, 1))
     assert not np.array_equal(p0, cluster_schedule([30, 10, 20], "proportional", 1, 0))
-    with pytest.raises(ValueError, match=r"schedule='random'; allowed"):
+    with pytest.raises(ValueError, match=r"schedule='random': expected one of \['round_robin'"):
         cluster_schedule([1], "random", 0, 0)
 
 
@@ -195,7 +191,7 @@ def test_cluster_cache_hit_never_runs_kmeans(
 ) -> None:
     first = make_dm([str(multitask_jsonl)], tmp_path, tokenizer, num_clusters=3)
     first.prepare_data()  # embeds and clusters (rank 0's job); setup only reads
-    monkeypatch.setattr(cluster_mod, "fit_kmeans", None)  # any k-means call would fail
+    monkeypatch.setattr(policy_mod, "fit_kmeans", None)  # any k-means call would fail
     first.setup()
     again = ready([str(multitask_jsonl)], tmp_path, tokenizer, num_clusters=3)
     np.testing.assert_array_equal(first.assignments, again.assignments)
@@ -493,12 +489,14 @@ def test_bad_inputs_fail_before_embedding(
             make_dm(["hf:org/data"], tmp_path, tokenizer)
     with pytest.raises(ValueError, match=r"num_clusters=0 must be >= 1"):
         make_dm(src, tmp_path, tokenizer, num_clusters=0)
-    with pytest.raises(ValueError, match=r"clustering='dbscan'; allowed"):
+    with pytest.raises(ValueError, match=r"clustering='dbscan': expected one of \['kmeans'"):
         make_dm(src, tmp_path, tokenizer, clustering="dbscan")
-    with pytest.raises(ValueError, match=r"schedule='random'; allowed"):
+    with pytest.raises(ValueError, match=r"schedule='random': expected one of \['round_robin'"):
         make_dm(src, tmp_path, tokenizer, schedule="random")
-    with pytest.raises(ValueError, match=r"embed_field='response'; allowed"):
+    with pytest.raises(ValueError, match=r"embed_field='response': expected one of \['prompt'"):
         make_dm(src, tmp_path, tokenizer, embed_field="response")
+    with pytest.raises(ValueError, match=r"small_cluster_policy='drop': expected one of"):
+        make_dm(src, tmp_path, tokenizer, small_cluster_policy="drop")
     with pytest.raises(ValueError, match=r"batch_size=0 must be an integer >= 1"):
         make_dm(src, tmp_path, tokenizer, batch_size=0)
     with pytest.raises(ValueError, match=r"val_fraction=1.5 must be in \[0, 1\)"):
@@ -534,13 +532,13 @@ def test_bad_inputs_fail_before_embedding(
 def test_empty_cluster_is_an_error(
     tmp_path: Path, multitask_jsonl: Path, tokenizer: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_fit = cluster_mod.fit_kmeans
+    real_fit = policy_mod.fit_kmeans
 
     def fit_with_a_far_centroid(emb: np.ndarray, k: int, *args: Any, **kwargs: Any) -> np.ndarray:
         cents = real_fit(emb, k - 1, *args, **kwargs)
         return np.concatenate([cents, np.full((1, emb.shape[1]), 100.0, np.float32)])
 
-    monkeypatch.setattr(cluster_mod, "fit_kmeans", fit_with_a_far_centroid)
+    monkeypatch.setattr(policy_mod, "fit_kmeans", fit_with_a_far_centroid)
     with pytest.raises(
         ValueError, match=r"left empty cluster\(s\) \[3\] \(training sizes \[\d+, \d+, \d+, 0\]\)"
     ):
@@ -651,8 +649,7 @@ def test_fit_resumed_mid_epoch_sees_exactly_the_remaining_batches(
 def test_token_lengths_match_item_tokenisation(tokenizer: Any) -> None:
     import copy
 
-    from tclora.data import Sample, load_source
-    from tclora.datamodules.cluster import TokenizedSamples
+    from tclora.data import Sample, TokenizedSamples, load_source
 
     samples = [Sample(**s) for s in make_multitask_samples(per_task=5)]
     samples += load_source({"registry": "2d_movement", "max_samples": 5})  # chat messages

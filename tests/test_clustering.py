@@ -14,10 +14,17 @@ import numpy as np
 import pytest
 
 from tclora.clustering import (
+    ClusteringOptions,
+    Clusters,
     assign_to_centroids,
+    cached_clusters,
     cached_embeddings,
+    cached_token_lengths,
     centroids_from_assignments,
+    check_num_clusters,
     choose_num_clusters,
+    cluster_cache_file,
+    cluster_samples,
     cluster_statistics,
     embedding_cache_key,
     encoder_fingerprint,
@@ -28,7 +35,9 @@ from tclora.clustering import (
     plot_clusters,
     project_2d,
     texts_hash,
+    token_lengths_file,
 )
+from tclora.data import Sample
 
 
 def _blobs(per: int = 40, k: int = 3, dim: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -376,3 +385,119 @@ def test_projection_and_figure() -> None:
     np.testing.assert_allclose(pts[:30].mean(axis=0), 0.0, atol=1e-4)
     fig = plot_clusters(pts[:30], labels, [f"task{v}" for v in labels], pts[30:], title="t")
     assert fig.axes[0].get_title() == "t" and len(fig.axes[0].collections) == 3 + 3
+
+
+# ----------------------------------------------------------------------------- policy and caches
+
+
+def test_cluster_samples_kmeans_and_baselines() -> None:
+    x, labels = _blobs(per=20, k=3, seed=3)
+    tasks = [f"t{v}" for v in labels]
+    order = np.random.default_rng(0).permutation(len(x))
+    train, val = np.sort(order[:50]), np.sort(order[50:])
+    lines: list[str] = []
+    options = ClusteringOptions(num_clusters=3, n_init=2)
+    clusters = cluster_samples(x, train, val, tasks, options, info=lines.append)
+    assert isinstance(clusters, Clusters) and clusters.centroids.shape == (3, 8)
+    assert clusters.assignments.dtype == np.int64 and clusters.scores == {} and not lines
+    np.testing.assert_array_equal(
+        clusters.assignments[val], assign_to_centroids(x[val], clusters.centroids)
+    )
+    single = cluster_samples(x, train, val, tasks, ClusteringOptions(method="single"))
+    assert set(single.assignments.tolist()) == {0}
+    # per-task routes validation samples by label; an unseen label goes to the nearest centroid
+    tasks[val[0]] = "unseen"
+    per_task = cluster_samples(x, train, val, tasks, ClusteringOptions(method="per_task"))
+    names = sorted({tasks[i] for i in train})
+    assert per_task.assignments[val[1]] == names.index(tasks[val[1]])
+    assert per_task.assignments[val[0]] == assign_to_centroids(x[val[:1]], per_task.centroids)[0]
+    searched = cluster_samples(
+        x,
+        train,
+        val,
+        tasks,
+        ClusteringOptions(num_clusters=None, num_clusters_range=(2, 4), n_init=2),
+        info=lines.append,
+    )
+    assert sorted(searched.scores) == [2, 3, 4] and lines[0].startswith(
+        "chose num_clusters=3 by silhouette"
+    )
+
+
+def test_cluster_samples_small_cluster_policy() -> None:
+    x, labels = _blobs(per=20, k=3, seed=4)
+    tasks = ["a"] * 40 + ["b"] * 18 + ["c"] * 2
+    rows = np.arange(len(x))
+    reject = ClusteringOptions(method="per_task", min_cluster_size=5, small_cluster_policy="reject")
+    with pytest.raises(ValueError, match=r"cluster\(s\) \{2: 2\} .* min_cluster_size=5"):
+        cluster_samples(x, rows, rows[:0], tasks, reject)
+    lines: list[str] = []
+    merge = ClusteringOptions(method="per_task", min_cluster_size=5)
+    merged = cluster_samples(x, rows, rows[:0], tasks, merge, info=lines.append)
+    assert merged.centroids.shape[0] == 2
+    assert lines == ["merged clusters {2: 2} (smaller than min_cluster_size=5); 3 -> 2 clusters"]
+
+
+def test_check_num_clusters_before_embedding() -> None:
+    texts = ["a", "b", "b", "c"]
+    check_num_clusters(ClusteringOptions(num_clusters=3), texts, 0.0)
+    check_num_clusters(ClusteringOptions(method="per_task", num_clusters=9), texts, 0.0)
+    with pytest.raises(ValueError, match=r"larger than the number of training samples \(3 of 4"):
+        check_num_clusters(ClusteringOptions(num_clusters=4), texts, 0.25)
+    with pytest.raises(
+        ValueError, match=r"larger than the number of distinct texts to embed \(3\)"
+    ):
+        check_num_clusters(ClusteringOptions(num_clusters=4), texts, 0.0)
+
+
+def test_cache_keys_are_stable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The keys of caches written by earlier versions: changing one orphans every cache."""
+    import sklearn
+
+    monkeypatch.setattr(sklearn, "__version__", "1.0.test")
+    samples = [Sample("p1", "r1", "a"), Sample("p2", "r2", "b")]
+
+    class Tokenizer:
+        name_or_path, eos_token, chat_template = "tok", "</s>", "{{ x }}"
+
+        def __len__(self) -> int:
+            return 100
+
+    assert embedding_cache_key("abc", "enc-0123", "prompt") == "d4a8fca5831c4ea1d86e57dbec707643"
+    options = ClusteringOptions(num_clusters=3, num_clusters_range=(2, 5))
+    assert cluster_cache_file(Path("c"), "k" * 32, samples, options, 0.1) == Path(
+        "c/clusters/195cb36ff748c39ccfa8e519a196b8c3.npz"
+    )
+    per_task = ClusteringOptions(method="per_task", num_clusters=3, num_clusters_range=(2, 5))
+    assert cluster_cache_file(Path("c"), "k" * 32, samples, per_task, 0.1).stem == (
+        "4d1e86228be129113f33cbe40a52b443"  # keyed on the samples' content (their labels)
+    )
+    assert token_lengths_file(Path("c"), "d" * 64, Tokenizer(), True) == Path(
+        "c/lengths/c899b7e69a9bc2f62ec7ba849209ba0e.npy"
+    )
+
+
+def test_cluster_and_length_caches_compute_once(tmp_path: Path) -> None:
+    calls: list[str] = []
+
+    def clusters() -> Clusters:
+        calls.append("clusters")
+        return Clusters(np.asarray([0, 1, 1]), np.eye(2, 4, dtype=np.float32), {2: 0.5})
+
+    def lengths() -> np.ndarray:
+        calls.append("lengths")
+        return np.asarray([[3, 1], [4, 1], [5, 9]], np.int64)
+
+    path = tmp_path / "clusters" / "x.npz"
+    first = cached_clusters(path, 3, 4, clusters)
+    again = cached_clusters(path, 3, 4, clusters)
+    np.testing.assert_array_equal(again.assignments, first.assignments)
+    np.testing.assert_array_equal(again.centroids, first.centroids)
+    assert again.scores == {2: 0.5} and again.assignments.dtype == np.int64
+    counts = tmp_path / "lengths" / "x.npy"
+    np.testing.assert_array_equal(cached_token_lengths(counts, 3, lengths), lengths())
+    np.testing.assert_array_equal(cached_token_lengths(counts, 3, lengths), lengths())
+    assert calls == ["clusters", "lengths", "lengths", "lengths"]
+    with pytest.warns(UserWarning, match=r"x\.npz: holds assignments \(3,\).*; deleting it"):
+        cached_clusters(path, 3, 5, clusters)  # another width: rebuilt
+    assert calls[-1] == "clusters"

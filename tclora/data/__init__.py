@@ -1,8 +1,8 @@
 """Sources -> samples: read multi-task training data from files, folders, the evals registry or
 Hugging Face ``datasets`` into one flat list of :class:`Sample` records.
 
-Nothing here embeds, tokenises or clusters; the functions are pure and cheap, so every bad input is
-reported before any expensive work starts.
+Nothing here embeds or clusters; reading is pure and cheap, so every bad input is reported before
+any expensive work starts. :mod:`tclora.data.tokenized` turns samples into token ids and batches.
 """
 
 from tclora.data.samples import (
@@ -23,15 +23,19 @@ from tclora.data.sources import (
     load_sources,
     parse_source,
 )
+from tclora.data.tokenized import IGNORE_INDEX, TokenizedSamples, collate_batch, tokenize_sample
 
 __all__ = [
+    "IGNORE_INDEX",
     "SOURCE_KINDS",
     "DataSourceError",
     "Message",
     "Prompt",
     "Sample",
     "SourceSpec",
+    "TokenizedSamples",
     "check_source",
+    "collate_batch",
     "content_hash",
     "load_source",
     "load_sources",
@@ -39,4 +43,5 @@ __all__ = [
     "prompt_text",
     "render_prompt",
     "split_train_val",
+    "tokenize_sample",
 ]
