@@ -1,5 +1,8 @@
 """Offline assets: the packaged base model and the multi-task corpus.
 
+(Why one file of ~560 lines: fetching, building, verifying and resolving share the asset specs,
+folders and manifest format; each part is small and they change together.)
+
 Both come from the Python package index (the one registry reachable everywhere this project runs),
 are checked by sha256, and are unpacked atomically under ``$TCLORA_HOME`` (default
 ``~/.cache/tclora``):

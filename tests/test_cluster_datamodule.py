@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import make_multitask_samples
+from helpers import make_multitask_samples
 
 import tclora.clustering.policy as policy_mod
 import tclora.datamodules.cluster as cluster_mod

@@ -144,8 +144,7 @@ def test_score_choices_plain_text_uses_space_delimiter(tiny_llama: Any, tokenize
 @pytest.mark.parametrize("chat_template", [True, False])
 def test_training_and_evaluation_render_prompts_alike(tokenizer: Any, chat_template: bool) -> None:
     # Before: plain chat messages were joined by "\n" for training and "\n\n" for evaluation.
-    from tclora.data import Sample
-    from tclora.datamodules.cluster import TokenizedSamples
+    from tclora.data import Sample, TokenizedSamples
 
     prompts: list[Any] = [
         "Plain question?",
