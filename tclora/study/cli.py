@@ -147,7 +147,7 @@ def build_parser() -> ArgumentParser:
 
 def _adapter_folders(values: Sequence[Any]) -> list[str]:
     """``--adapters A B`` and ``--adapters '[A, B]'`` (a YAML list) as one list of folders."""
-    import yaml  # type: ignore[import-untyped]
+    import yaml
 
     out: list[str] = []
     for value in values:
