@@ -139,7 +139,10 @@ def test_rank_above_stack_rank_is_clamped_with_warning() -> None:
         (dict(rank=0), r"rank must be a positive int, got rank=0"),
         (dict(rank=-2), r"rank must be a positive int, got rank=-2"),
         (dict(rank=2.5), r"rank must be a positive int, got rank=2.5"),
-        (dict(rank=2, engine="numpy"), r"engine must be 'factored' or 'dense', got engine='numpy'"),
+        (
+            dict(rank=2, engine="numpy"),
+            r"engine must be one of \['factored', 'dense', 'core'\], got engine='numpy'",
+        ),
         (dict(rank=2, init="nvecs"), r"init must be 'svd' or 'random', got init='nvecs'"),
         (dict(rank=2, n_iter_max=0), r"n_iter_max must be an int ≥ 1, got n_iter_max=0"),
         (dict(rank=2, tol=-1.0), r"tol must be a finite number ≥ 0, got tol=-1.0"),

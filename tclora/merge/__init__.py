@@ -6,8 +6,18 @@ Pure tensor math (torch, tensorly, peft's merge utilities); no Lightning. Flow:
 a new adapter to an existing decomposition.
 """
 
-from tclora.merge.baselines import BASELINES, iso_c, knots_ties, merge_baseline, tsv
-from tclora.merge.cp import CPResult, cp_decompose, fold_in
+from tclora.merge.baselines import (
+    BASELINES,
+    MERGE_SPACES,
+    cart,
+    iso_c,
+    knots_basis,
+    knots_ties,
+    merge_baseline,
+    tsv,
+)
+from tclora.merge.core import CoreSpace, core_space
+from tclora.merge.cp import ENGINES, CPResult, cp_decompose, fold_in
 from tclora.merge.export import export_adapter, fold_into_base, install_adapter, merged_lora_config
 from tclora.merge.rules import (
     CP_RULES,
@@ -22,17 +32,23 @@ from tclora.merge.stack import AdapterStack
 
 __all__ = [
     "BASELINES",
+    "ENGINES",
+    "MERGE_SPACES",
     "CP_RULES",
     "AdapterStack",
     "CPResult",
+    "CoreSpace",
     "MergedAdapter",
+    "cart",
     "component_analysis",
+    "core_space",
     "cp_decompose",
     "export_adapter",
     "fold_in",
     "fold_into_base",
     "install_adapter",
     "iso_c",
+    "knots_basis",
     "knots_ties",
     "merge_baseline",
     "merge_cp",

@@ -1,19 +1,32 @@
-"""Baseline merges of LoRA deltas, per module, under the scale convention of ``tclora.merge``.
+"""Baseline merges of LoRA deltas, per module, in full, KnOTS or core space.
 
-At ``scale = 1`` T copies of one adapter merge back to it (up to the method's own trimming or
-spectrum flattening), so every baseline is computed as a *mean*-like merge and the caller's
-``scale`` multiplies it. Weights passed to peft's functions follow from that: ``1/T`` for the
-summing methods (``task_arithmetic``, ``dare_linear``, ``magnitude_prune``), ``1`` for the
-disjoint-mean ones (``ties``, ``dare_ties``), whose disjoint merge already averages.
+Scale convention (as everywhere in ``tclora.merge``): at ``scale = 1`` T copies of one adapter
+merge back to it, up to the method's own trimming or spectrum flattening (``dare_ties`` is the
+exception: see :func:`merge_baseline`), so every baseline is computed as a *mean*-like merge and
+the caller's ``scale`` multiplies it. Weights passed to peft's functions follow from that:
+``1/T`` for the summing methods (``task_arithmetic``, ``dare_linear``, ``magnitude_prune``), ``1``
+for the disjoint-mean ones (``ties``, ``dare_ties``), whose disjoint merge already averages.
 
-The peft methods run on the dense ``ΔW_t`` (as peft's functions expect) and are then truncated
-by SVD to ``rank``; KnOTS, TSV and Iso-C, which peft lacks, are computed from the factors in
-low-rank form (exact, never wider than ``Σ_t r_t``).
+Merge spaces (``merge_space``):
+
+* ``"full"``: peft's ``merge_utils`` on the dense ``ΔW_t`` (the reference implementation), the
+  result truncated by SVD to ``rank`` (its relative error is reported);
+* ``"knots"``: the same functions on the per-adapter right factors of the KnOTS basis
+  (``[ΔW_1 … ΔW_T] = U S [V_1ᵀ … V_Tᵀ]``, Stoica et al. 2025), merged as ``U S V_mergedᵀ``;
+* ``"core"``: the same functions on the cores ``M_t`` of :mod:`tclora.merge.core`, mapped back
+  (Panariello et al., 2025) -- exact for linear and spectral merges, the Core Space paper's
+  variant for element-wise ones, and never larger than ``Σr × Σr``.
+
+TSV and Iso-C are spectral (basis-invariant): they give the same merge in every space and are
+computed from the core factors. KnOTS and core merges are exact low-rank products (rank ``≤ Σr``).
+An all-zero stack merges to an all-zero delta (rank 1), in every space.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -21,10 +34,20 @@ from peft.utils import merge_utils
 from torch import Tensor
 
 from tclora.merge._linalg import lowrank_svd, truncate_svd
+from tclora.merge.core import core_space
 from tclora.merge.rules import MergedAdapter, _check_scale
 from tclora.merge.stack import AdapterStack
 
-__all__ = ["BASELINES", "iso_c", "knots_ties", "merge_baseline", "tsv"]
+__all__ = [
+    "BASELINES",
+    "MERGE_SPACES",
+    "cart",
+    "iso_c",
+    "knots_basis",
+    "knots_ties",
+    "merge_baseline",
+    "tsv",
+]
 
 BASELINES = (
     "uniform",
@@ -32,34 +55,28 @@ BASELINES = (
     "dare_linear",
     "dare_ties",
     "magnitude_prune",
+    "cart",
     "knots_ties",
     "tsv",
     "iso_c",
 )
-_PEFT_METHODS = ("uniform", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+MERGE_SPACES = ("full", "knots", "core")
+_ELEMENTWISE = ("uniform", "ties", "dare_linear", "dare_ties", "magnitude_prune", "cart")
+_SPECTRAL = ("tsv", "iso_c")
 LowRank = tuple[Tensor, Tensor]
 
 
-def knots_ties(
-    factors: list[tuple[Tensor, Tensor]],
-    density: float,
-    majority_sign_method: Literal["total", "frequency"] = "total",
-) -> LowRank:
-    """KnOTS-TIES (Stoica et al., 2025, "Model merging with SVD to tie the KnOTS", arXiv 2410.19735).
+def knots_basis(factors: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, list[Tensor]]:
+    """The KnOTS basis from the factors: ``[ΔW_1 … ΔW_T] = (U S) [V_1ᵀ … V_Tᵀ]``.
 
-    SVD of the concatenated deltas ``[ΔW_1 … ΔW_T] = U S [V_1ᵀ … V_Tᵀ]`` puts every adapter in a
-    shared basis ``U S``; TIES (peft's ``merge_utils.ties``, weights 1 → disjoint mean) merges the
-    per-adapter right factors ``V_t``; the merge is ``U S V_mergedᵀ``. The SVD is taken from the
-    factors: with ``A_tᵀ = Q_t R_t``, ``[ΔW_t]_t = [B̃_t R_tᵀ]_t · blockdiag(Q_tᵀ)``, so the SVD of
-    the ``d_out × Σr`` matrix ``[B̃_t R_tᵀ]_t = U S Wᵀ`` gives ``V_t = Q_t W_t``.
+    With ``A_tᵀ = Q_t R_t``, ``[ΔW_t]_t = [B̃_t R_tᵀ]_t · blockdiag(Q_tᵀ)``, so the SVD of the
+    ``d_out × Σr`` matrix ``[B̃_t R_tᵀ]_t = U S Wᵀ`` gives ``V_t = Q_t W_t`` (never a delta).
 
     Args:
         factors: per adapter ``(A_t, B̃_t)``, scaling folded into ``B̃_t``.
-        density: TIES density on the ``V_t`` entries.
-        majority_sign_method: TIES sign election (``"total"`` or ``"frequency"``).
 
     Returns:
-        ``(B', A')`` with the merged delta ``B' @ A'`` (scale 1).
+        ``(U S  d_out×k, [V_t  d_in×k per adapter])`` with ``ΔW_t = (U S) V_tᵀ``.
     """
     qs, blocks = [], []
     for a, b in factors:
@@ -72,10 +89,58 @@ def knots_ties(
     offsets = [0]
     for q in qs:
         offsets.append(offsets[-1] + q.shape[1])
-    v_t = [qs[i] @ wh[:, offsets[i] : offsets[i + 1]].T for i in range(len(qs))]  # d_in × k
-    weights = torch.ones(len(v_t), dtype=u.dtype, device=u.device)
+    v_t = [qs[i] @ wh[:, offsets[i] : offsets[i + 1]].T for i in range(len(qs))]
+    return u * s, v_t
+
+
+def cart(matrices: list[Tensor], rank_fraction: float, coefficient: float = 1.0) -> Tensor:
+    """CART: centered arithmetic with rank-reduced task vectors (Choi et al., 2024, "Revisiting
+    Weight Averaging for Model Merging", arXiv 2411.09263; shipped by the Core Space code).
+
+    ``merged = τ̄ + coefficient · Σ_t SVD_k(τ_t − τ̄)`` with ``τ̄`` the mean and ``k =
+    ceil(rank_fraction · min(shape))``: the mean plus the low-rank part of every task's
+    deviation from it. T copies of one matrix give that matrix (every deviation is zero).
+
+    Args:
+        matrices: the task matrices (deltas, or their cores / KnOTS factors), one shape.
+        rank_fraction: fraction of ``min(shape)`` kept of each deviation, in ``(0, 1]``.
+        coefficient: weight of the deviations' low-rank sum.
+
+    Returns:
+        The merged matrix.
+    """
+    mean = torch.stack(matrices).mean(0)
+    k = max(1, math.ceil(rank_fraction * min(mean.shape)))
+    out = mean.clone()
+    for m in matrices:
+        u, s, vh = torch.linalg.svd(m - mean, full_matrices=False)
+        out += coefficient * (u[:, :k] * s[:k]) @ vh[:k]
+    return out
+
+
+def knots_ties(
+    factors: list[tuple[Tensor, Tensor]],
+    density: float,
+    majority_sign_method: Literal["total", "frequency"] = "total",
+) -> LowRank:
+    """KnOTS-TIES (Stoica et al., 2025, "Model merging with SVD to tie the KnOTS", arXiv 2410.19735).
+
+    TIES (peft's ``merge_utils.ties``, weights 1 → disjoint mean) on the per-adapter right
+    factors ``V_t`` of the shared basis ``U S`` (:func:`knots_basis`); the merge is
+    ``U S V_mergedᵀ``. The same as ``merge_baseline(..., "ties", merge_space="knots")``.
+
+    Args:
+        factors: per adapter ``(A_t, B̃_t)``, scaling folded into ``B̃_t``.
+        density: TIES density on the ``V_t`` entries.
+        majority_sign_method: TIES sign election (``"total"`` or ``"frequency"``).
+
+    Returns:
+        ``(B', A')`` with the merged delta ``B' @ A'`` (scale 1).
+    """
+    us, v_t = knots_basis(factors)
+    weights = torch.ones(len(v_t), dtype=us.dtype, device=us.device)
     v_merged = merge_utils.ties(v_t, weights, density, majority_sign_method)
-    return u * s, v_merged.T
+    return us, v_merged.T
 
 
 def _polar(x: Tensor, rtol: float = 1e-10) -> Tensor:
@@ -146,24 +211,63 @@ def _truncate_lowrank(b: Tensor, a: Tensor, rank: int) -> tuple[Tensor, Tensor, 
     return u[:, :rank] * s[:rank], v[:, :rank].T, err
 
 
-def _peft_merge(
+def _elementwise_merge(
     method: str,
-    deltas: list[Tensor],
+    tensors: list[Tensor],
     density: float,
     majority_sign_method: Literal["total", "frequency"],
+    cart_rank: float,
 ) -> Tensor:
-    t = len(deltas)
-    mean_w = torch.full((t,), 1.0 / t, dtype=deltas[0].dtype, device=deltas[0].device)
-    ones = torch.ones(t, dtype=deltas[0].dtype, device=deltas[0].device)
+    """peft's merge function for ``method`` (or :func:`cart`) on ``tensors``, mean-like."""
+    t = len(tensors)
+    mean_w = torch.full((t,), 1.0 / t, dtype=tensors[0].dtype, device=tensors[0].device)
+    ones = torch.ones(t, dtype=tensors[0].dtype, device=tensors[0].device)
     if method == "uniform":
-        return merge_utils.task_arithmetic(deltas, mean_w)
+        return merge_utils.task_arithmetic(tensors, mean_w)
     if method == "magnitude_prune":
-        return merge_utils.magnitude_prune(deltas, mean_w, density)
+        return merge_utils.magnitude_prune(tensors, mean_w, density)
     if method == "dare_linear":
-        return merge_utils.dare_linear(deltas, mean_w, density)
+        return merge_utils.dare_linear(tensors, mean_w, density)
     if method == "ties":
-        return merge_utils.ties(deltas, ones, density, majority_sign_method)
-    return merge_utils.dare_ties(deltas, ones, density, majority_sign_method)
+        return merge_utils.ties(tensors, ones, density, majority_sign_method)
+    if method == "dare_ties":
+        return merge_utils.dare_ties(tensors, ones, density, majority_sign_method)
+    return cart(tensors, cart_rank)
+
+
+def _zero(d_out: int, d_in: int) -> LowRank:
+    """The all-zero merge as a rank-1 LoRA."""
+    return torch.zeros(d_out, 1, dtype=torch.float64), torch.zeros(1, d_in, dtype=torch.float64)
+
+
+def _merge_module(
+    method: str,
+    space: str,
+    fac: list[tuple[Tensor, Tensor]],
+    shape: tuple[int, int],
+    k: int,
+    merge: Callable[[list[Tensor]], Tensor],
+    full_deltas: Callable[[], list[Tensor]],
+) -> tuple[Tensor, Tensor, float]:
+    """One module's merge in ``space`` as ``(B', A', truncation error)`` (float64, scale 1);
+    full space merges ``full_deltas()`` (the dense deltas, as peft's functions expect them)."""
+    d_out, d_in = shape
+    if all(float(b.abs().max()) == 0.0 or float(a.abs().max()) == 0.0 for a, b in fac):
+        b0, a0 = _zero(d_out, d_in)
+        return b0, a0, 0.0
+    if method in _SPECTRAL or space == "core":
+        cs = core_space(fac)
+        if method == "tsv":
+            b, a = cs.to_full(*tsv(cs.factors, min(d_out, d_in)))
+        elif method == "iso_c":
+            b, a = cs.to_full(*iso_c(cs.factors))
+        else:
+            b, a = cs.matrix_to_full(merge(cs.cores))
+        return _truncate_lowrank(b, a, k)
+    if space == "knots":
+        us, v_t = knots_basis(fac)
+        return _truncate_lowrank(us, merge(v_t).T, k)
+    return truncate_svd(merge(full_deltas()).double(), k)
 
 
 def merge_baseline(
@@ -171,67 +275,82 @@ def merge_baseline(
     method: str,
     scale: float = 1.0,
     *,
+    merge_space: Literal["full", "knots", "core"] = "full",
     rank: int | None = None,
     density: float = 0.2,
     seed: int = 0,
     majority_sign_method: Literal["total", "frequency"] = "total",
+    cart_rank: float = 0.1,
 ) -> MergedAdapter:
     """Merge the adapters with a baseline, module by module, then express it as a LoRA.
 
-    Methods: ``uniform`` (mean of ``ΔW_t``; peft ``task_arithmetic`` with weights ``1/T``),
-    ``ties`` (Yadav et al., 2023; peft ``ties``), ``dare_linear`` / ``dare_ties`` (Yu et al., 2024;
-    peft), ``magnitude_prune`` (peft), ``knots_ties``, ``tsv``, ``iso_c`` (see their functions).
+    Methods: ``uniform`` (mean of the task matrices; peft ``task_arithmetic`` with weights
+    ``1/T``), ``ties`` (Yadav et al., 2023; peft ``ties``), ``dare_linear`` / ``dare_ties`` (Yu et
+    al., 2024; peft), ``magnitude_prune`` (peft), ``cart`` (:func:`cart`), ``knots_ties`` (TIES in
+    KnOTS space, whatever ``merge_space`` says), ``tsv``, ``iso_c`` (spectral: the same in every
+    space). ``dare_ties`` is not scale-correct: DARE rescales the kept entries by ``1/density``
+    and the disjoint *mean* does not undo it, so T copies of an adapter merge to about
+    ``(1 − (1 − density)^T) / density`` times it on the kept entries (≈ 3× at density 0.2,
+    T = 4); the study's scale selection absorbs that, and ``merge_report`` shows it.
 
     Args:
         stack: the adapters.
         method: a name in ``BASELINES``.
         scale: the scale ``λ`` applied to the merged delta (``λ = T`` makes uniform the sum).
+        merge_space: ``"full"`` (dense deltas), ``"knots"`` or ``"core"`` (see the module doc).
         rank: rank of the returned LoRA (default ``Σ_t r_t`` capped at ``min(d_out, d_in)``);
-            dense merges are truncated by SVD and the relative error is in ``info``.
-        density: fraction kept by TIES / DARE / magnitude pruning / KnOTS-TIES, in ``(0, 1]``.
+            a merge of higher rank is truncated by SVD and the relative error is in ``info``.
+        density: fraction kept by TIES / DARE / magnitude pruning, in ``(0, 1]``.
         seed: seed of DARE's random drops (module ``i`` uses ``seed + i``; global RNG untouched).
         majority_sign_method: TIES sign election.
+        cart_rank: CART's kept fraction of each deviation's rank, in ``(0, 1]``.
 
     Returns:
         The merged adapter (float32 factors); ``info`` has ``seconds``, ``rank``,
-        ``truncation_error`` (mean over modules) and ``truncation_error_max``.
+        ``truncation_error`` (mean over modules), ``truncation_error_max`` and ``space``
+        (0 full, 1 knots, 2 core).
 
     Raises:
-        ValueError: unknown method, bad scale, rank or density.
+        ValueError: unknown method or space, bad scale, rank, density or cart_rank.
     """
     if method not in BASELINES:
         raise ValueError(f"method must be one of {BASELINES}, got method={method!r}")
+    if merge_space not in MERGE_SPACES:
+        raise ValueError(f"merge_space must be one of {MERGE_SPACES}, got {merge_space!r}")
     _check_scale(scale)
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
         raise ValueError(f"rank must be a positive int or None, got rank={rank!r}")
     if not (isinstance(density, int | float) and 0 < density <= 1):
         raise ValueError(f"density must be in (0, 1], got density={density!r}")
+    if not (isinstance(cart_rank, int | float) and 0 < cart_rank <= 1):
+        raise ValueError(f"cart_rank must be in (0, 1], got cart_rank={cart_rank!r}")
     if majority_sign_method not in ("total", "frequency"):
         raise ValueError(
             f"majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}"
         )
+    space = "knots" if method == "knots_ties" else merge_space
+    inner = "ties" if method == "knots_ties" else method
     start = time.perf_counter()
     lowrank: dict[str, tuple[Tensor, Tensor]] = {}
     errors: list[float] = []
     for i, module in enumerate(stack.module_names):
         d_out, d_in = stack.shape(module)
         k = min(rank if rank is not None else stack.total_rank(module), d_out, d_in)
-        if method in _PEFT_METHODS:
-            deltas = [stack.delta(module, t) for t in range(stack.num_adapters)]
-            dev = deltas[0].device
-            with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
-                torch.manual_seed(seed + i)
-                merged = _peft_merge(method, deltas, density, majority_sign_method)
-            b, a, err = truncate_svd(merged.double(), k)
-        else:
-            fac = stack.scaled_factors(module, torch.float64)
-            if method == "knots_ties":
-                b, a = knots_ties(fac, density, majority_sign_method)
-            elif method == "tsv":
-                b, a = tsv(fac, min(d_out, d_in))
-            else:
-                b, a = iso_c(fac)
-            b, a, err = _truncate_lowrank(b, a, k)
+        fac = stack.scaled_factors(module, torch.float64)
+        dev = fac[0][0].device
+
+        def merge(
+            tensors: list[Tensor], module_index: int = i, device: torch.device = dev
+        ) -> Tensor:
+            cuda = [device.index or 0] if device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda):
+                torch.manual_seed(seed + module_index)
+                return _elementwise_merge(inner, tensors, density, majority_sign_method, cart_rank)
+
+        def deltas(module_name: str = module) -> list[Tensor]:
+            return [stack.delta(module_name, t) for t in range(stack.num_adapters)]
+
+        b, a, err = _merge_module(inner, space, fac, (d_out, d_in), k, merge, deltas)
         errors.append(err)
         lowrank[module] = ((b * scale).float().contiguous(), a.float().contiguous())
     info = {
@@ -240,5 +359,6 @@ def merge_baseline(
         "rank": float(max(a.shape[0] for _, a in lowrank.values())),
         "truncation_error": sum(errors) / len(errors),
         "truncation_error_max": max(errors),
+        "space": float(MERGE_SPACES.index(space)),
     }
     return MergedAdapter(method=method, scale=float(scale), lowrank=lowrank, info=info)

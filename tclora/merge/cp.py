@@ -34,15 +34,18 @@ import torch
 from tensorly.cp_tensor import CPTensor
 from torch import Tensor
 
+from tclora.merge.core import core_space
 from tclora.merge.stack import AdapterStack
 
 __all__ = [
+    "ENGINES",
     "CPResult",
     "cp_decompose",
     "fold_in",
 ]
 
-Engine = Literal["factored", "dense"]
+Engine = Literal["factored", "dense", "core"]
+ENGINES = ("factored", "dense", "core")
 _BATCH_BYTES = 256 * 2**20  # factored engine: modules of one shape are run together up to this size
 Init = Literal["svd", "random"]
 
@@ -95,7 +98,11 @@ def cp_decompose(
         rank: CP rank ``R`` (≥ 1). A module's stack has CP rank at most ``Σ_t r_t``; a larger
             ``rank`` is clamped to ``Σ_t r_t`` for that module with a ``UserWarning`` (the extra
             components could only be degenerate).
-        engine: ``"factored"`` (never builds ``ΔW``) or ``"dense"`` (tensorly ``parafac``).
+        engine: ``"factored"`` (ALS from the LoRA factors, never builds ``ΔW``), ``"core"`` (the
+            same ALS on the ``T × k_B × k_A`` core tensor of :mod:`tclora.merge.core`, ``U`` and
+            ``V`` mapped back: the same decomposition, at the cost of a tensor of ``T·(Σr)²``
+            entries) or ``"dense"`` (tensorly ``parafac`` on the dense stack, the reference).
+            A module whose deltas are all zero gets the zero decomposition (``λ = 0``).
         n_iter_max: maximum ALS sweeps (≥ 1).
         tol: stop when the relative error changes by less than ``tol`` between sweeps
             (tensorly's ``abs_rec_error`` criterion); ``0`` runs all ``n_iter_max`` sweeps.
@@ -112,8 +119,8 @@ def cp_decompose(
     """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"rank must be a positive int, got rank={rank!r}")
-    if engine not in ("factored", "dense"):
-        raise ValueError(f"engine must be 'factored' or 'dense', got engine={engine!r}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {list(ENGINES)}, got engine={engine!r}")
     if init not in ("svd", "random"):
         raise ValueError(f"init must be 'svd' or 'random', got init={init!r}")
     if isinstance(n_iter_max, bool) or not isinstance(n_iter_max, int) or n_iter_max < 1:
@@ -133,6 +140,15 @@ def cp_decompose(
         groups.setdefault(key, []).append(module)
     raw: dict[str, tuple[list[Tensor], list[float], float]] = {}
     for (shape, ranks, r_eff), modules in groups.items():
+        zero = [m for m in modules if _is_zero(stack.scaled_factors(m, dtype))]
+        for module in zero:
+            raw[module] = _zero_raw(stack.num_adapters, shape, r_eff, dtype)
+        modules = [m for m in modules if m not in set(zero)]
+        if not modules:
+            continue
+        if engine == "core":
+            raw.update(_cp_als_core(stack, modules, r_eff, n_iter_max, tol, init, seed, dtype))
+            continue
         if engine == "dense":
             for module in modules:
                 raw[module] = _cp_als_dense(
@@ -171,6 +187,52 @@ def cp_decompose(
             stacklevel=2,
         )
     return results
+
+
+def _is_zero(factors: Sequence[tuple[Tensor, Tensor]]) -> bool:
+    """Whether every ``ΔW_t = B̃_t A_t`` is zero (``‖X‖² = Σ_t sum((B̃ᵀB̃) ∗ (AAᵀ))``)."""
+    return all(float(((b.T @ b) * (a @ a.T)).sum()) == 0.0 for a, b in factors)
+
+
+def _zero_raw(
+    num_adapters: int, shape: tuple[int, int], rank: int, dtype: torch.dtype
+) -> tuple[list[Tensor], list[float], float]:
+    """The decomposition of an all-zero stack: zero factors (``λ = 0``), zero error."""
+    d_out, d_in = shape
+    zeros = [torch.zeros(n, rank, dtype=dtype) for n in (num_adapters, d_out, d_in)]
+    return zeros, [0.0], 0.0
+
+
+def _cp_als_core(
+    stack: AdapterStack,
+    modules: Sequence[str],
+    rank: int,
+    n_iter_max: int,
+    tol: float,
+    init: Init,
+    seed: int,
+    dtype: torch.dtype,
+) -> dict[str, tuple[list[Tensor], list[float], float]]:
+    """The factored ALS on each module's core factors, with ``U``/``V`` mapped back to full space.
+
+    Modules whose cores have the same shape run in one batch. ``‖X‖`` and the relative errors are
+    those of the full tensor (the maps to core space are isometries).
+    """
+    spaces = {m: core_space(stack.scaled_factors(m, dtype)) for m in modules}
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for m, cs in spaces.items():
+        r_m = min(rank, *cs.shape)  # more components than a mode's dimension are degenerate
+        key = (cs.shape, tuple(int(a.shape[0]) for a, _ in cs.factors), r_m)
+        groups.setdefault(key, []).append(m)
+    out: dict[str, tuple[list[Tensor], list[float], float]] = {}
+    for (_, ranks, r_m), chunk in groups.items():
+        a = torch.stack([torch.cat([fa for fa, _ in spaces[m].factors], dim=0) for m in chunk])
+        b = torch.stack([torch.cat([fb for _, fb in spaces[m].factors], dim=1) for m in chunk])
+        for m, ((c, u, v), errors, norm) in zip(
+            chunk, _als_batched(a, b, ranks, r_m, n_iter_max, tol, init, seed), strict=True
+        ):
+            out[m] = ([c, spaces[m].u_b @ u, spaces[m].v_a @ v], errors, norm)
+    return out
 
 
 def _fill(stack: AdapterStack, modules: Sequence[str], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
