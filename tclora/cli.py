@@ -1,115 +1,77 @@
-"""The ``tclora`` command: ``tclora fit|validate|merge|assets``.
+"""The ``tclora`` command (also ``python -m tclora``).
 
-``fit`` and ``validate`` are Lightning's own (:class:`TCLoraCLI`, a ``LightningCLI`` subclass over
-:class:`~tclora.module.LoRAModule` and :class:`~tclora.datamodules.ClusterDataModule`); ``assets``
-lists and fetches the offline model and corpus; ``merge`` runs the CP merge on saved adapter
-folders.
+``fit`` and ``validate`` are Lightning's own (:class:`~tclora.lightning_cli.TCLoraCLI`, a
+``LightningCLI`` over :class:`~tclora.module.LoRAModule` and
+:class:`~tclora.datamodules.ClusterDataModule`); the commands of tclora's own are listed in
+:data:`COMMANDS`: ``merge`` runs the CP merge on saved adapter folders, ``export`` turns a
+checkpoint into adapter folders, ``assets`` lists and fetches the offline model and corpus.
+
+This module imports nothing heavy: ``tclora --help`` answers without loading torch or Lightning,
+and each command imports what it needs when it runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+if TYPE_CHECKING:
+    from tclora.lightning_cli import TCLoraCLI
 
-from tclora._io import check_writable
+__all__ = ["COMMANDS", "LIGHTNING_COMMANDS", "TCLoraCLI", "cli_main", "main"]
 
-_OWN_COMMANDS = {
-    "assets": "list the offline assets, fetching and verifying what is missing",
-    "merge": "merge saved adapter folders (CP and baselines), evaluate, export the kept merge",
+LIGHTNING_COMMANDS = {
+    "fit": "cluster the data, train one LoRA adapter per cluster, merge them at fit end",
+    "validate": "validation loss of every cluster's adapter on its own cluster",
+}
+"""Lightning's commands (``tclora <command> --help`` lists every option)."""
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "merge": (
+        "merge saved adapter folders (CP and baselines), evaluate, export the kept merge",
+        "tclora.study.cli:merge_main",
+    ),
+    "export": (
+        "turn a checkpoint into peft adapter folders (and optionally a full merged model)",
+        "tclora.export_cli:export_main",
+    ),
+    "assets": (
+        "list the offline assets, fetching and verifying what is missing",
+        "tclora.cli:_assets_main",
+    ),
+}
+"""tclora's own commands: ``name -> (one-line help, "module:function")``; the function takes the
+arguments after the name and returns the exit code. Add a command here."""
+
+_NOT_OFFERED = {
+    "test": "LoRAModule has no test step; score adapters and merges on held-out sets with "
+    "`tclora merge --adapters ... --merge.eval_sets [...]`",
+    "predict": "LoRAModule has no predict step; load an exported adapter with peft "
+    "(PeftModel.from_pretrained) and call generate",
 }
 
 
-class TCLoraCLI(LightningCLI):
-    """LightningCLI over ``LoRAModule`` and ``ClusterDataModule``.
+def __getattr__(name: str) -> Any:
+    """``TCLoraCLI`` from :mod:`tclora.lightning_cli`, imported on first use (it loads Lightning)."""
+    if name == "TCLoraCLI":
+        from tclora.lightning_cli import TCLoraCLI
 
-    The number of adapters is never typed twice: it is linked from the data module's
-    ``num_clusters`` when both are instantiated. Before ``fit`` starts any work, the folders it
-    will write (logs, checkpoints, exported adapters, merge results) are checked writable and
-    the merge callbacks load their evaluation sets. A fit resumed with ``--ckpt_path`` takes the
-    ``model:`` section from the checkpoint (Lightning's rule); every value of the config that the
-    checkpoint overrides is named in a warning.
+        return TCLoraCLI
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def cli_main(args: Sequence[str] | None = None, run: bool = True) -> TCLoraCLI:
+    """Build (and by default run) the LightningCLI; ``args`` replaces ``sys.argv[1:]``.
+
+    See :func:`tclora.lightning_cli.cli_main`.
     """
+    from tclora.lightning_cli import cli_main as lightning_main
 
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.num_clusters", "model.num_adapters", apply_on="instantiate")
-
-    def _parse_ckpt_path(self) -> None:
-        subcommand = self.config.get("subcommand")
-        section = self.config.get(subcommand) if subcommand else None
-        before = _flat(section.get("model")) if section is not None else {}
-        super()._parse_ckpt_path()
-        if section is None or not section.get("ckpt_path"):
-            return
-        after = _flat(self.config[subcommand].get("model"))
-        differ = {
-            key: (before.get(key), after.get(key))
-            for key in sorted(set(before) | set(after))
-            if before.get(key) != after.get(key)
-        }
-        if differ:
-            listing = "; ".join(
-                f"model.{k}: config {a!r} -> checkpoint {b!r}" for k, (a, b) in differ.items()
-            )
-            rank_zero_warn(
-                f"resuming from {section.get('ckpt_path')}: the model section is taken from the "
-                f"checkpoint, not from the config; these values differ and the checkpoint's are "
-                f"used: {listing}. Start a new fit (no --ckpt_path) to change them"
-            )
-
-    def before_fit(self) -> None:
-        """Check every output folder and the merge callbacks' inputs before any work starts."""
-        from tclora.callbacks import CPMergeCallback
-
-        trainer = self.trainer
-        check_writable(trainer.default_root_dir, "trainer.default_root_dir")
-        if trainer.log_dir:
-            check_writable(trainer.log_dir, "trainer.logger (its log_dir)")
-        for callback in trainer.callbacks:  # type: ignore[attr-defined]
-            if isinstance(callback, CPMergeCallback):
-                callback.check(trainer, self.datamodule)
-
-    def after_fit(self) -> None:
-        """Say where the logs, the adapters and the merge are, and how to open TensorBoard."""
-        from tclora.callbacks import CPMergeCallback
-
-        trainer = self.trainer
-        if not trainer.is_global_zero:
-            return
-        lines = ["", "tclora: fit finished"]
-        if trainer.log_dir:
-            lines.append(f"  logs:             {trainer.log_dir}")
-        export_dir = self.model.hparams.get("export_dir")
-        if export_dir:
-            lines.append(f"  adapters:         {export_dir}")
-        for callback in trainer.callbacks:  # type: ignore[attr-defined]
-            if isinstance(callback, CPMergeCallback):
-                lines += callback.summary_lines()
-        logger = trainer.logger
-        if logger is not None and getattr(logger, "save_dir", None):
-            lines.append(f"  open TensorBoard: tensorboard --logdir {logger.save_dir}")
-        print("\n".join(lines))
-
-
-def _flat(namespace: Any, prefix: str = "") -> dict[str, Any]:
-    """A (nested) jsonargparse namespace or dict as ``{"a.b": value}``."""
-    if namespace is None:
-        return {}
-    data = namespace.as_dict() if hasattr(namespace, "as_dict") else dict(namespace)
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if key.startswith("__"):
-            continue
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+    return lightning_main(args, run=run)
 
 
 def _assets_main(argv: Sequence[str]) -> int:
@@ -169,48 +131,59 @@ def _assets_main(argv: Sequence[str]) -> int:
     return 1 if corrupt or missing else 0
 
 
-def _print_top_help() -> None:
-    print("usage: tclora {fit,validate,test,predict,merge,assets} ...\n")
-    print(
-        "TC-LoRA: cluster data, train one LoRA per cluster, merge them by joint CP decomposition."
-    )
-    print("\ncommands of tclora's own:")
-    for name, text in _OWN_COMMANDS.items():
-        print(f"  {name:<10} {text}")
-    print("\nLightning commands (`tclora fit --help` lists every option):\n")
+def top_help() -> str:
+    """The text of ``tclora --help``."""
+    lines = [
+        "usage: tclora <command> [options]     (or: python -m tclora <command> [options])",
+        "",
+        "TC-LoRA: cluster data, train one LoRA per cluster, merge them by joint CP decomposition.",
+        "",
+        "Lightning commands (`tclora fit --help` lists every option, the merge callback's too):",
+    ]
+    lines += [f"  {name:<10} {text}" for name, text in LIGHTNING_COMMANDS.items()]
+    lines += ["", "commands of tclora's own (`tclora <command> --help`):"]
+    lines += [f"  {name:<10} {text}" for name, (text, _) in COMMANDS.items()]
+    return "\n".join(lines)
 
 
-def cli_main(args: Sequence[str] | None = None, run: bool = True) -> TCLoraCLI:
-    """Build (and by default run) the LightningCLI; ``args`` replaces ``sys.argv[1:]``."""
-    from tclora.datamodules import ClusterDataModule
-    from tclora.module import LoRAModule
-
-    return TCLoraCLI(
-        LoRAModule,
-        ClusterDataModule,
-        args=list(args) if args is not None else None,
-        run=run,
-        save_config_kwargs={"overwrite": True},
-        # LoRAModule builds one param group per adapter; a CLI optimizer would replace it.
-        auto_configure_optimizers=False,
-        parser_kwargs={"parser_mode": "yaml"},
-    )
+def _entry(name: str) -> Callable[[Sequence[str]], int]:
+    module, function = COMMANDS[name][1].split(":")
+    entry: Callable[[Sequence[str]], int] = getattr(importlib.import_module(module), function)
+    return entry
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``tclora`` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if argv and argv[0] == "assets":
-        return _assets_main(argv[1:])
-    if argv and argv[0] == "merge":
-        from tclora.study.cli import merge_main
+    """Entry point of the ``tclora`` console script and of ``python -m tclora``.
 
-        return merge_main(argv[1:])
-    if not argv or argv[0] in {"-h", "--help"}:
-        _print_top_help()
-    cli_main(argv)
-    return 0
+    Args:
+        argv: The arguments; ``None`` reads ``sys.argv[1:]``.
+
+    Returns:
+        The exit code.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    command = args[0] if args else None
+    if command is None or command in {"-h", "--help"}:
+        print(top_help())
+        return 0
+    if command in COMMANDS:
+        return _entry(command)(args[1:])
+    if command in LIGHTNING_COMMANDS:
+        # the console script passes nothing: Lightning reads sys.argv itself (passing it back
+        # made LightningCLI warn "not recommended to provide both args and command line
+        # arguments" on every command)
+        cli_main(None if argv is None else args)
+        return 0
+    known = [*LIGHTNING_COMMANDS, *COMMANDS]
+    reason = _NOT_OFFERED.get(command, "")
+    print(
+        f"tclora: command={command!r} is not a tclora command; expected one of {known}"
+        + (f". tclora {command}: {reason}" if reason else "")
+        + "\n(tclora --help lists them)",
+        file=sys.stderr,
+    )
+    return 2
 
 
 if __name__ == "__main__":

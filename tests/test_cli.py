@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,9 @@ import pytest
 import yaml
 from helpers import merge_argv
 
-from tclora.cli import TCLoraCLI, cli_main
+from tclora.callbacks import CPMergeCallback
+from tclora.cli import TCLoraCLI, cli_main, main
+from tclora.lightning_cli import StepsProgressBar
 
 ROOT = Path(__file__).resolve().parents[1]
 TOP_CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -59,6 +63,7 @@ def test_demo_config_instantiates() -> None:
     cli = cli_main(["--config", str(ROOT / "configs" / "demo.yaml")], run=False)
     assert cli.datamodule.num_clusters == 4
     assert cli.model.hparams.num_adapters == 4  # linked from data.num_clusters, never typed twice
+    assert cli.datamodule._tokenizer_arg == "smollm2-135m-instruct"  # linked from model.model
     merge = next(c for c in cli.trainer.callbacks if type(c).__name__ == "CPMergeCallback")
     assert merge.config.scales == [1.0, 2.0, 4.0]
 
@@ -66,6 +71,16 @@ def test_demo_config_instantiates() -> None:
 def test_num_adapters_is_not_typed_twice() -> None:
     with pytest.raises(argparse.ArgumentError, match=r"data.num_clusters --> model.num_adapters"):
         _parse_args(["--config", str(ROOT / "configs" / "demo.yaml"), "--model.num_adapters", "3"])
+
+
+def test_tokenizer_is_not_typed_twice() -> None:
+    """data.tokenizer comes from model.model; typing it is refused, naming the link."""
+    with pytest.raises(
+        argparse.ArgumentError, match=r'Linked "data.tokenizer" must be given via "model.model"'
+    ):
+        _parse_args(["--config", str(ROOT / "configs" / "demo.yaml"), "--data.tokenizer", "x"])
+    cli = _parse_args(["--config", str(ROOT / "configs" / "demo.yaml"), "--model.model", "other"])
+    assert cli.config.data.tokenizer == "other"
 
 
 def _parse_args(args: list[str]) -> Any:
@@ -81,12 +96,113 @@ def _parse_args(args: list[str]) -> Any:
     )
 
 
-def test_top_level_help_lists_own_commands() -> None:
+def test_top_level_help_is_fast_and_lists_only_working_commands() -> None:
+    """`python -m tclora --help` lists the commands without importing torch or Lightning."""
     proc = subprocess.run(
-        [sys.executable, "-m", "tclora.cli", "--help"], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "tclora", "--help"], capture_output=True, text=True, check=False
     )
     assert proc.returncode == 0, proc.stderr
-    assert "assets" in proc.stdout and "merge" in proc.stdout and "fit" in proc.stdout
+    commands = [
+        line.split()[0]
+        for line in proc.stdout.splitlines()
+        if line.startswith("  ") and line[2:3] != " "
+    ]
+    assert commands == ["fit", "validate", "merge", "export", "assets"]
+    assert "test" not in proc.stdout.split() and "predict" not in proc.stdout
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, tclora.cli; print(sorted(m for m in ('torch', 'lightning', "
+            "'transformers', 'numpy', 'jsonargparse') if m in sys.modules))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert loaded.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("command", "reason"),
+    [("test", "LoRAModule has no test step"), ("predict", "LoRAModule has no predict step")],
+)
+def test_test_and_predict_are_refused_with_the_reason(
+    command: str, reason: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([command, "--config", "x.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"command='{command}' is not a tclora command; expected one of ['fit', 'validate', " in err
+    )
+    assert reason in err
+
+
+def test_fit_help_documents_the_merge_callback(capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: `tclora fit --help` showed no CPMergeCallback option, and `default: null` for
+    its list options."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    section = " ".join(
+        text.split("CPMergeCallback (tclora.callbacks.CPMergeCallback)", 1)[1].split()
+    )
+    options = [
+        name for name in inspect.signature(CPMergeCallback.__init__).parameters if name != "self"
+    ]
+    for name in options:
+        assert f"--trainer.callbacks.{name} " in section, name
+    assert "default: ('sum_components', 'mean_loading')" in section
+    assert "default: ('uniform', 'ties', 'knots_ties', 'tsv', 'iso_c')" in section
+    assert "default: (1.0,)" in section
+    assert "default: ('base', 'single', 'routing')" in section
+    assert "model.model --> data.tokenizer" in text
+
+
+def test_console_script_passes_no_args_back(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: every command warned "LightningCLI's args parameter ... not recommended"."""
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["tclora", "fit", "--config", str(ROOT / "configs" / "demo.yaml"), "--print_config"],
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+    assert exit_info.value.code == 0
+    assert "max_steps: 48" in capsys.readouterr().out
+    assert not [w for w in caught if "not recommended" in str(w.message)]
+
+
+def test_training_bar_reads_steps_not_epoch_minus_two() -> None:
+    """Before: Lightning's rich bar read "Epoch 0/-2" for a fit bounded by max_steps."""
+    cli = cli_main(["--config", str(ROOT / "configs" / "demo.yaml")], run=False)
+    bar = cli.trainer.progress_bar_callback
+    assert isinstance(bar, StepsProgressBar)
+    bar._trainer = cli.trainer
+    assert bar._get_train_description(0).strip() == "Epoch 0 (max_steps 48)"
+    cli = cli_main(
+        ["--config", str(ROOT / "configs" / "demo.yaml"), "--trainer.enable_progress_bar", "false"],
+        run=False,
+    )
+    assert cli.trainer.progress_bar_callback is None
+
+
+def test_merge_says_routing_is_skipped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`tclora merge` has no data module to route with: it says so instead of dropping it."""
+    from tclora.study.cli import MergeInputError, merge_main
+
+    folders = [tmp_path / "a", tmp_path / "b"]
+    with pytest.raises(MergeInputError, match="is not a peft adapter folder"):
+        merge_main(merge_argv(folders, tmp_path / "out", references=["base", "routing"]))
+    assert (
+        "tclora merge: no data module to route with: the 'routing' reference is skipped"
+        in capsys.readouterr().out
+    )
 
 
 @pytest.mark.slow
@@ -142,7 +258,6 @@ def test_fit_through_the_cli_with_a_tiny_model(
         },
         "data": {
             "sources": [str(multitask_jsonl)],
-            "tokenizer": str(tiny_model_dir),
             "num_clusters": 4,
             "batch_size": 4,
             "max_length": 64,
@@ -207,7 +322,6 @@ def _small_config(tmp_path: Path, tiny_model_dir: Path, multitask_jsonl: Path) -
         "model": {"model": str(tiny_model_dir), "r": 4, "export_dir": str(out / "adapters")},
         "data": {
             "sources": [str(multitask_jsonl)],
-            "tokenizer": str(tiny_model_dir),
             "num_clusters": 2,
             "batch_size": 4,
             "max_length": 64,
