@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from tclora._io import atomic_write_text
-from tclora.evaluation import EvalSet
+from tclora.evaluation import EvalSet, HarnessTask
 from tclora.merge import AdapterStack
 from tclora.study.config import StudyConfig
 from tclora.study.results import MethodResult, row_from_dict, row_to_dict
@@ -102,11 +102,23 @@ def tokenizer_digest(tokenizer: Any) -> str:
 
 
 def eval_sets_digest(eval_sets: Sequence[EvalSet]) -> str:
-    """sha256 of every evaluation set's name, kind and items (prompts, answers, choices)."""
+    """sha256 of every evaluation set's name, kind and items (prompts, answers, choices).
+
+    An lm-eval task (:class:`~tclora.evaluation.HarnessTask`) adds what lm-eval scores: its
+    resolved task configuration and the selected documents (``config_digest``), their indices,
+    and the installed lm-eval version.
+    """
     digest = hashlib.sha256()
     for es in eval_sets:
         items = [[ex.prompt, list(ex.answers), ex.choices, ex.task] for ex in es.examples]
         digest.update(json.dumps([es.name, es.kind, items], sort_keys=True).encode())
+        if isinstance(es, HarnessTask):
+            try:
+                lm_eval_version = version("lm-eval")
+            except PackageNotFoundError:
+                lm_eval_version = "?"
+            lm_eval = [es.spec, es.config_digest, es.doc_ids, lm_eval_version]
+            digest.update(json.dumps(lm_eval).encode())
     return digest.hexdigest()
 
 

@@ -16,7 +16,7 @@ import torch
 
 from tclora._dist import rank_and_world
 from tclora.data import prompt_text
-from tclora.evaluation import EvalSet, evaluate
+from tclora.evaluation import EvalSet, HarnessTask, evaluate, harness_evaluate
 from tclora.merge import (
     AdapterStack,
     CPResult,
@@ -146,6 +146,10 @@ def evaluate_sets(
 ) -> dict[str, dict[str, float]]:
     """Score ``model`` on every evaluation set with the study's settings.
 
+    Sets loaded from ``lm_eval:`` (:class:`~tclora.evaluation.HarnessTask`) are scored by
+    lm-evaluation-harness (:func:`~tclora.evaluation.harness_evaluate`), the others by tclora's
+    scorer (:func:`~tclora.evaluation.evaluate`); both shard over DDP ranks.
+
     Args:
         model: The (peft) model, with the adapter to score active.
         tokenizer: Its tokenizer.
@@ -154,10 +158,24 @@ def evaluate_sets(
         adapter_per_example: Per set, the adapter of each example (routing), or ``None``.
 
     Returns:
-        ``{set name: {"acc", "acc_norm", "n"} or {"exact_match", "n"}}``.
+        ``{set name: {"acc", "acc_norm", "n"} or {"exact_match", "n"}}`` (lm-eval tasks: the
+        metrics lm-eval reports, and ``n``).
     """
-    return {
-        es.name: evaluate(
+    scores: dict[str, dict[str, float]] = {}
+    for es in eval_sets:
+        routes = None if adapter_per_example is None else adapter_per_example[es.name]
+        if isinstance(es, HarnessTask):
+            scores[es.name] = harness_evaluate(
+                model,
+                tokenizer,
+                es,
+                batch_size=cfg.batch_size,
+                max_length=cfg.max_length,
+                chat_template=cfg.chat_template,
+                adapter_per_example=routes,
+            )
+            continue
+        scores[es.name] = evaluate(
             model,
             tokenizer,
             es,
@@ -166,12 +184,9 @@ def evaluate_sets(
             max_new_tokens=cfg.max_new_tokens,
             chat_template=cfg.chat_template,
             progress=cfg.progress,
-            adapter_per_example=None
-            if adapter_per_example is None
-            else adapter_per_example[es.name],
+            adapter_per_example=routes,
         )
-        for es in eval_sets
-    }
+    return scores
 
 
 def build_merges(

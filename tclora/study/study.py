@@ -18,7 +18,7 @@ from typing import Any
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from tclora._io import atomic_write, atomic_write_text
-from tclora.evaluation import EvalSet, load_eval_set
+from tclora.evaluation import EvalSet, EvalSetError, load_any_eval_set
 from tclora.merge import AdapterStack, export_adapter
 from tclora.study.config import StudyConfig
 from tclora.study.progress import (
@@ -69,12 +69,30 @@ class MergeStudy:
         self.rows: list[MethodResult] = []
 
     def load_eval_sets(self) -> list[EvalSet]:
-        """Load and validate the configured evaluation sets (cheap; call it before the work)."""
+        """Load and validate the configured evaluation sets (call it before the work).
+
+        ``registry:<task>`` and JSONL paths load with :func:`~tclora.evaluation.load_eval_set`;
+        ``lm_eval:<task>`` and ``lm_eval:<path>.yaml`` through lm-eval's task manager
+        (:func:`~tclora.evaluation.load_harness_task`; the ``tclora[harness]`` extra), which
+        reads the task's data now, so a missing task or dataset fails before any model work.
+
+        Raises:
+            EvalSetError: A set cannot be loaded, or two sets have the same name (their scores
+                would overwrite each other in the table).
+        """
         cfg = self.config
-        self.eval_sets = [
-            load_eval_set(source, max_items=cfg.eval_max_items, seed=cfg.seed)
+        sets = [
+            load_any_eval_set(source, max_items=cfg.eval_max_items, seed=cfg.seed)
             for source in cfg.eval_sets
         ]
+        names = [es.name for es in sets]
+        for name in sorted({n for n in names if names.count(n) > 1}):
+            sources = [es.source for es in sets if es.name == name]
+            raise EvalSetError(
+                f"eval_sets: {sources} are all named {name!r}; every evaluation set needs its own "
+                "name (rename a file, or drop one)"
+            )
+        self.eval_sets = sets
         return self.eval_sets
 
     def adapter_names(self, peft_model: Any) -> list[str]:
