@@ -63,8 +63,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -74,6 +74,8 @@ from tclora.assets import base_model_id, resolve_model
 __all__ = [
     "DEFAULT_ADAPTER_PREFIX",
     "EXPORT_MANIFEST",
+    "INTERRUPTED_ADAPTERS",
+    "InterruptSave",
     "LoRAModule",
     "check_export_dir",
     "linear_module_names",
@@ -85,6 +87,8 @@ _SCHEDULES = ("constant", "linear", "cosine")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _RNG_SEED_STRIDE = 1_000_003  # separates the dropout streams of different ranks
 EXPORT_MANIFEST = "tclora_adapters.json"
+INTERRUPTED_ADAPTERS = "interrupted_adapters"
+"""Folder (in the log folder) for the adapters of an interrupted fit without ``export_dir``."""
 
 
 def lr_at_step(
@@ -682,7 +686,9 @@ class LoRAModule(LightningModule):
         }
 
     # ----------------------------------------------------------------- export
-    def export_adapters(self, out_dir: str | os.PathLike[str]) -> list[Path]:
+    def export_adapters(
+        self, out_dir: str | os.PathLike[str], note: Mapping[str, Any] | None = None
+    ) -> list[Path]:
         """Write every adapter as a standard peft folder ``out_dir/<adapter name>``.
 
         Written by peft's own ``save_pretrained`` (``adapter_config.json``,
@@ -695,6 +701,7 @@ class LoRAModule(LightningModule):
 
         Args:
             out_dir: The export folder: absent, empty, or an earlier export (it is replaced).
+            note: More entries for ``tclora_adapters.json`` (e.g. the step of an interrupted fit).
 
         Returns:
             The adapter folders, in adapter order.
@@ -705,7 +712,12 @@ class LoRAModule(LightningModule):
         base = base_model_id(self.hparams["model"])
         for name in self.adapter_names:
             self.model.peft_config[name].base_model_name_or_path = base
-        manifest = {"adapters": list(self.adapter_names), "base_model": base}
+        manifest = {
+            "adapters": list(self.adapter_names),
+            "base_model": base,
+            "adapter_steps": list(self._adapter_steps),
+            **dict(note or {}),
+        }
         with atomic_dir(out) as tmp:
             self.model.save_pretrained(str(tmp), selected_adapters=list(self.adapter_names))
             atomic_write_text(tmp / EXPORT_MANIFEST, json.dumps(manifest, indent=1))
@@ -720,6 +732,64 @@ class LoRAModule(LightningModule):
             if self.trainer.is_global_zero:
                 folders = self.export_adapters(export_dir)
                 rank_zero_info(f"LoRAModule: exported {len(folders)} adapters to {export_dir}")
+
+    @override
+    def configure_callbacks(self) -> list[Callback]:
+        """:class:`InterruptSave`: Ctrl-C during a fit keeps the work done so far."""
+        return [InterruptSave()]
+
+    def save_interrupted(self, trainer: Trainer) -> dict[str, Path]:
+        """Save a checkpoint and export the adapters as they are (a fit was interrupted).
+
+        The checkpoint goes to the checkpoint folder (``ModelCheckpoint``'s, else
+        ``<log_dir>/checkpoints``) as ``interrupted-step=<N>.ckpt``; the adapters to
+        ``model.export_dir``, else ``<log_dir>/interrupted_adapters``, with the step in
+        ``tclora_adapters.json``. Both are said in one message. Nothing is saved before the first
+        optimizer step, nor on several processes (a checkpoint is a collective there, and not
+        every rank may still be running).
+
+        Args:
+            trainer: The interrupted trainer.
+
+        Returns:
+            ``{"checkpoint": path, "adapters": folder}`` for what was written (may be empty).
+        """
+        step = trainer.global_step
+        if self.model is None or step == 0:
+            rank_zero_info("LoRAModule: interrupted before the first step: nothing to save")
+            return {}
+        if trainer.world_size > 1:
+            rank_zero_warn(
+                f"LoRAModule: interrupted at step {step} on {trainer.world_size} processes: no "
+                "checkpoint or export is written (resume from the last saved checkpoint)"
+            )
+            return {}
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        saver = trainer.checkpoint_callback
+        dirpath = getattr(saver, "dirpath", None)
+        ckpt_dir = Path(dirpath) if dirpath else log_dir / "checkpoints"
+        written: dict[str, Path] = {}
+        done: list[str] = []
+        try:
+            written["checkpoint"] = ckpt_dir / f"interrupted-step={step}.ckpt"
+            trainer.save_checkpoint(written["checkpoint"])
+            done.append(
+                f"checkpoint saved to {written['checkpoint']} (resume: tclora fit --config "
+                f"<the same config> --ckpt_path {written['checkpoint']})"
+            )
+            export_dir = self.hparams["export_dir"] or log_dir / INTERRUPTED_ADAPTERS
+            self.export_adapters(export_dir, {"interrupted_at_step": step})
+            written["adapters"] = Path(export_dir)
+            done.append(
+                f"the {len(self.adapter_names)} adapters as they are exported to {export_dir}"
+            )
+        except Exception as err:  # noqa: BLE001 -- an interrupt handler must not mask the interrupt
+            done.append(f"saving failed ({type(err).__name__}: {err})")
+        rank_zero_info(
+            f"LoRAModule: fit interrupted at global step {step} (adapter steps "
+            f"{self._adapter_steps}): " + "; ".join(done)
+        )
+        return written
 
     @contextmanager
     def _full_parameters(self) -> Iterator[None]:
@@ -736,6 +806,24 @@ class LoRAModule(LightningModule):
                 yield
         else:
             yield
+
+
+class InterruptSave(Callback):
+    """On Ctrl-C during a fit of a :class:`LoRAModule`: a checkpoint and an export of the adapters.
+
+    Lightning catches the ``KeyboardInterrupt``, calls ``on_exception`` and ends the process; this
+    keeps the steps since the last checkpoint (:meth:`LoRAModule.save_interrupted`). Other
+    exceptions save nothing (their weights may be what went wrong). ``LoRAModule`` adds it to every
+    trainer (``configure_callbacks``).
+    """
+
+    @override
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
+        if isinstance(exception, KeyboardInterrupt) and isinstance(pl_module, LoRAModule):
+            if trainer.state.fn == "fit":
+                pl_module.save_interrupted(trainer)
 
 
 def _batches_per_cluster(loader: Any) -> list[int] | None:

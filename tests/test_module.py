@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -613,6 +614,179 @@ def test_resume_mid_epoch_equals_uninterrupted_fit(tiny_model_dir: Path, tmp_pat
         torch.testing.assert_close(
             adapter_weights(resumed, k), adapter_weights(full, k), rtol=0, atol=1e-6
         )
+
+
+class _CtrlC(Callback):
+    """Presses Ctrl-C after optimizer step ``at`` (a KeyboardInterrupt inside the fit loop;
+    ``at=0``: as training starts)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_start(self, trainer: Trainer, *args: Any) -> None:
+        if self.at == 0:
+            raise KeyboardInterrupt
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        if trainer.global_step == self.at:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exports_the_adapters(
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: Ctrl-C lost every step since the last checkpoint. Now the checkpoint resumes to
+    the uninterrupted fit, and the adapters are exported as they were at the interrupt."""
+    import signal
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    order = [0, 1, 1, 0, 1, 0]
+    batches = [make_batch(c, seed=i) for i, c in enumerate(order)]
+    common: dict[str, Any] = dict(model=str(tiny_model_dir), r=4, lr=1e-2, lr_schedule="linear")
+    common["max_steps_per_adapter"] = 6
+    seed_everything(0)
+    full = LoRAModule(**common)
+    make_trainer(max_epochs=2).fit(full, datamodule=ResumableDataModule(batches, 2))
+
+    seed_everything(0)
+    export = tmp_path / "adapters"
+    first = LoRAModule(**common, export_dir=str(export))
+    trainer = make_trainer(tmp_path, max_epochs=2, callbacks=[_CtrlC(at=4)])
+    try:
+        with caplog.at_level("INFO"), pytest.raises(SystemExit) as exit_info:
+            trainer.fit(first, datamodule=ResumableDataModule(batches, 2))
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores SIGINT after
+    assert exit_info.value.code == 1
+    ckpt = tmp_path / "checkpoints" / "interrupted-step=4.ckpt"
+    assert (
+        f"LoRAModule: fit interrupted at global step 4 (adapter steps [2, 2]): checkpoint saved to "
+        f"{ckpt} (resume: tclora fit --config <the same config> --ckpt_path {ckpt}); the 2 "
+        f"adapters as they are exported to {export}"
+    ) in caplog.text
+    manifest = json.loads((export / "tclora_adapters.json").read_text())
+    assert manifest["interrupted_at_step"] == 4 and manifest["adapter_steps"] == [2, 2]
+    # the export holds the adapters as they were at the interrupt
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    loaded = PeftModel.from_pretrained(base, export / "cluster_1", adapter_name="cluster_1")
+    for name, param in first.adapter_parameters(1):
+        loaded_name = name.removeprefix("model.")
+        torch.testing.assert_close(dict(loaded.named_parameters())[loaded_name], param)
+
+    seed_everything(7)
+    resumed = LoRAModule(**common)
+    make_trainer(max_epochs=2).fit(
+        resumed, datamodule=ResumableDataModule(batches, 2), ckpt_path=ckpt
+    )
+    assert resumed._adapter_steps == full._adapter_steps == [6, 6]
+    for k in range(2):
+        torch.testing.assert_close(
+            adapter_weights(resumed, k), adapter_weights(full, k), rtol=0, atol=1e-6
+        )
+
+
+def test_ctrl_c_before_the_first_step_saves_nothing(
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import signal
+
+    module = LoRAModule(model=str(tiny_model_dir), r=4)
+    trainer = make_trainer(tmp_path, max_steps=2, callbacks=[_CtrlC(at=0)])
+    try:
+        with caplog.at_level("INFO"), pytest.raises(SystemExit):
+            trainer.fit(module, datamodule=ListDataModule([make_batch(0, 0)] * 2, 2))
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert "LoRAModule: interrupted before the first step: nothing to save" in caplog.text
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_export_turns_a_checkpoint_into_adapters_and_a_full_model(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`tclora export --ckpt_path`: peft folders and a plain model that give the fit's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tclora.cli import main
+
+    module, trainer = fit(tiny_model_dir, [make_batch(0, 0), make_batch(1, 1), make_batch(1, 2)], 2)
+    ckpt = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    full = tmp_path / "full"
+    argv = ["export", "--ckpt_path", str(ckpt), "--full_model", str(full), "--fold", "cluster_1"]
+    assert main(argv) == 0
+    out = tmp_path / "last-adapters"
+    assert capsys.readouterr().out.splitlines() == [
+        f"tclora export: 2 adapters of {ckpt} (global step 3) -> {out}",
+        f"tclora export: base model + cluster_1 at scale 1 -> {full} (a plain transformers model)",
+    ]
+    manifest = json.loads((out / "tclora_adapters.json").read_text())
+    assert manifest["global_step"] == 3 and manifest["adapter_steps"] == [1, 2]
+
+    ids = make_batch(0, 9)["input_ids"]
+    module.activate(1)
+    module.model.eval()
+    with torch.no_grad():
+        expected = module.model(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        adapter = PeftModel.from_pretrained(base, out / "cluster_1").eval()
+        torch.testing.assert_close(adapter(input_ids=ids).logits, expected)
+        plain = AutoModelForCausalLM.from_pretrained(full).eval()
+        assert not any("lora" in name for name, _ in plain.named_parameters())
+        torch.testing.assert_close(plain(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-5)
+    assert (full / "tokenizer_config.json").is_file()
+
+    merged_model = tmp_path / "merged"
+    argv = ["export", "--ckpt_path", str(ckpt), "--output_dir", str(tmp_path / "again")]
+    assert main([*argv, "--full_model", str(merged_model), "--fold", "cp2_mean_loading"]) == 0
+    assert "base model + cp2_mean_loading at scale 1 ->" in capsys.readouterr().out
+    folded = AutoModelForCausalLM.from_pretrained(merged_model).state_dict()
+    untouched = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(folded[key], untouched[key])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--fold", "cluster_0"], r"--full_model and --fold go together"),
+        (
+            ["--full_model", "F", "--fold", "median"],
+            r"--fold='median': expected an adapter of "
+            r"the checkpoint \(\['cluster_0', 'cluster_1'\]\) or a merge method: cp<R>_<rule>",
+        ),
+    ],
+)
+def test_export_errors_name_the_argument(
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    extra: list[str],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from tclora.export_cli import export_main
+
+    with pytest.raises(SystemExit):
+        export_main(["--ckpt_path", str(tmp_path / "nope.ckpt")])
+    assert f"--ckpt_path='{tmp_path / 'nope.ckpt'}': no such checkpoint file" in (
+        capsys.readouterr().err
+    )
+    _, trainer = fit(tiny_model_dir, [make_batch(0, 0), make_batch(1, 1)], 2)
+    ckpt = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    extra = [str(tmp_path / e) if e == "F" else e for e in extra]
+    try:
+        export_main(["--ckpt_path", str(ckpt), *extra])
+    except SystemExit:
+        text = capsys.readouterr().err
+    except ValueError as err:
+        text = str(err)
+    else:
+        raise AssertionError("no error")
+    assert re.search(message, text), text
 
 
 def test_fit_with_cluster_datamodule(tiny_model_dir: Path, multitask_jsonl: Path) -> None:
