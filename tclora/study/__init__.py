@@ -8,7 +8,14 @@ Layers, each using only those above it: :mod:`~tclora.study.config` (options),
 loggers) and :mod:`~tclora.study.cli` (``tclora merge``). No trainer anywhere.
 """
 
-from tclora.study.config import Baseline, CPRule, Reference, SelectionMetric, StudyConfig
+from tclora.study.config import (
+    Baseline,
+    CPRule,
+    MergeSpace,
+    Reference,
+    SelectionMetric,
+    StudyConfig,
+)
 from tclora.study.logging import log_study, study_metrics
 from tclora.study.results import (
     MethodResult,
@@ -36,6 +43,7 @@ __all__ = [
     "MERGED_ADAPTER",
     "Baseline",
     "CPRule",
+    "MergeSpace",
     "MergeStudy",
     "MethodResult",
     "Reference",

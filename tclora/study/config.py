@@ -16,6 +16,7 @@ from tclora._checks import check_choice
 __all__ = [
     "Baseline",
     "CPRule",
+    "MergeSpace",
     "Reference",
     "SelectionMetric",
     "StudyConfig",
@@ -23,11 +24,20 @@ __all__ = [
 
 CPRule = Literal["sum_components", "mean_loading", "ties_loading"]
 Baseline = Literal[
-    "uniform", "ties", "dare_linear", "dare_ties", "magnitude_prune", "knots_ties", "tsv", "iso_c"
+    "uniform",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "magnitude_prune",
+    "cart",
+    "knots_ties",
+    "tsv",
+    "iso_c",
 ]
+MergeSpace = Literal["full", "knots", "core"]
 Reference = Literal["base", "single", "routing"]
 SelectionMetric = Literal["val_loss", "val_loss_max"]
-Engine = Literal["factored", "dense"]
+Engine = Literal["factored", "dense", "core"]
 
 
 @dataclass
@@ -43,6 +53,7 @@ class StudyConfig:
     baselines: list[Baseline] = field(
         default_factory=lambda: ["uniform", "ties", "knots_ties", "tsv", "iso_c"]
     )
+    merge_space: MergeSpace = "core"
     scales: list[float] = field(default_factory=lambda: [1.0])
     eval_sets: list[str] = field(default_factory=list)
     eval_max_items: int | None = 200
@@ -59,6 +70,7 @@ class StudyConfig:
     cp_iters: int = 100
     cp_tol: float = 1e-8
     density: float = 0.2
+    cart_rank: float = 0.1
     seed: int = 0
     progress: bool = True
 
@@ -77,6 +89,7 @@ class StudyConfig:
         for ref in self.references:
             check_choice("references", ref, get_args(Reference))
         check_choice("selection_metric", self.selection_metric, get_args(SelectionMetric))
+        check_choice("merge_space", self.merge_space, get_args(MergeSpace))
         if not self.rules and not self.baselines:
             raise ValueError(
                 "rules=[] and baselines=[]: nothing to merge; name at least one method"
@@ -96,6 +109,8 @@ class StudyConfig:
                 raise ValueError(f"{name}={value!r}: must be >= 1")
         if not 0.0 < self.density <= 1.0:
             raise ValueError(f"density={self.density!r}: must be in (0, 1]")
+        if not 0.0 < self.cart_rank <= 1.0:
+            raise ValueError(f"cart_rank={self.cart_rank!r}: must be in (0, 1]")
         if self.adapters is not None:
             try:
                 re.compile(self.adapters)

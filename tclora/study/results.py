@@ -45,6 +45,9 @@ class MethodResult:
     merge_seconds: float | None = None
     norm: float | None = None
     cosine_to_sum: float | None = None
+    space: str | None = None
+    rank: int | None = None
+    truncation_error: float | None = None
 
     def primary(self, eval_set: str) -> float:
         """The headline number of ``eval_set``: accuracy for multiple choice, else exact match."""
@@ -117,7 +120,7 @@ def results_table(result: StudyResult) -> list[dict[str, Any]]:
     """Rows of the methods x eval sets table (primary metric per set, their average, scale...)."""
     table = []
     for row in result.rows:
-        entry: dict[str, Any] = {"method": row.name, "kind": row.kind}
+        entry: dict[str, Any] = {"method": row.name, "kind": row.kind, "space": row.space}
         for name in result.eval_sets:
             entry[name] = row.primary(name)
         entry["average"] = row.average(result.eval_sets)
@@ -125,6 +128,8 @@ def results_table(result: StudyResult) -> list[dict[str, Any]]:
         entry["selection"] = row.selection
         entry["norm"] = row.norm
         entry["cosine_to_sum"] = row.cosine_to_sum
+        entry["rank"] = row.rank
+        entry["truncation_error"] = row.truncation_error
         entry["merge_seconds"] = row.merge_seconds
         table.append(entry)
     return table

@@ -6,8 +6,10 @@ progress, outputs and export.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -42,6 +44,7 @@ __all__ = [
 ]
 
 MERGED_ADAPTER = "tclora_merged"
+_log = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -126,11 +129,18 @@ def select_scale(curve: Mapping[float, float]) -> float:
 
 
 def _validation_metric(
-    model: torch.nn.Module,
+    model: Any,
     val_loaders: Sequence[Iterable[Mapping[str, Any]]],
     cfg: StudyConfig,
+    adapters: Sequence[str] | None = None,
 ) -> float:
-    losses = [lm_loss(model, loader, cfg.val_max_batches) for loader in val_loaders]
+    """The selection metric over the validation loaders; ``adapters[k]`` scores loader ``k``
+    (routing: each cluster's batches through its own adapter), else the active adapter."""
+    losses = []
+    for k, loader in enumerate(val_loaders):
+        if adapters is not None:
+            model.set_adapter(adapters[k])
+        losses.append(lm_loss(model, loader, cfg.val_max_batches))
     losses = [v for v in losses if math.isfinite(v)]
     if not losses:
         return math.nan
@@ -220,7 +230,13 @@ def build_merges(
     for method in cfg.baselines:
         start = time.perf_counter()
         merges[method] = merge_baseline(
-            stack, method, scale=1.0, density=cfg.density, seed=cfg.seed
+            stack,
+            method,
+            scale=1.0,
+            merge_space=cfg.merge_space,
+            density=cfg.density,
+            seed=cfg.seed,
+            cart_rank=cfg.cart_rank,
         )
         seconds[method] = time.perf_counter() - start
     return merges, cps, seconds
@@ -265,12 +281,34 @@ def run_study(
         )
     previous_adapter = model.active_adapter
     finished = {row.name: row for row in done}
+    _say(f"merge study: building {len(cfg.method_names)} merges of {len(stack.names)} adapters")
+    clock = time.perf_counter()
     merges, cps, seconds = build_merges(stack, cfg)
+    _say(
+        f"merge study: merges built in {time.perf_counter() - clock:.1f} s ("
+        + ", ".join(f"{m} {s:.1f} s" for m, s in seconds.items())
+        + ")"
+    )
     rows: list[MethodResult] = []
     names = [es.name for es in eval_sets]
+    clock = time.perf_counter()
+
+    def step(name: str) -> str:
+        todo = [n for n in plan() if n not in finished]
+        return f"merge study: [{todo.index(name) + 1}/{len(todo)}] {name}"
 
     def finish(row: MethodResult) -> None:
+        nonlocal clock
         rows.append(row)
+        scores = ", ".join(f"{n} {row.primary(n):.3f}" for n in names)
+        selection = "" if row.selection is None else f"; val loss {row.selection:.4f}"
+        scale = "" if row.scale is None else f" at scale {row.scale:g}"
+        _say(
+            f"{step(row.name)}{scale} done in {time.perf_counter() - clock:.1f} s"
+            + (f": {scores} (average {row.average(names):.3f})" if names else "")
+            + selection
+        )
+        clock = time.perf_counter()
         if on_row is not None:
             on_row(row)
 
@@ -297,15 +335,23 @@ def run_study(
                     MethodResult(
                         f"single:{adapter}",
                         "reference",
+                        selection=_validation_metric(model, val_loaders, cfg)
+                        if val_loaders
+                        else None,
                         scores=evaluate_sets(model, tokenizer, eval_sets, cfg),
                     )
                 )
         if "routing" in cfg.references and router is not None and "routing" not in finished:
             routes = route(router, eval_sets)
+            clusters = list(router.cluster_names)
             finish(
                 MethodResult(
                     "routing",
                     "reference",
+                    # loader k holds cluster k's validation batches: each through its own adapter
+                    selection=_validation_metric(model, val_loaders, cfg, clusters)
+                    if val_loaders and len(val_loaders) == len(clusters)
+                    else None,
                     scores=evaluate_sets(model, tokenizer, eval_sets, cfg, routes),
                 )
             )
@@ -319,6 +365,11 @@ def run_study(
                 curve[scale] = (
                     _validation_metric(model, val_loaders, cfg) if val_loaders else math.nan
                 )
+                if val_loaders:
+                    _say(
+                        f"{step(name)} at scale {scale:g}: val loss {curve[scale]:.4f} "
+                        f"({time.perf_counter() - clock:.1f} s)"
+                    )
             chosen = select_scale(curve) if val_loaders else cfg.scales[0]
             final = merged.scaled(chosen)
             install_adapter(model, MERGED_ADAPTER, final)
@@ -335,6 +386,9 @@ def run_study(
                     merge_seconds=seconds[name],
                     norm=report.get("norm"),
                     cosine_to_sum=report.get("cosine_to_sum"),
+                    space=_space_of(name, cfg),
+                    rank=final.rank,
+                    truncation_error=final.info.get("truncation_error_max"),
                 )
             )
     finally:
@@ -344,6 +398,8 @@ def run_study(
 
     order = {name: i for i, name in enumerate(plan())}
     rows = sorted([*rows, *finished.values()], key=lambda r: order.get(r.name, len(order)))
+    if val_loaders:
+        _warn_grid_edges(rows, cfg.scales)
     kept = _choose_kept(rows, cfg.keep)
     fit_errors = {
         label: _summarise([r.fit_error for r in cp.values()]) for label, cp in cps.items()
@@ -353,6 +409,41 @@ def run_study(
         for label, cp in cps.items()
     }
     return StudyResult(rows, names, fit_errors, loadings, kept, merges)
+
+
+def _space_of(method: str, cfg: StudyConfig) -> str:
+    """Where a merge was computed: ``cp`` for CP rules, ``knots`` for KnOTS-TIES, else the
+    study's ``merge_space`` (TSV and Iso-C give the same merge in every space)."""
+    if method.startswith("cp"):
+        return "cp"
+    return "knots" if method == "knots_ties" else cfg.merge_space
+
+
+def _say(message: str) -> None:
+    """One progress line (``logging``, logger ``tclora.study.run``), on rank zero only."""
+    if rank_and_world()[0] == 0:
+        _log.info(message)
+
+
+def _warn_grid_edges(rows: Sequence[MethodResult], scales: Sequence[float]) -> None:
+    """Warn when merges chose the smallest or the largest scale of the grid (a better scale may
+    lie beyond it)."""
+    if len(scales) < 2 or rank_and_world()[0] != 0:
+        return
+    for edge, where, hint in (
+        (max(scales), "largest", "larger"),
+        (min(scales), "smallest", "smaller"),
+    ):
+        at_edge = [r.name for r in rows if r.kind == "merge" and r.scale == edge]
+        if at_edge:
+            merges = sum(r.kind == "merge" for r in rows)
+            warnings.warn(
+                f"merge study: {len(at_edge)} of {merges} merges chose the {where} scale of the "
+                f"grid {list(scales)}, {edge:g} ({', '.join(at_edge)}): a {hint} scale may be "
+                "better; extend the scales",
+                UserWarning,
+                stacklevel=3,
+            )
 
 
 def _choose_kept(rows: Sequence[MethodResult], keep: str) -> str | None:
