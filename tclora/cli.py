@@ -35,6 +35,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "merge saved adapter folders (CP and baselines), evaluate, export the kept merge",
         "tclora.study.cli:merge_main",
     ),
+    "eval": (
+        "score saved adapter folders on eval sets with tclora's scorer and/or lm-eval",
+        "tclora.study.eval_cli:eval_main",
+    ),
     "export": (
         "turn a checkpoint into peft adapter folders (and optionally a full merged model)",
         "tclora.export_cli:export_main",

@@ -464,3 +464,76 @@ if __name__ == "__main__":
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     mp.spawn(_ddp_worker, args=(_free_port(), *sys.argv[1:4]), nprocs=WORLD_SIZE, join=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# tclora eval
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def saved_adapters(tmp_path: Path, tiny_model_dir: Path, tokenizer: Any) -> list[str]:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    folders = []
+    for k in range(2):
+        torch.manual_seed(20 + k)
+        model = get_peft_model(build_tiny_llama(len(tokenizer)), config)
+        model.peft_config["default"].base_model_name_or_path = str(tiny_model_dir)
+        model.save_pretrained(tmp_path / f"adapter_{k}")
+        folders.append(str(tmp_path / f"adapter_{k}"))
+    return folders
+
+
+@needs_harness
+def test_eval_command_scores_adapter_folders_with_both_evaluators(
+    tmp_path: Path, saved_adapters: list[str], mc_set: EvalSet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tclora.study.eval_cli import eval_main
+
+    out = tmp_path / "eval"
+    argv = ["--adapters", *saved_adapters, "--base", "--eval_sets", mc_set.source]
+    argv += ["--evaluator", "both", "--max_length", str(MAX_LENGTH), "--quiet"]
+    assert eval_main([*argv, "--output_dir", str(out)]) == 0
+    record = json.loads((out / "eval_results.json").read_text())
+    assert list(record["scores"]) == ["base", "adapter_0", "adapter_1"]
+    for variant, by_evaluator in record["scores"].items():
+        assert by_evaluator["lm_eval"] == by_evaluator["tclora"], variant
+        assert by_evaluator["tclora"]["referee"]["n"] == len(mc_set)
+    accs = {v: record["scores"][v]["tclora"]["referee"]["acc"] for v in record["scores"]}
+    assert accs["adapter_0"] != accs["base"]  # the adapter was really applied
+    table = (out / "eval_results.md").read_text()
+    assert table.splitlines()[0] == "| model | evaluator | referee | average |"
+    assert len(table.splitlines()) == 2 + 3 * 2
+    assert "results in" in capsys.readouterr().out
+
+
+def test_eval_command_checks_inputs_before_loading(
+    tmp_path: Path,
+    saved_adapters: list[str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tclora.evaluation import harness
+    from tclora.study.eval_cli import eval_main
+
+    em = write_jsonl(tmp_path / "em.jsonl", [{"prompt": "2 + 2 = ?", "ideal": "4"}])
+    with pytest.raises(SystemExit):
+        eval_main(["--eval_sets", str(em)])
+    assert "nothing to score: give --adapters FOLDER ... and/or --base" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        eval_main(["--base", "--eval_sets", str(em)])
+    assert "--model: the base model to score; needed when no --adapters" in capsys.readouterr().err
+    if harness_installed():
+        with pytest.raises(SystemExit):
+            eval_main(
+                ["--adapters", saved_adapters[0], "--eval_sets", str(em), "--evaluator", "lm_eval"]
+            )
+        assert (
+            "--evaluator lm_eval: set 'em' is exact_match; lm-eval scores tclora's "
+            "multiple-choice sets only (use --evaluator tclora)"
+        ) in capsys.readouterr().err
+    monkeypatch.setattr(harness, "harness_installed", lambda: False)
+    with pytest.raises(HarnessError, match=r"^--evaluator both needs lm-evaluation-harness"):
+        eval_main(["--adapters", saved_adapters[0], "--eval_sets", str(em), "--evaluator", "both"])
