@@ -16,7 +16,7 @@ import yaml
 from helpers import merge_argv
 
 from tclora.callbacks import CPMergeCallback
-from tclora.cli import TCLoraCLI, cli_main, main
+from tclora.cli import COMMANDS, TCLoraCLI, cli_main, main
 from tclora.lightning_cli import StepsProgressBar
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,7 +107,8 @@ def test_top_level_help_is_fast_and_lists_only_working_commands() -> None:
         for line in proc.stdout.splitlines()
         if line.startswith("  ") and line[2:3] != " "
     ]
-    assert commands == ["fit", "validate", "merge", "export", "assets"]
+    assert commands == ["fit", "validate", *COMMANDS]
+    assert {"merge", "export", "assets"} <= set(COMMANDS)
     assert "test" not in proc.stdout.split() and "predict" not in proc.stdout
     loaded = subprocess.run(
         [
