@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -35,91 +34,9 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, for `benchmarks`
 
-SMOLLM2 = {
-    "hidden": 576,
-    "intermediate": 1536,
-    "heads": 9,
-    "kv_heads": 3,
-    "head_dim": 64,
-    "layers": 30,
-}
-
-
-def _status_kb(field: str) -> int:
-    match = re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())
-    return int(match.group(1)) if match else 0
-
-
-class PeakRSS:
-    """Peak resident memory above the level at entry (Linux ``VmHWM``, reset on entry)."""
-
-    def __enter__(self) -> PeakRSS:
-        import gc
-
-        gc.collect()
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-        self.start_kb = _status_kb("VmRSS")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.peak_mb = max(_status_kb("VmHWM") - self.start_kb, 0) / 1024
-
-
-def _stack(shapes: dict[str, tuple[int, int]], t: int, r: int, seed: int = 0) -> Any:
-    import torch
-    from peft import LoraConfig
-
-    from tclora.merge import AdapterStack
-
-    g = torch.Generator().manual_seed(seed)
-    weights = {
-        name: [
-            (
-                torch.randn(r, d_in, generator=g) / d_in**0.5,
-                torch.randn(d_out, r, generator=g) * 0.02,
-                2.0,
-            )
-            for _ in range(t)
-        ]
-        for name, (d_out, d_in) in shapes.items()
-    }
-    names = [f"adapter{i}" for i in range(t)]
-    return AdapterStack(names=names, module_names=[], lora_config=LoraConfig(), weights=weights)
-
-
-def smollm2_shapes() -> dict[str, tuple[int, int]]:
-    """``module -> (d_out, d_in)`` for every LoRA target of SmolLM2-135M (config read if cached)."""
-    cfg = dict(SMOLLM2)
-    try:
-        from tclora.assets import ensure_model
-
-        raw = json.loads((ensure_model() / "config.json").read_text())
-        cfg = {
-            "hidden": raw["hidden_size"],
-            "intermediate": raw["intermediate_size"],
-            "heads": raw["num_attention_heads"],
-            "kv_heads": raw["num_key_value_heads"],
-            "head_dim": raw.get("head_dim", raw["hidden_size"] // raw["num_attention_heads"]),
-            "layers": raw["num_hidden_layers"],
-        }
-    except Exception as err:  # offline without the packaged model: the published numbers
-        print(f"(SmolLM2 config not available: {err}; using its published shapes)", file=sys.stderr)
-    h, i, hd = cfg["hidden"], cfg["intermediate"], cfg["head_dim"]
-    per_layer = {
-        "self_attn.q_proj": (cfg["heads"] * hd, h),
-        "self_attn.k_proj": (cfg["kv_heads"] * hd, h),
-        "self_attn.v_proj": (cfg["kv_heads"] * hd, h),
-        "self_attn.o_proj": (h, cfg["heads"] * hd),
-        "mlp.gate_proj": (i, h),
-        "mlp.up_proj": (i, h),
-        "mlp.down_proj": (h, i),
-    }
-    return {
-        f"model.layers.{layer}.{name}": shape
-        for layer in range(cfg["layers"])
-        for name, shape in per_layer.items()
-    }
+from benchmarks.common import PeakRSS, smollm2_shapes, synthetic_stack  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
@@ -131,12 +48,14 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.what == "module":
-        stack = _stack({"model.layers.0.mlp.proj": (args.d, args.d)}, args.t, args.r)
+        stack = synthetic_stack({"model.layers.0.mlp.proj": (args.d, args.d)}, args.t, args.r)
         kw: dict[str, Any] = dict(n_iter_max=args.sweeps, tol=0.0, init="random", seed=0)
     else:
-        stack = _stack(smollm2_shapes(), args.t, args.r)
+        stack = synthetic_stack(smollm2_shapes(), args.t, args.r)
         kw = dict(n_iter_max=args.sweeps, tol=args.tol, init="svd", seed=0)
-    cp_decompose(_stack({"m": (8, 8)}, 2, 2), 2, args.engine, n_iter_max=2)  # warm up the kernels
+    cp_decompose(
+        synthetic_stack({"m": (8, 8)}, 2, 2), 2, args.engine, n_iter_max=2
+    )  # warm up the kernels
     with PeakRSS() as mem:
         start = time.perf_counter()
         cp = cp_decompose(stack, args.R, args.engine, dtype=torch.float64, **kw)
