@@ -192,33 +192,7 @@ def _score_variants(
     """``{variant: {evaluator: {set: metrics}}}`` for the base model and each adapter."""
     from contextlib import nullcontext
 
-    from tclora.evaluation import HarnessTask, evaluate, harness_evaluate
-
-    def score(sets: list[Any]) -> dict[str, dict[str, float]]:
-        out = {}
-        for es in sets:
-            if isinstance(es, HarnessTask):
-                out[es.name] = harness_evaluate(
-                    model,
-                    tokenizer,
-                    es,
-                    batch_size=cfg.batch_size,
-                    max_length=cfg.max_length,
-                    chat_template=cfg.chat_template,
-                    conventions=args.conventions,
-                )
-            else:
-                out[es.name] = evaluate(
-                    model,
-                    tokenizer,
-                    es,
-                    batch_size=cfg.batch_size,
-                    max_length=cfg.max_length,
-                    max_new_tokens=cfg.max_new_tokens,
-                    chat_template=cfg.chat_template,
-                    progress=cfg.progress,
-                )
-        return out
+    from tclora.study.run import evaluate_sets
 
     scores: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
     variants = (["base"] if base else []) + list(adapters)
@@ -229,7 +203,10 @@ def _score_variants(
             model.set_adapter(variant)
             context = nullcontext()
         with context:
-            scores[variant] = {e: score(sets) for e, sets in per_evaluator.items()}
+            scores[variant] = {
+                e: evaluate_sets(model, tokenizer, sets, cfg, conventions=args.conventions)
+                for e, sets in per_evaluator.items()
+            }
     return scores
 
 

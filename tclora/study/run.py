@@ -19,6 +19,7 @@ import torch
 from tclora._dist import rank_and_world
 from tclora.data import prompt_text
 from tclora.evaluation import EvalSet, HarnessTask, evaluate, harness_evaluate
+from tclora.evaluation.harness import Conventions
 from tclora.merge import (
     AdapterStack,
     CPResult,
@@ -153,6 +154,7 @@ def evaluate_sets(
     eval_sets: Sequence[EvalSet],
     cfg: StudyConfig,
     adapter_per_example: Mapping[str, Sequence[str]] | None = None,
+    conventions: Conventions = "tclora",
 ) -> dict[str, dict[str, float]]:
     """Score ``model`` on every evaluation set with the study's settings.
 
@@ -166,6 +168,8 @@ def evaluate_sets(
         eval_sets: The sets.
         cfg: The study's options (batch size, lengths, chat template, progress).
         adapter_per_example: Per set, the adapter of each example (routing), or ``None``.
+        conventions: lm-eval's tokenisation conventions (see
+            :data:`tclora.evaluation.harness.Conventions`).
 
     Returns:
         ``{set name: {"acc", "acc_norm", "n"} or {"exact_match", "n"}}`` (lm-eval tasks: the
@@ -173,29 +177,27 @@ def evaluate_sets(
     """
     scores: dict[str, dict[str, float]] = {}
     for es in eval_sets:
-        routes = None if adapter_per_example is None else adapter_per_example[es.name]
+        common: dict[str, Any] = {
+            "batch_size": cfg.batch_size,
+            "max_length": cfg.max_length,
+            "chat_template": cfg.chat_template,
+            "adapter_per_example": None
+            if adapter_per_example is None
+            else adapter_per_example[es.name],
+        }
         if isinstance(es, HarnessTask):
             scores[es.name] = harness_evaluate(
+                model, tokenizer, es, conventions=conventions, **common
+            )
+        else:
+            scores[es.name] = evaluate(
                 model,
                 tokenizer,
                 es,
-                batch_size=cfg.batch_size,
-                max_length=cfg.max_length,
-                chat_template=cfg.chat_template,
-                adapter_per_example=routes,
+                max_new_tokens=cfg.max_new_tokens,
+                progress=cfg.progress,
+                **common,
             )
-            continue
-        scores[es.name] = evaluate(
-            model,
-            tokenizer,
-            es,
-            batch_size=cfg.batch_size,
-            max_length=cfg.max_length,
-            max_new_tokens=cfg.max_new_tokens,
-            chat_template=cfg.chat_template,
-            progress=cfg.progress,
-            adapter_per_example=routes,
-        )
     return scores
 
 
