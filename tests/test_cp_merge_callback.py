@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -128,13 +129,14 @@ def _trainer(tmp_path: Path, callback: CPMergeCallback, logger: Any = True) -> T
 
 
 def test_merge_at_fit_end_on_a_user_module(
-    tmp_path: Path, tokenizer: Any, eval_files: list[str]
+    tmp_path: Path, tokenizer: Any, eval_files: list[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     module = UserModule(len(tokenizer))
     module.tokenizer = tokenizer
     callback = _callback(tmp_path, eval_files)
     trainer = _trainer(tmp_path, callback)
-    trainer.fit(module, datamodule=UserData(len(tokenizer)))
+    with caplog.at_level("INFO", logger="tclora"):
+        trainer.fit(module, datamodule=UserData(len(tokenizer)))
 
     result = callback.result
     assert result is not None and callback.finished
@@ -157,6 +159,10 @@ def test_merge_at_fit_end_on_a_user_module(
         assert row.selection == curve[row.scale]
         assert 0.0 <= row.scores["colors"]["acc"] <= 1.0
         assert row.scores["numbers"]["n"] == 4
+        # every merge names its space, its LoRA rank and its truncation error (exact here)
+        assert row.space == ("cp" if row.name.startswith("cp") else "core")
+        assert row.rank is not None and 1 <= row.rank <= 12  # Σr = 3 adapters × r 4
+        assert row.truncation_error is not None and row.truncation_error < 1e-6
     assert result.kept == min(merges, key=lambda r: r.selection or math.inf).name
     # the temporary merged adapter is gone and the active adapter is restored
     assert set(module.model.peft_config) == set(ADAPTERS)
@@ -192,6 +198,65 @@ def test_merge_at_fit_end_on_a_user_module(
     assert "merge/cp2_fit_error_mean" in scalars or "merge/cp2/fit_error_mean" in scalars
     assert "merge/cp_loadings" in acc.Tags()["images"]
     assert any("merge/results" in tag for tag in acc.Tags()["tensors"])
+    _check_tensorboard_views(run_dir, result, acc)
+    _check_progress_lines(caplog.text, result)
+    # every reference has a validation loss now (before: only base and the merges)
+    assert all(row.selection is not None for row in result.rows)
+
+
+def _check_tensorboard_views(run_dir: Path, result: Any, acc: Any) -> None:
+    """The methods x sets bar chart, the readable table, the custom-scalars layout, and ONE
+    hparams record holding the merge's options and metrics (before: a second record that
+    TensorBoard ignored, and only hp_metric = -1)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.custom_scalar import layout_pb2
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    image = acc.Images("merge/methods_x_eval_sets")[-1]
+    assert image.width > 400 and image.height > 300
+    text = acc.Tensors("merge/results/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert "```" in text and f"{result.kept}" in text
+    table = text.split("```")[1]
+    kept_line = next(line for line in table.splitlines() if "(kept)" in line)
+    assert len({len(line) for line in table.strip().splitlines()[:2]}) == 1  # aligned columns
+    assert kept_line.split("  ")[0].strip().endswith("(kept)")
+
+    starts, experiments, layouts = [], [], []
+    for path in sorted(run_dir.glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if value.tag == "_hparams_/session_start_info":
+                    data = plugin_data_pb2.HParamsPluginData.FromString(
+                        value.metadata.plugin_data.content
+                    )
+                    starts.append(data.session_start_info)
+                elif value.tag == "_hparams_/experiment":
+                    data = plugin_data_pb2.HParamsPluginData.FromString(
+                        value.metadata.plugin_data.content
+                    )
+                    experiments.append(data.experiment)
+                elif value.tag == "custom_scalars__config__":
+                    layouts.append(layout_pb2.Layout.FromString(value.tensor.string_val[0]))
+    assert len(starts) == 1 and len(experiments) == 1, "one hparams record per run"
+    assert starts[0].hparams["merge/kept"].string_value == result.kept
+    assert starts[0].hparams["merge/scales"].string_value == "[0.5, 1.0, 3.0]"
+    metric_names = {m.name.tag for m in experiments[0].metric_infos}
+    assert {"merge/kept_average", "merge/kept_selection", "merge/base/average"} <= metric_names
+    assert "hp_metric" not in metric_names
+    kept_average = acc.Scalars("merge/kept_average")[-1].value
+    assert kept_average == pytest.approx(result.row(result.kept).average(result.eval_sets))
+    (layout,) = layouts
+    charts = {chart.title for category in layout.category for chart in category.chart}
+    assert {"average of every method", "colors: every method", "numbers: every method"} <= charts
+
+
+def _check_progress_lines(log: str, result: Any) -> None:
+    """The study's progress lines reach the log through the callback too (their content:
+    tests/test_study_views.py)."""
+    assert re.search(r"merge study: merges built in [\d.]+ s \(cp2_sum_components [\d.]+ s", log)
+    last = result.rows[-1]
+    assert re.search(rf"\[8/8\] {last.name} at scale [\d.]+: val loss [\d.]+ \([\d.]+ s\)", log)
+    assert re.search(rf"\[8/8\] {last.name} at scale [\d.]+ done in [\d.]+ s: colors", log)
 
 
 def test_no_logger_warns_and_still_writes_the_table(
@@ -264,7 +329,7 @@ def test_malformed_eval_set_names_file_and_line(tmp_path: Path, tokenizer: Any) 
     [
         ({"cp_ranks": 0}, r"cp_ranks=0: every CP rank must be an integer >= 1"),
         ({"cp_ranks": [4, -1]}, r"cp_ranks=\[4, -1\]"),
-        ({"engine": "svd"}, r"engine='svd': expected one of \['factored', 'dense'\]"),
+        ({"engine": "svd"}, r"engine='svd': expected one of \['factored', 'dense', 'core'\]"),
         ({"rules": ["median"]}, r"rules='median': expected one of \['sum_components'"),
         ({"baselines": ["avg"]}, r"baselines='avg': expected one of \['uniform'"),
         (
@@ -281,6 +346,8 @@ def test_malformed_eval_set_names_file_and_line(tmp_path: Path, tokenizer: Any) 
         ({"eval_max_items": 0}, r"eval_max_items=0: must be >= 1 or None"),
         ({"batch_size": 0}, r"batch_size=0: must be >= 1"),
         ({"density": 1.5}, r"density=1.5: must be in \(0, 1\]"),
+        ({"cart_rank": 0.0}, r"cart_rank=0.0: must be in \(0, 1\]"),
+        ({"merge_space": "tucker"}, r"merge_space='tucker': expected one of \['full', 'knots'"),
         ({"adapters": "("}, r"adapters='\(' is not a valid regular expression"),
         ({"keep": "cp9_sum_components"}, r"keep='cp9_sum_components': expected 'best' or one of"),
     ],
@@ -325,7 +392,8 @@ def test_resumed_rows_of_another_study_are_not_used(
 
 
 def test_callback_defaults_are_the_study_defaults() -> None:
-    """One set of defaults: every option the callback passes on defaults to StudyConfig's."""
+    """One set of defaults: every option the callback passes on defaults to StudyConfig's, and
+    the signature shows the real values (no ``None`` standing for a list)."""
     import dataclasses
     import inspect
 
@@ -333,12 +401,15 @@ def test_callback_defaults_are_the_study_defaults() -> None:
 
     study = StudyConfig()
     fields = {f.name for f in dataclasses.fields(StudyConfig)}
+    checked = []
     for name, param in inspect.signature(CPMergeCallback.__init__).parameters.items():
         if name in fields:
             default = param.default
             expected = getattr(study, name)
-            if default is None and isinstance(expected, list):
-                continue  # None stands for the study's list default
-            if name == "cp_ranks":
-                default = [default]
+            if isinstance(expected, list):
+                assert isinstance(default, tuple | int), name  # immutable, and shown in --help
+                default = [default] if isinstance(default, int) else list(default)
             assert default == expected, name
+            checked.append(name)
+    assert {"rules", "baselines", "scales", "references", "cp_ranks"} <= set(checked)
+    assert CPMergeCallback().config == study

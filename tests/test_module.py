@@ -579,6 +579,22 @@ class ResumableDataModule(ListDataModule):
         return ResumableBatches(self.batches)
 
 
+def assert_resumes_to(
+    full: LoRAModule, common: dict[str, Any], batches: list[dict[str, torch.Tensor]], ckpt: Path
+) -> None:
+    """A new module resumed from ``ckpt`` (under another global seed) ends as ``full`` did."""
+    seed_everything(7)
+    resumed = LoRAModule(**common)
+    make_trainer(max_epochs=2).fit(
+        resumed, datamodule=ResumableDataModule(batches, 2), ckpt_path=ckpt
+    )
+    assert resumed._adapter_steps == full._adapter_steps == [6, 6]
+    for k in range(2):
+        torch.testing.assert_close(
+            adapter_weights(resumed, k), adapter_weights(full, k), rtol=0, atol=1e-6
+        )
+
+
 def test_resume_mid_epoch_equals_uninterrupted_fit(tiny_model_dir: Path, tmp_path: Path) -> None:
     order = [0, 1, 1, 0, 1, 0]
     batches = [make_batch(c, seed=i) for i, c in enumerate(order)]
@@ -604,16 +620,7 @@ def test_resume_mid_epoch_equals_uninterrupted_fit(tiny_model_dir: Path, tmp_pat
     path = tmp_path / "epoch=0-step=4.ckpt"
     assert path.is_file(), sorted(tmp_path.iterdir())
     assert first._adapter_steps == [2, 2]
-    seed_everything(7)
-    resumed = LoRAModule(**common)
-    make_trainer(max_epochs=2).fit(
-        resumed, datamodule=ResumableDataModule(batches, 2), ckpt_path=path
-    )
-    assert resumed._adapter_steps == full._adapter_steps == [6, 6]
-    for k in range(2):
-        torch.testing.assert_close(
-            adapter_weights(resumed, k), adapter_weights(full, k), rtol=0, atol=1e-6
-        )
+    assert_resumes_to(full, common, batches, path)
 
 
 class _CtrlC(Callback):
@@ -675,16 +682,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exports_the_adapters(
         loaded_name = name.removeprefix("model.")
         torch.testing.assert_close(dict(loaded.named_parameters())[loaded_name], param)
 
-    seed_everything(7)
-    resumed = LoRAModule(**common)
-    make_trainer(max_epochs=2).fit(
-        resumed, datamodule=ResumableDataModule(batches, 2), ckpt_path=ckpt
-    )
-    assert resumed._adapter_steps == full._adapter_steps == [6, 6]
-    for k in range(2):
-        torch.testing.assert_close(
-            adapter_weights(resumed, k), adapter_weights(full, k), rtol=0, atol=1e-6
-        )
+    assert_resumes_to(full, common, batches, ckpt)
 
 
 def test_ctrl_c_before_the_first_step_saves_nothing(

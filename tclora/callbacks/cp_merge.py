@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
@@ -27,6 +28,7 @@ from tclora._io import check_writable
 from tclora.study import (
     Baseline,
     CPRule,
+    MergeSpace,
     MergeStudy,
     MethodResult,
     Reference,
@@ -41,6 +43,10 @@ from tclora.study import (
 from tclora.study.study import MERGED_ADAPTER_DIR
 
 __all__ = ["CPMergeCallback", "find_peft_model"]
+
+_DEFAULTS = StudyConfig()
+"""The study's defaults: the callback's signature shows them (``tclora fit --help``) and has no
+others."""
 
 
 def find_peft_model(pl_module: pl.LightningModule) -> Any:
@@ -76,23 +82,27 @@ class CPMergeCallback(Callback):
 
     Args:
         cp_ranks: CP rank (or ranks) of the joint decomposition.
-        engine: ``"factored"`` (CP-ALS from the LoRA factors, never building a delta) or
-            ``"dense"`` (tensorly ``parafac`` on the stacked deltas, the reference).
-        rules: CP merge rules to compare (default ``[sum_components, mean_loading]``).
-        baselines: Dense merge baselines to compare (default ``[uniform, ties, knots_ties, tsv,
-            iso_c]``).
-        scales: Grid of merge scales (default ``[1.0]``); each method's scale is chosen on
-            validation data.
+        engine: ``"factored"`` (CP-ALS from the LoRA factors, never building a delta),
+            ``"core"`` (the same ALS on the small core tensor, mapped back) or ``"dense"``
+            (tensorly ``parafac`` on the stacked deltas, the reference).
+        rules: CP merge rules to compare.
+        baselines: Baseline merges to compare (``cart``, ``dare_linear``, ``dare_ties``,
+            ``magnitude_prune`` too).
+        merge_space: Where the baselines merge: ``"core"`` (on the adapters' core matrices,
+            exact and fast; the Core Space paper's variants of TIES/DARE), ``"knots"`` (KnOTS
+            basis) or ``"full"`` (peft's functions on dense deltas, then truncated).
+        scales: Grid of merge scales; each method's scale is chosen on validation data (a
+            warning says when a method chose the grid's smallest or largest scale).
         eval_sets: Held-out evaluation sets: ``registry:<task>`` or local JSONL paths.
         eval_max_items: Items per evaluation set (seeded subsample); ``None`` for all.
         selection_metric: ``"val_loss"`` (mean validation loss over clusters) or
             ``"val_loss_max"`` (the worst cluster's), lower is better.
         val_max_batches: Validation batches per cluster when choosing scales.
         adapters: Regular expression selecting the adapters to merge (default: all LoRA adapters).
-        references: References to evaluate beside the merges (default ``[base, single,
-            routing]``): ``"base"`` (adapters off), ``"single"`` (each adapter), ``"routing"``
-            (each example with the adapter of its nearest cluster centroid; needs a data module
-            with ``embed``, ``assign`` and ``cluster_names``).
+        references: References to evaluate beside the merges: ``"base"`` (adapters off),
+            ``"single"`` (each adapter), ``"routing"`` (each example with the adapter of its
+            nearest cluster centroid; needs a data module with ``embed``, ``assign`` and
+            ``cluster_names``).
         keep: Merge kept as the result: ``"best"`` by ``selection_metric``, or a method name such
             as ``"cp4_sum_components"``.
         output_dir: Folder for tables, figures and exports (default ``<log_dir>/merge``: the
@@ -106,42 +116,47 @@ class CPMergeCallback(Callback):
         cp_iters: Maximum CP-ALS sweeps.
         cp_tol: CP-ALS convergence tolerance.
         density: Kept fraction for TIES / DARE / magnitude pruning.
+        cart_rank: CART's kept fraction of each task's deviation rank.
         seed: Seed of the CP initialisation, DARE and evaluation subsampling.
-        progress: Show progress bars during evaluation.
+        progress: Show progress bars during evaluation (one log line per method and scale is
+            written either way).
     """
 
     def __init__(
         self,
-        cp_ranks: int | list[int] = 4,
-        engine: Literal["factored", "dense"] = "factored",
-        rules: list[CPRule] | None = None,
-        baselines: list[Baseline] | None = None,
-        scales: list[float] | None = None,
-        eval_sets: list[str] | None = None,
-        eval_max_items: int | None = 200,
-        selection_metric: SelectionMetric = "val_loss",
-        val_max_batches: int | None = 8,
-        adapters: str | None = None,
-        references: list[Reference] | None = None,
-        keep: str = "best",
+        cp_ranks: int | list[int] = _DEFAULTS.cp_ranks[0],
+        engine: Literal["factored", "dense", "core"] = _DEFAULTS.engine,
+        rules: Sequence[CPRule] = tuple(_DEFAULTS.rules),
+        baselines: Sequence[Baseline] = tuple(_DEFAULTS.baselines),
+        merge_space: MergeSpace = _DEFAULTS.merge_space,
+        scales: Sequence[float] = tuple(_DEFAULTS.scales),
+        eval_sets: Sequence[str] = tuple(_DEFAULTS.eval_sets),
+        eval_max_items: int | None = _DEFAULTS.eval_max_items,
+        selection_metric: SelectionMetric = _DEFAULTS.selection_metric,
+        val_max_batches: int | None = _DEFAULTS.val_max_batches,
+        adapters: str | None = _DEFAULTS.adapters,
+        references: Sequence[Reference] = tuple(_DEFAULTS.references),
+        keep: str = _DEFAULTS.keep,
         output_dir: str | None = None,
-        export: bool = True,
+        export: bool = _DEFAULTS.export,
         tokenizer: str | None = None,
-        batch_size: int = 8,
-        max_length: int = 512,
-        max_new_tokens: int = 16,
-        chat_template: bool = True,
-        cp_iters: int = 100,
-        cp_tol: float = 1e-8,
-        density: float = 0.2,
-        seed: int = 0,
-        progress: bool = True,
+        batch_size: int = _DEFAULTS.batch_size,
+        max_length: int = _DEFAULTS.max_length,
+        max_new_tokens: int = _DEFAULTS.max_new_tokens,
+        chat_template: bool = _DEFAULTS.chat_template,
+        cp_iters: int = _DEFAULTS.cp_iters,
+        cp_tol: float = _DEFAULTS.cp_tol,
+        density: float = _DEFAULTS.density,
+        cart_rank: float = _DEFAULTS.cart_rank,
+        seed: int = _DEFAULTS.seed,
+        progress: bool = _DEFAULTS.progress,
     ) -> None:
         config = StudyConfig.from_options(
             cp_ranks=cp_ranks,
             engine=engine,
             rules=rules,
             baselines=baselines,
+            merge_space=merge_space,
             scales=scales,
             eval_sets=eval_sets,
             eval_max_items=eval_max_items,
@@ -158,6 +173,7 @@ class CPMergeCallback(Callback):
             cp_iters=cp_iters,
             cp_tol=cp_tol,
             density=density,
+            cart_rank=cart_rank,
             seed=seed,
             progress=progress,
         )
@@ -210,6 +226,12 @@ class CPMergeCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self.check(trainer)
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    # TensorBoard shows one hparams record per run: Lightning's placeholder
+                    # (hp_metric = -1 at fit start) would hide the one log_study writes with the
+                    # merge's metrics at fit end
+                    logger._default_hp_metric = False
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

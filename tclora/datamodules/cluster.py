@@ -361,7 +361,8 @@ class ClusterDataModule(LightningDataModule):
         out = encoder.encode(
             list(texts),
             batch_size=self.embed_batch_size,
-            show_progress_bar=self.progress_bar and len(texts) > 10 * self.embed_batch_size,
+            # a bar whenever it takes seconds: more than one batch (one batch is under a second)
+            show_progress_bar=self.progress_bar and len(texts) > self.embed_batch_size,
             convert_to_numpy=True,
             normalize_embeddings=True,
         )

@@ -1,5 +1,10 @@
 """Cluster statistics to Lightning loggers: flat ``clusters/...`` scalars to every logger and, to
 TensorBoard, a PCA figure of the clusters, the embedding projector and the tasks of each cluster.
+
+The projector's metadata has two text columns, ``cluster`` (``cluster_k``, the adapter's name)
+first and ``task``: TensorBoard labels the points by the first text column, and both columns are
+offered under "Color by" as categories. (TensorBoard cannot be told which colouring to open with;
+it opens uncoloured, and "Color by: cluster" is one click.)
 """
 
 from __future__ import annotations
@@ -101,9 +106,11 @@ def log_cluster_statistics(
         points = project_2d(emb, centroids)
         fig = plot_clusters(points[: len(emb)], clusters, tasks, points[len(emb) :], title=title)
         experiment.add_figure("clusters/pca", fig, global_step=0, close=True)
+        # "cluster_k" (the adapter's name) is text, not a number: the projector then labels the
+        # points by cluster (its first text column) and colours them by category, not a gradient
         experiment.add_embedding(
             torch.from_numpy(np.ascontiguousarray(emb)),
-            metadata=[[str(c), t] for c, t in zip(clusters.tolist(), tasks, strict=True)],
+            metadata=[[f"cluster_{c}", t] for c, t in zip(clusters.tolist(), tasks, strict=True)],
             metadata_header=["cluster", "task"],
             tag="clusters",
             global_step=0,

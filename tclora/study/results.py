@@ -22,14 +22,30 @@ from tclora.merge import MergedAdapter
 __all__ = [
     "MethodResult",
     "StudyResult",
+    "display_name",
     "loadings_figure",
+    "methods_figure",
     "results_table",
     "row_from_dict",
     "row_to_dict",
     "study_summary",
+    "summary_table",
     "to_csv",
     "to_markdown",
+    "to_text",
 ]
+
+_BASELINE_NAMES = {
+    "uniform": "uniform",
+    "ties": "TIES",
+    "dare_linear": "DARE linear",
+    "dare_ties": "DARE-TIES",
+    "magnitude_prune": "magnitude pruning",
+    "cart": "CART",
+    "knots_ties": "KnOTS-TIES",
+    "tsv": "TSV",
+    "iso_c": "Iso-C",
+}
 
 
 @dataclass
@@ -182,11 +198,157 @@ def loadings_figure(loadings: Mapping[str, Any]) -> Any:
             limit = float(np.abs(heat).max()) or 1.0
             image = ax.imshow(heat, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
             ax.set_title(f"{label}: task loadings")
+        ax.set_xticks(range(heat.shape[1]), [str(q + 1) for q in range(heat.shape[1])])
         ax.set_xlabel("CP component (by decreasing weight)")
         ax.set_ylabel("adapter")
         names = loadings[label].get("adapters")
         if names:
             ax.set_yticks(range(len(names)), names)
         fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    return fig
+
+
+def display_name(method: str) -> str:
+    """A method's name for people: ``cp4_sum_components`` → ``CP rank 4, sum_components``,
+    ``ties`` → ``TIES``, ``single:cluster_3`` → ``single adapter cluster_3``, ``base`` → ``base
+    model``, ``routing`` → ``centroid routing``."""
+    if method == "base":
+        return "base model"
+    if method == "routing":
+        return "centroid routing"
+    if method.startswith("single:"):
+        return f"single adapter {method.split(':', 1)[1]}"
+    rank, _, rule = method.partition("_")
+    if rank.startswith("cp") and rank[2:].isdigit() and rule:
+        return f"CP rank {rank[2:]}, {rule}"
+    return _BASELINE_NAMES.get(method, method)
+
+
+def _scale_grid(rows: Sequence[MethodResult]) -> list[float]:
+    return sorted({float(s) for row in rows for s in row.scale_curve})
+
+
+def _num(value: float | None, digits: int) -> str:
+    return "" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def summary_table(
+    rows: Sequence[MethodResult],
+    eval_sets: Sequence[str],
+    kept: str | None,
+    *,
+    best_single_only: bool = False,
+) -> list[dict[str, str]]:
+    """The table to read: one row per method, formatted, for TensorBoard and the README.
+
+    Columns: ``method`` (display name, the kept merge marked ``(kept)``), the primary metric of
+    each evaluation set, ``average``, ``chosen scale`` (``(grid max)`` / ``(grid min)`` when it
+    is an edge of the scale grid), ``val loss`` (the selection metric), ``‖ΔW‖``, ``cos to Σ ΔW``
+    and ``merge s``. Empty cells are values a row does not have.
+
+    Args:
+        rows: The study's rows (:attr:`StudyResult.rows`, or ``results.json``'s through
+            :func:`row_from_dict`).
+        eval_sets: The evaluation sets, in order.
+        kept: The kept merge, or ``None``.
+        best_single_only: Keep only the single adapter with the best average, as ``best single
+            adapter (<name>)``.
+
+    Returns:
+        Rows of strings, every row with the same keys.
+    """
+    grid = _scale_grid(rows)
+    singles = [r for r in rows if r.name.startswith("single:")]
+    best_single = max(singles, key=lambda r: _finite(r.average(eval_sets)), default=None)
+    table = []
+    for row in rows:
+        name = display_name(row.name)
+        if row.name.startswith("single:") and best_single_only:
+            if row is not best_single:
+                continue
+            name = f"best single adapter ({row.name.split(':', 1)[1]})"
+        if row.name == kept:
+            name += " (kept)"
+        entry = {"method": name}
+        for es in eval_sets:
+            entry[es] = _num(row.primary(es), 3)
+        entry["average"] = _num(row.average(eval_sets), 3)
+        scale = "" if row.scale is None else f"{row.scale:g}"
+        if scale and len(grid) > 1 and row.scale in (grid[0], grid[-1]):
+            scale += " (grid max)" if row.scale == grid[-1] else " (grid min)"
+        entry["chosen scale"] = scale
+        entry["val loss"] = _num(row.selection, 3)
+        entry["‖ΔW‖"] = _num(row.norm, 2)
+        entry["cos to Σ ΔW"] = _num(row.cosine_to_sum, 2)
+        entry["merge s"] = _num(row.merge_seconds, 1)
+        table.append(entry)
+    return table
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else -math.inf
+
+
+def to_text(table: Sequence[Mapping[str, Any]]) -> str:
+    """Render :func:`summary_table` rows as a fixed-width text table (no wrapping anywhere)."""
+    if not table:
+        return ""
+    columns = list(table[0])
+    cells = [[_fmt(row[c]) for c in columns] for row in table]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    return "\n".join(lines) + "\n"
+
+
+def methods_figure(rows: Sequence[MethodResult], eval_sets: Sequence[str], kept: str | None) -> Any:
+    """Methods × evaluation sets at a glance: a horizontal bar per set and method, the average
+    as a black mark, references above the merges (names in italics), the kept merge in bold.
+
+    Args:
+        rows: The study's rows.
+        eval_sets: The evaluation sets.
+        kept: The kept merge, or ``None``.
+
+    Returns:
+        A matplotlib ``Figure`` (no pyplot: the caller's backend stays untouched).
+    """
+    from matplotlib.figure import Figure
+
+    names = [display_name(r.name) + (" (kept)" if r.name == kept else "") for r in rows]
+    n_sets = max(1, len(eval_sets))
+    fig = Figure(figsize=(7.5, 0.9 + 0.42 * len(rows) * max(1.0, n_sets / 2)))
+    ax = fig.subplots()
+    height = 0.8 / n_sets
+    y = np.arange(len(rows))
+    for j, es in enumerate(eval_sets):
+        values = [r.primary(es) for r in rows]
+        offset = (j - (n_sets - 1) / 2) * height
+        ax.barh(y + offset, values, height=height, label=es)
+    averages = [r.average(eval_sets) for r in rows]
+    if eval_sets:
+        ax.scatter(averages, y, marker="D", color="black", s=18, zorder=3, label="average")
+    ax.set_yticks(y, names)
+    for label, row in zip(ax.get_yticklabels(), rows, strict=True):
+        if row.kind == "reference":
+            label.set_fontstyle("italic")
+        if row.name == kept:
+            label.set_fontweight("bold")
+    references = sum(r.kind == "reference" for r in rows)
+    if 0 < references < len(rows):
+        ax.axhline(references - 0.5, color="grey", linewidth=0.8, linestyle="--")
+    ax.invert_yaxis()
+    ax.set_xlim(0.0, 1.0)
+    ax.set_xlabel("held-out score (accuracy or exact match)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.0),
+        ncol=n_sets + 1,
+        fontsize="small",
+        frameon=False,
+    )
     fig.tight_layout()
     return fig
