@@ -175,7 +175,9 @@ def test_merge_at_fit_end_on_a_user_module(
     assert (out / "cp_loadings.png").stat().st_size > 1000
     assert json.loads((out / "results.json").read_text())["kept"] == result.kept
 
-    # the exported kept merge loads in peft and reproduces the merged deltas
+    # the exported kept merge names its modules as peft does, loads, and reproduces the deltas
+    merged_config = json.loads((out / "merged_adapter" / "adapter_config.json").read_text())
+    assert sorted(merged_config["target_modules"]) == ["q_proj", "v_proj"]
     base = build_tiny_llama(len(tokenizer), seed=1)
     loaded = PeftModel.from_pretrained(base, out / "merged_adapter")
     kept = result.merged(result.kept)

@@ -35,7 +35,10 @@ def merged_lora_config(merged: MergedAdapter, lora_config: LoraConfig | None) ->
 
     Fields of ``lora_config`` that still apply are kept (``task_type``,
     ``base_model_name_or_path``, ``fan_in_fan_out``); bias, per-module patterns, DoRA, rsLoRA,
-    ``modules_to_save`` and layer filters are cleared.
+    ``modules_to_save`` and layer filters are cleared. ``target_modules`` are short names
+    (``["q_proj", "v_proj"]``, as peft writes them) when they are unambiguous: the adapters were
+    targeted by exactly these names, with no layer filter, so on the same base they name exactly
+    the merged modules; otherwise every merged module's full name.
 
     Args:
         merged: the merge.
@@ -49,7 +52,7 @@ def merged_lora_config(merged: MergedAdapter, lora_config: LoraConfig | None) ->
     return LoraConfig(
         r=r,
         lora_alpha=r,
-        target_modules=merged.module_names,
+        target_modules=_target_modules(merged.module_names, lora_config),
         lora_dropout=0.0,
         bias="none",
         fan_in_fan_out=base.fan_in_fan_out,
@@ -58,6 +61,22 @@ def merged_lora_config(merged: MergedAdapter, lora_config: LoraConfig | None) ->
         revision=base.revision,
         inference_mode=True,
     )
+
+
+def _target_modules(modules: list[str], lora_config: LoraConfig | None) -> list[str]:
+    """Short module names when the adapters' own short names select exactly ``modules``."""
+    leaves = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    given = lora_config.target_modules if lora_config is not None else None
+    unambiguous = (
+        lora_config is not None
+        and isinstance(given, list | set | tuple)
+        and all("." not in str(name) for name in given)
+        and set(given) == set(leaves)
+        and lora_config.layers_to_transform is None
+        and lora_config.layers_pattern is None
+        and not getattr(lora_config, "exclude_modules", None)
+    )
+    return leaves if unambiguous else list(modules)
 
 
 def _base_model(model: Any) -> Any:
