@@ -282,6 +282,27 @@ def test_lm_eval_set_errors(tmp_path: Path, mc_set: EvalSet) -> None:
 
 
 @needs_harness
+@pytest.mark.slow
+def test_lm_eval_registry_names_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Names are looked up in lm-eval's task index (built once, seconds); hub data offline fail
+    with the reason, before any model work."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(
+        HarnessError,
+        match=r"^eval set 'lm_eval:arc_eazy': lm-eval 0\.4\.13 has no task 'arc_eazy'; similar "
+        r"names: \['arc_easy'.*\]; for a task file of your own write lm_eval:<path>\.yaml$",
+    ):
+        load_harness_task("lm_eval:arc_eazy")
+    try:
+        task = load_harness_task("lm_eval:arc_easy", max_items=3)
+    except HarnessError as err:  # the usual case here: no network, no warm datasets cache
+        assert "lm-eval could not load the task" in str(err)
+        assert "a hub dataset needs the network or a warm datasets cache" in str(err)
+    else:  # a machine with the dataset cached
+        assert task.task_name == "arc_easy" and len(task.doc_ids) == 3
+
+
+@needs_harness
 def test_harness_task_subsample_views_and_fingerprint(tmp_path: Path, mc_set: EvalSet) -> None:
     from tclora.study.progress import eval_sets_digest
 

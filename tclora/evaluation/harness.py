@@ -29,6 +29,7 @@ supported by this path: lm-eval batches differently on each rank.
 from __future__ import annotations
 
 import copy
+import difflib
 import functools
 import hashlib
 import importlib.util
@@ -228,7 +229,7 @@ def load_harness_task(
     manager = _manager_for(load_spec)
     if not spec.endswith(_YAML):
         if spec not in manager.all_tasks:
-            close = [t for t in manager.all_tasks if spec.lower() in t.lower()][:8]
+            close = difflib.get_close_matches(spec, list(manager.all_tasks), n=5, cutoff=0.75)
             raise HarnessError(
                 f"eval set {source!r}: lm-eval {LM_EVAL_VERSION} has no task {spec!r}"
                 + (f"; similar names: {close}" if close else "")
