@@ -421,6 +421,7 @@ def _ddp_worker(rank: int, port: int, tokenizer_dir: str, yaml_path: str, out_di
 
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
+    os.environ["LOCAL_RANK"] = str(rank)  # as Lightning's launcher sets it
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
     try:
@@ -441,7 +442,10 @@ def _ddp_worker(rank: int, port: int, tokenizer_dir: str, yaml_path: str, out_di
 
         lm_class.loglikelihood = counting
         result = harness_evaluate(model, tokenizer, task, max_length=MAX_LENGTH, batch_size=2)
-        record = {"result": result, "requests": requests}
+        record: dict[str, Any] = {"result": result, "requests": list(requests)}
+        # one document for two ranks: rank zero scores it alone, every rank returns its numbers
+        one = run_harness(model, tokenizer, task, doc_ids=[3], max_length=MAX_LENGTH)
+        record["one"] = {"metrics": one.metrics, "n": one.n, "requests": requests[1:]}
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(record))
     finally:
         dist.destroy_process_group()
@@ -467,8 +471,11 @@ def test_ddp_harness_is_sharded_and_exact(
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
+    one = run_harness(tiny_llama, tokenizer, task, doc_ids=[3], max_length=MAX_LENGTH)
     for record in ranks:
         assert record["result"] == single  # every rank returns the single-process numbers
+        assert (record["one"]["metrics"], record["one"]["n"]) == (one.metrics, 1)
+    assert [r["one"]["requests"] for r in ranks] == [[3], []]  # document 3 has 3 choices
     # 18 choices in all: rank 0 scored documents 0, 2, 4, 6 (8 choices, padded by lm-eval to
     # rank 1's count), rank 1 documents 1, 3, 5 (10 choices)
     assert [r["requests"] for r in ranks] == [[10], [10]]

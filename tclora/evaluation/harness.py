@@ -21,8 +21,8 @@ lm-eval's ``all_gather`` / ``gather_object`` / ``barrier`` with ``torch.distribu
 lm-eval's own data-parallel path runs (rank ``i`` takes documents ``i::world_size``, requests are
 padded to equal counts, rank zero aggregates); rank zero's numbers are then broadcast, so every
 rank returns the same result, as :func:`tclora.evaluation.evaluate` does. A group of fewer
-documents than ranks is scored whole on every rank instead (lm-eval needs at least one document
-per rank). Every rank must call these functions. A sharded (FSDP/DeepSpeed) model is not
+documents than ranks (lm-eval needs at least one per rank) is scored by rank zero alone and
+broadcast. Every rank must call these functions. A sharded (FSDP/DeepSpeed) model is not
 supported by this path: lm-eval batches differently on each rank.
 """
 
@@ -35,6 +35,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
 import random
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -473,6 +474,23 @@ def _lm_class() -> Any:
     return GroupHFLM
 
 
+@contextmanager
+def _results_here(here: bool) -> Iterator[None]:
+    """``simple_evaluate`` returns results only where ``LOCAL_RANK`` is 0 (its tensor-parallel
+    rule): on the process that must return them, ``LOCAL_RANK`` reads 0 meanwhile."""
+    saved = os.environ.get("LOCAL_RANK")
+    if here:
+        os.environ["LOCAL_RANK"] = "0"
+    try:
+        yield
+    finally:
+        if here:
+            if saved is None:
+                os.environ.pop("LOCAL_RANK", None)
+            else:
+                os.environ["LOCAL_RANK"] = saved
+
+
 def _metric_name(metric: str, filter_name: str) -> str:
     """``acc`` for lm-eval's ``"acc,none"``, ``exact_match_strict-match`` for a filtered one."""
     return metric if filter_name == "none" else f"{metric}_{filter_name}"
@@ -545,44 +563,44 @@ def run_harness(
     if not ids:
         raise ValueError(f"no documents of lm-eval task {task.task_name!r} to score")
     rank, world = rank_and_world() if distributed else (0, 1)
-    shard = world > 1 and len(ids) >= world
+    shard = world > 1 and len(ids) >= world  # else rank zero scores them all
     templated = chat_template and bool(getattr(tokenizer, "chat_template", None))
     if tokenizer.pad_token_id is None:
         tokenizer = copy.deepcopy(tokenizer)
-    manager = _manager_for(task.load_spec)
-    with _quiet():
-        lm = _lm_class()(
-            pretrained=model,
-            tokenizer=tokenizer,
-            batch_size=batch_size,
-            max_length=max_length,
-            **(
-                {"softmax_dtype": torch.float32, "add_bos_token": False if templated else None}
-                if conventions == "tclora"
-                else {}
-            ),
-        )
-        lm._rank, lm._world_size = (rank, world) if shard else (0, 1)
-        out = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=[task.load_spec],
-            task_manager=manager,
-            samples={task.task_name: ids},
-            apply_chat_template=templated,
-            log_samples=log_samples,
-            bootstrap_iters=0,
-            random_seed=None,
-            numpy_random_seed=None,
-            torch_random_seed=None,
-        )
     payload: Any = None
-    if out is not None:
-        payload = (
-            _metric_values(out["results"][task.task_name]),
-            int(out["n-samples"][task.task_name]["effective"]),
-            _sample_records(out.get("samples", {}).get(task.task_name, [])),
-        )
-    if shard:
+    if shard or rank == 0:
+        with _quiet(), _results_here(rank == 0):
+            lm = _lm_class()(
+                pretrained=model,
+                tokenizer=tokenizer,
+                batch_size=batch_size,
+                max_length=max_length,
+                **(
+                    {"softmax_dtype": torch.float32, "add_bos_token": False if templated else None}
+                    if conventions == "tclora"
+                    else {}
+                ),
+            )
+            lm._rank, lm._world_size = (rank, world) if shard else (0, 1)
+            out = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=[task.load_spec],
+                task_manager=_manager_for(task.load_spec),
+                samples={task.task_name: ids},
+                apply_chat_template=templated,
+                log_samples=log_samples,
+                bootstrap_iters=0,
+                random_seed=None,
+                numpy_random_seed=None,
+                torch_random_seed=None,
+            )
+        if out is not None:
+            payload = (
+                _metric_values(out["results"][task.task_name]),
+                int(out["n-samples"][task.task_name]["effective"]),
+                _sample_records(out.get("samples", {}).get(task.task_name, [])),
+            )
+    if world > 1:
         box = [payload]
         torch.distributed.broadcast_object_list(box, src=0)
         payload = box[0]
