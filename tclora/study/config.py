@@ -35,7 +35,7 @@ Baseline = Literal[
     "iso_c",
 ]
 MergeSpace = Literal["full", "knots", "core"]
-Reference = Literal["base", "single", "routing"]
+Reference = Literal["base", "single", "routing", "arrow"]
 SelectionMetric = Literal["val_loss", "val_loss_max"]
 Engine = Literal["factored", "dense", "core"]
 

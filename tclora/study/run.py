@@ -31,6 +31,7 @@ from tclora.merge import (
     merge_cp,
     merge_report,
 )
+from tclora.study.arrow import arrow_top_k, build_arrow_model
 from tclora.study.config import StudyConfig
 from tclora.study.results import MethodResult, StudyResult
 
@@ -320,6 +321,8 @@ def run_study(
             planned += [f"single:{a}" for a in stack.names]
         if "routing" in cfg.references and router is not None:
             planned.append("routing")
+        if "arrow" in cfg.references:
+            planned.append("arrow")
         return planned + list(merges)
 
     try:
@@ -357,6 +360,19 @@ def run_study(
                     scores=evaluate_sets(model, tokenizer, eval_sets, cfg, routes),
                 )
             )
+        if "arrow" in cfg.references and "arrow" not in finished:
+            arrow = build_arrow_model(
+                model, stack.names, top_k=arrow_top_k(len(stack.names)), rng_seed=cfg.seed
+            )
+            finish(
+                MethodResult(
+                    "arrow",
+                    "reference",
+                    selection=_validation_metric(arrow, val_loaders, cfg) if val_loaders else None,
+                    scores=evaluate_sets(arrow, tokenizer, eval_sets, cfg),
+                )
+            )
+            del arrow
         for name, merged in merges.items():
             if name in finished:
                 continue
