@@ -82,7 +82,7 @@ def test_paper_config_is_the_authors_setting(name: str, model: str, targets: lis
     for key, value in ddp["model"].items():
         assert hp[key] == value, key
     merge = _merge_callback(cfg)
-    assert {Path(p).stem for p in merge["eval_sets"]} == PAPER_EVALS
+    assert {p.removeprefix("lm_eval:") for p in merge["eval_sets"]} == PAPER_EVALS
     assert set(merge["baselines"]) == {"uniform", "ties", "knots_ties", "tsv", "iso_c"}
 
 
