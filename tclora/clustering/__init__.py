@@ -8,6 +8,8 @@ zero, of a damaged cluster or token-lengths cache file):
 * :mod:`~tclora.clustering.cache`: the on-disk caches (embeddings, clusters, token lengths).
 * :mod:`~tclora.clustering.kmeans`: k-means on a subsample, assignment, baselines, merging small
   clusters, the silhouette search.
+* :mod:`~tclora.clustering.mbc`: model-based clustering (MBC): tasks grouped by the cosine
+  similarity of their flattened LoRA parameters.
 * :mod:`~tclora.clustering.policy`: the clustering a data module asks for, from a train/validation
   split to one cluster per sample.
 * :mod:`~tclora.clustering.stats`: statistics against the task labels, 2-D projection, plot.
@@ -38,6 +40,7 @@ from tclora.clustering.kmeans import (
     merge_small_clusters,
     per_task_assignments,
 )
+from tclora.clustering.mbc import LoRAFactorStack, mbc_clusters, mbc_similarity, mbc_vectors
 from tclora.clustering.policy import (
     CLUSTERING_METHODS,
     SMALL_CLUSTER_POLICIES,
@@ -56,6 +59,7 @@ __all__ = [
     "ClusteringOptions",
     "Clusters",
     "EncodeFn",
+    "LoRAFactorStack",
     "assign_to_centroids",
     "cached_clusters",
     "cached_embeddings",
@@ -73,6 +77,9 @@ __all__ = [
     "fit_sample_indices",
     "l2_normalize",
     "load_encoder",
+    "mbc_clusters",
+    "mbc_similarity",
+    "mbc_vectors",
     "merge_small_clusters",
     "per_task_assignments",
     "plot_clusters",

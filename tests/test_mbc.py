@@ -1,0 +1,103 @@
+"""MBC: tasks grouped by the cosine similarity of their flattened LoRA parameters."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig
+
+from tclora.clustering import mbc_clusters, mbc_similarity, mbc_vectors
+from tclora.merge import AdapterStack
+
+MODULES = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+
+
+def _factors(gen: torch.Generator, r: int = 2) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {
+        m: (torch.randn(r, 8, generator=gen), torch.randn(6, r, generator=gen)) for m in MODULES
+    }
+
+
+def _stack() -> AdapterStack:
+    """Four tasks: t0 ≈ t2 and t1 ≈ t3 (1% noise), the two pairs unrelated."""
+    gen = torch.Generator().manual_seed(0)
+    first, second = _factors(gen), _factors(gen)
+    base = {"t0": first, "t1": second, "t2": first, "t3": second}
+    weights: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = {m: [] for m in MODULES}
+    for task in ["t0", "t1", "t2", "t3"]:
+        for m in MODULES:
+            a, b = base[task][m]
+            noise = _factors(gen)[m]
+            weights[m].append((a + 0.01 * noise[0], b + 0.01 * noise[1], 2.0))
+    return AdapterStack(["t0", "t1", "t2", "t3"], MODULES, LoraConfig(r=2), weights)
+
+
+def test_two_pairs_of_near_equal_adapters_give_exactly_two_clusters() -> None:
+    stack = _stack()
+    tasks, vectors = mbc_vectors(stack)
+    assert tasks == ["t0", "t1", "t2", "t3"]
+    # per module (sorted): A (2x8) then B (6x2), raw factors, unscaled
+    assert vectors.shape == (4, 2 * (16 + 12))
+    a0, b0, _ = stack.factors(MODULES[0])[1]
+    np.testing.assert_allclose(vectors[1, :16], a0.numpy().ravel(), rtol=1e-6)
+    np.testing.assert_allclose(vectors[1, 16:28], b0.numpy().ravel(), rtol=1e-6)
+    sim = mbc_similarity(vectors)
+    assert sim[0, 2] > 0.999 and sim[1, 3] > 0.999
+    assert abs(sim[0, 1]) < 0.5 and np.allclose(np.diag(sim), 1.0)
+
+    groups = mbc_clusters(stack, 2, seed=0)
+    assert groups == {"t0": 0, "t1": 1, "t2": 0, "t3": 1}
+    assert mbc_clusters(stack, 2, seed=7) == groups  # any seed: the pairs are unmistakable
+    assert mbc_clusters(stack, 1) == {"t0": 0, "t1": 0, "t2": 0, "t3": 0}
+    four = mbc_clusters(stack, 4)
+    assert sorted(four.values()) == [0, 1, 2, 3] and four["t0"] == 0
+
+    # the same from flattened parameter dicts (e.g. adapter_model.safetensors entries)
+    params = {
+        task: {
+            f"{m}.lora_{which}.weight": f[k]
+            for m in MODULES
+            for k, which in ((0, "A"), (1, "B"))
+            for f in [stack.factors(m)[t]]
+        }
+        for t, task in enumerate(stack.names)
+    }
+    assert mbc_clusters(params, 2, seed=0) == groups
+
+
+def test_mbc_errors() -> None:
+    stack = _stack()
+    with pytest.raises(
+        ValueError,
+        match=r"num_clusters=5: MBC groups 4 tasks \['t0', 't1', 't2', 't3'\], so at most 4 "
+        r"clusters; train more tasks in stage 1 or lower num_clusters",
+    ):
+        mbc_clusters(stack, 5)
+    with pytest.raises(ValueError, match=r"num_clusters=0: must be an integer >= 1"):
+        mbc_clusters(stack, 0)
+    same = {t: {"w": np.ones(3)} for t in ["a", "b", "c"]}
+    with pytest.raises(
+        ValueError,
+        match=r"num_clusters=2: the 3 tasks. adapters form only 1 distinct groups \(identical "
+        r"similarity profiles\); lower num_clusters",
+    ):
+        mbc_clusters(same, 2)
+    with pytest.raises(ValueError, match=r"adapters=\{\}: MBC needs one or more tasks"):
+        mbc_clusters({}, 1)
+    with pytest.raises(
+        ValueError,
+        match=r"adapters\['b'\] has parameters \['v'\]\.\.\. \(1\); adapters\['a'\] has "
+        r"\['w'\]\.\.\. \(1\): every task needs the same LoRA parameters",
+    ):
+        mbc_vectors({"a": {"w": np.ones(2)}, "b": {"v": np.ones(2)}})
+    with pytest.raises(
+        ValueError,
+        match=r"task 'b' has a parameter of shape \(3,\) where task 'a' has \(2,\): MBC compares "
+        r"flattened parameters",
+    ):
+        mbc_vectors({"a": {"w": np.ones(2)}, "b": {"w": np.ones(3)}})
+    with pytest.raises(
+        ValueError, match=r"the LoRA parameters of \['b'\] are all zero; their cosine similarity"
+    ):
+        mbc_vectors({"a": {"w": np.ones(2)}, "b": {"w": np.zeros(2)}})
