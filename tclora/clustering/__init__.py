@@ -40,7 +40,14 @@ from tclora.clustering.kmeans import (
     merge_small_clusters,
     per_task_assignments,
 )
-from tclora.clustering.mbc import LoRAFactorStack, mbc_clusters, mbc_similarity, mbc_vectors
+from tclora.clustering.mbc import (
+    LoRAFactorStack,
+    mbc_clusters,
+    mbc_similarity,
+    mbc_vectors,
+    read_mbc_assignments,
+    write_mbc_assignments,
+)
 from tclora.clustering.policy import (
     CLUSTERING_METHODS,
     SMALL_CLUSTER_POLICIES,
@@ -84,6 +91,8 @@ __all__ = [
     "per_task_assignments",
     "plot_clusters",
     "project_2d",
+    "read_mbc_assignments",
     "texts_hash",
     "token_lengths_file",
+    "write_mbc_assignments",
 ]

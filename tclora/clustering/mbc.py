@@ -19,14 +19,24 @@ and the similarity matrix is what k-means sees either way.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from tclora._io import atomic_write_text
 from tclora.clustering.kmeans import assign_to_centroids, fit_kmeans
 
-__all__ = ["LoRAFactorStack", "mbc_clusters", "mbc_similarity", "mbc_vectors"]
+__all__ = [
+    "LoRAFactorStack",
+    "mbc_clusters",
+    "mbc_similarity",
+    "mbc_vectors",
+    "read_mbc_assignments",
+    "write_mbc_assignments",
+]
 
 
 @runtime_checkable
@@ -147,6 +157,77 @@ def mbc_clusters(
     for label in labels.tolist():
         renumber.setdefault(label, len(renumber))
     return {task: renumber[int(label)] for task, label in zip(tasks, labels, strict=True)}
+
+
+def write_mbc_assignments(path: str | Path, groups: Mapping[str, int]) -> Path:
+    """Write stage 2's ``{task: group}`` as JSON (atomically), as ``clustering: mbc`` reads it.
+
+    The file is ``{"method": "mbc", "num_clusters": K, "groups": {task: group}}``.
+
+    Args:
+        path: The JSON file to write (its folder is created).
+        groups: ``{task: group}`` with groups ``0 .. K-1``, each used (see
+            :func:`mbc_clusters`).
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    clean = _check_groups(dict(groups), f"groups for {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"method": "mbc", "num_clusters": len(set(clean.values())), "groups": clean}
+    atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_mbc_assignments(path: str | Path) -> dict[str, int]:
+    """Read a file of :func:`write_mbc_assignments`.
+
+    Args:
+        path: The JSON file.
+
+    Returns:
+        ``{task: group}``, groups ``0 .. K-1``.
+
+    Raises:
+        ValueError: The file is missing, not JSON, or not ``{"groups": {task: group}}`` with
+            groups ``0 .. K-1`` each used (and ``num_clusters``, if present, equal to ``K``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(
+            f"mbc_assignments={str(path)!r}: no such file; write it with stage 2 of MBC "
+            "(tclora.clustering.write_mbc_assignments)"
+        )
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"mbc_assignments={str(path)!r}: not a readable JSON file: {err}") from err
+    if not isinstance(record, dict) or not isinstance(record.get("groups"), dict):
+        raise ValueError(
+            f'mbc_assignments={str(path)!r}: expected a JSON object with "groups": {{task: group}}'
+        )
+    groups = _check_groups(record["groups"], f"mbc_assignments={str(path)!r}")
+    k = len(set(groups.values()))
+    if record.get("num_clusters", k) != k:
+        raise ValueError(
+            f"mbc_assignments={str(path)!r}: num_clusters={record['num_clusters']!r} but the "
+            f"groups use {k}"
+        )
+    return groups
+
+
+def _check_groups(groups: Mapping[Any, Any], where: str) -> dict[str, int]:
+    """``groups`` as ``{str: int}`` with groups ``0 .. K-1`` each used, else ``ValueError``."""
+    if not groups:
+        raise ValueError(f"{where}: no task; expected {{task: group}}")
+    bad = {t: g for t, g in groups.items() if isinstance(g, bool) or not isinstance(g, int)}
+    if bad or not all(isinstance(t, str) for t in groups):
+        raise ValueError(f"{where}: groups must map task names to integers; got {bad or groups}")
+    used = sorted(set(groups.values()))
+    if used != list(range(len(used))):
+        raise ValueError(f"{where}: groups must be 0 .. K-1, each used; got {used}")
+    return {str(t): int(g) for t, g in groups.items()}
 
 
 def _as_array(weight: Any) -> np.ndarray:

@@ -46,6 +46,7 @@ from tclora.clustering import (
     cached_clusters,
     cached_embeddings,
     cached_token_lengths,
+    centroids_from_assignments,
     check_num_clusters,
     cluster_cache_file,
     cluster_samples,
@@ -54,6 +55,7 @@ from tclora.clustering import (
     encoder_fingerprint,
     l2_normalize,
     load_encoder,
+    read_mbc_assignments,
     texts_hash,
     token_lengths_file,
 )
@@ -96,7 +98,8 @@ class ClusterDataModule(LightningDataModule):
         num_clusters: Number of clusters ``K``; ``None`` chooses it over ``num_clusters_range``
             by silhouette. Ignored by ``"per_task"`` (one per task) and ``"single"`` (one).
         clustering: ``"kmeans"``, ``"minibatch_kmeans"`` (large N), ``"per_task"`` (baseline:
-            one adapter per task label) or ``"single"`` (baseline: one adapter for everything).
+            one adapter per task label), ``"single"`` (baseline: one adapter for everything) or
+            ``"mbc"`` (every sample in its task's group of ``mbc_assignments``).
         encoder: sentence-transformers model (folder or hub id); ``None`` = packaged
             all-MiniLM-L6-v2.
         embed_field: Text embedded for clustering: ``"prompt"`` or ``"prompt_response"``.
@@ -129,6 +132,10 @@ class ClusterDataModule(LightningDataModule):
         count_truncated: Tokenise every training sample in ``setup`` to report how many exceed
             ``max_length``.
         projector_samples: At most this many samples go to TensorBoard's projector.
+        mbc_assignments: With ``clustering="mbc"``: the JSON file of MBC's stage 2,
+            ``{"groups": {task: group}}`` (:func:`tclora.clustering.write_mbc_assignments`);
+            ``K`` is its number of groups, ``num_clusters`` and the small-cluster merge are not
+            used, and a group with fewer than ``min_cluster_size`` training samples is an error.
     """
 
     def __init__(
@@ -136,7 +143,7 @@ class ClusterDataModule(LightningDataModule):
         sources: list[str | dict[str, Any]],
         tokenizer: str = "smollm2-135m-instruct",
         num_clusters: int | None = 4,
-        clustering: Literal["kmeans", "minibatch_kmeans", "per_task", "single"] = "kmeans",
+        clustering: Literal["kmeans", "minibatch_kmeans", "per_task", "single", "mbc"] = "kmeans",
         encoder: str | None = None,
         embed_field: Literal["prompt", "prompt_response"] = "prompt",
         batch_size: int = 8,
@@ -163,9 +170,20 @@ class ClusterDataModule(LightningDataModule):
         embed_chunk_size: int = 16384,
         count_truncated: bool = True,
         projector_samples: int = 2000,
+        mbc_assignments: str | None = None,
     ) -> None:
         super().__init__()
-        check_choice("clustering", clustering, CLUSTERING_METHODS)
+        check_choice("clustering", clustering, (*CLUSTERING_METHODS, "mbc"))
+        if (clustering == "mbc") != (mbc_assignments is not None):
+            raise ValueError(
+                f"clustering={clustering!r} with mbc_assignments={mbc_assignments!r}: "
+                "clustering='mbc' needs mbc_assignments (the JSON file of MBC's stage 2), and "
+                "only it takes one"
+            )
+        self._mbc_groups = (
+            None if mbc_assignments is None else read_mbc_assignments(mbc_assignments)
+        )
+        self.mbc_assignments = mbc_assignments
         check_choice("embed_field", embed_field, EMBED_FIELDS)
         check_choice("schedule", schedule, SCHEDULES)
         check_choice("small_cluster_policy", small_cluster_policy, SMALL_CLUSTER_POLICIES)
@@ -274,6 +292,8 @@ class ClusterDataModule(LightningDataModule):
             return 1
         if self.clustering == "per_task":
             return None
+        if self._mbc_groups is not None:
+            return len(set(self._mbc_groups.values()))
         if self.min_cluster_size > 1 and self.small_cluster_policy == "merge":
             return None
         return self._configured_k
@@ -496,6 +516,8 @@ class ClusterDataModule(LightningDataModule):
         See :func:`tclora.clustering.cluster_cache_file` for what the key covers and
         :func:`tclora.clustering.cluster_samples` for the policy.
         """
+        if self._mbc_groups is not None:
+            return self._mbc_clusters(samples, embeddings, train)
         options = self.clustering_options
         path = cluster_cache_file(self.cache_folder, texts_key, samples, options, self.val_fraction)
 
@@ -504,6 +526,32 @@ class ClusterDataModule(LightningDataModule):
             return cluster_samples(embeddings, train, val, tasks, options, info=_info)
 
         return cached_clusters(path, len(samples), int(embeddings.shape[1]), compute)
+
+    def _mbc_clusters(
+        self, samples: Sequence[Sample], embeddings: np.ndarray, train: np.ndarray
+    ) -> Clusters:
+        """Every sample in its task's MBC group; centroids (the routing targets) are the groups'
+        mean training embeddings. Not cached: it is a lookup."""
+        assert self._mbc_groups is not None
+        groups = self._mbc_groups
+        missing = sorted({s.task for s in samples} - set(groups))
+        if missing:
+            raise ValueError(
+                f"mbc_assignments={self.mbc_assignments!r} has no group for the tasks {missing} "
+                f"(it groups {sorted(groups)}); rerun MBC's stages 1-2 on these sources"
+            )
+        k = len(set(groups.values()))
+        assignments = np.asarray([groups[s.task] for s in samples], dtype=np.int64)
+        sizes = np.bincount(assignments[train], minlength=k)
+        small = np.nonzero(sizes < max(self.min_cluster_size, 1))[0].tolist()
+        if small:
+            raise ValueError(
+                f"clustering='mbc': groups {small} of {self.mbc_assignments!r} have fewer than "
+                f"min_cluster_size={self.min_cluster_size} training samples (sizes "
+                f"{sizes.tolist()}); regroup with fewer clusters or add data"
+            )
+        centroids = centroids_from_assignments(np.asarray(embeddings[train]), assignments[train], k)
+        return Clusters(assignments, centroids, {})
 
     def _check_tokenizer(self) -> None:
         if self.chat_template and not getattr(self.tokenizer, "chat_template", None):
