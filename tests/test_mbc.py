@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from peft import LoraConfig
 
-from tclora.clustering import mbc_clusters, mbc_similarity, mbc_vectors
+from tclora.clustering import (
+    mbc_clusters,
+    mbc_similarity,
+    mbc_vectors,
+    read_adapter_folders,
+    read_mbc_assignments,
+    write_mbc_assignments,
+)
 from tclora.merge import AdapterStack
 
 MODULES = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
@@ -101,3 +110,39 @@ def test_mbc_errors() -> None:
         ValueError, match=r"the LoRA parameters of \['b'\] are all zero; their cosine similarity"
     ):
         mbc_vectors({"a": {"w": np.ones(2)}, "b": {"w": np.zeros(2)}})
+
+
+def test_stage_two_from_saved_adapter_folders(tmp_path: Path) -> None:
+    """Stage 1's folders (peft ``save_pretrained``) → stage 2's groups; a missing one is named."""
+    from helpers import build_tiny_llama
+    from peft import get_peft_model
+
+    config = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    torch.manual_seed(0)
+    model = get_peft_model(build_tiny_llama(64), config, adapter_name="t0")
+    for name in ["t1", "t2", "t3"]:
+        model.add_adapter(name, config)
+    with torch.no_grad():  # t2 = t0 and t3 = t1, up to 1% noise
+        for pname, param in model.named_parameters():
+            for copy, source in (("t2", "t0"), ("t3", "t1")):
+                if f".{copy}." in pname:
+                    original = model.get_parameter(pname.replace(f".{copy}.", f".{source}."))
+                    param.copy_(original + 0.01 * torch.randn_like(param))
+    model.save_pretrained(str(tmp_path), selected_adapters=["t0", "t1", "t2", "t3"])
+    folders = {task: tmp_path / task for task in ["t0", "t1", "t2", "t3"]}
+    adapters = read_adapter_folders(folders)
+    assert len(adapters["t0"]) == 2 * 2 * 2  # 2 layers x (q, v) x (A, B)
+    assert all(".lora_A." in k or ".lora_B." in k for k in adapters["t0"])
+    groups = mbc_clusters(adapters, 2)
+    assert groups == {"t0": 0, "t1": 1, "t2": 0, "t3": 1}
+    path = write_mbc_assignments(tmp_path / "mbc.json", groups)
+    assert read_mbc_assignments(path) == groups
+
+    with pytest.raises(
+        ValueError,
+        match=r"folders\['t9'\]='.*absent': no adapter_model\.safetensors there; the stage-1 "
+        r"adapter of this task is missing",
+    ):
+        read_adapter_folders({**folders, "t9": tmp_path / "absent"})
+    with pytest.raises(ValueError, match=r"folders=\{\}: give \{task: stage-1 adapter folder\}"):
+        read_adapter_folders({})

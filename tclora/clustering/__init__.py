@@ -45,6 +45,7 @@ from tclora.clustering.mbc import (
     mbc_clusters,
     mbc_similarity,
     mbc_vectors,
+    read_adapter_folders,
     read_mbc_assignments,
     write_mbc_assignments,
 )
@@ -91,6 +92,7 @@ __all__ = [
     "per_task_assignments",
     "plot_clusters",
     "project_2d",
+    "read_adapter_folders",
     "read_mbc_assignments",
     "texts_hash",
     "token_lengths_file",

@@ -34,6 +34,7 @@ __all__ = [
     "mbc_clusters",
     "mbc_similarity",
     "mbc_vectors",
+    "read_adapter_folders",
     "read_mbc_assignments",
     "write_mbc_assignments",
 ]
@@ -157,6 +158,42 @@ def mbc_clusters(
     for label in labels.tolist():
         renumber.setdefault(label, len(renumber))
     return {task: renumber[int(label)] for task, label in zip(tasks, labels, strict=True)}
+
+
+def read_adapter_folders(folders: Mapping[str, str | Path]) -> dict[str, dict[str, Any]]:
+    """Stage 1's adapters, read from peft adapter folders, as :func:`mbc_vectors` takes them.
+
+    After a ``clustering: per_task`` fit exported with ``model.export_dir=D``, task ``t`` (the
+    ``k``-th task name in sorted order) is the folder ``D/cluster_k``.
+
+    Args:
+        folders: ``{task: adapter folder}``; each folder holds ``adapter_model.safetensors``.
+
+    Returns:
+        ``{task: {parameter name: weight}}``: the ``lora_A`` and ``lora_B`` weights only.
+
+    Raises:
+        ValueError: No task, a folder without ``adapter_model.safetensors`` (a missing stage-1
+            adapter), or one without LoRA weights.
+    """
+    from safetensors.torch import load_file
+
+    if not folders:
+        raise ValueError("folders={}: give {task: stage-1 adapter folder} for every task")
+    out: dict[str, dict[str, Any]] = {}
+    for task, folder in folders.items():
+        file = Path(folder) / "adapter_model.safetensors"
+        if not file.is_file():
+            raise ValueError(
+                f"folders[{task!r}]={str(folder)!r}: no adapter_model.safetensors there; the "
+                "stage-1 adapter of this task is missing (run stage 1, clustering: per_task, "
+                "with model.export_dir)"
+            )
+        weights = load_file(str(file))
+        out[task] = {k: w for k, w in weights.items() if ".lora_A." in k or ".lora_B." in k}
+        if not out[task]:
+            raise ValueError(f"folders[{task!r}]={str(folder)!r}: {file.name} has no LoRA weights")
+    return out
 
 
 def write_mbc_assignments(path: str | Path, groups: Mapping[str, int]) -> Path:
