@@ -13,7 +13,15 @@ from peft import ArrowConfig, LoraConfig, create_arrow_model, get_peft_model
 
 from tclora.evaluation import EvalExample, EvalSet
 from tclora.merge import AdapterStack
-from tclora.study import StudyConfig, evaluate_sets, lm_loss, run_study
+from tclora.study import (
+    StudyConfig,
+    evaluate_sets,
+    lm_loss,
+    results_table,
+    run_study,
+    study_metrics,
+    to_markdown,
+)
 from tclora.study.arrow import arrow_top_k, build_arrow_model
 
 ADAPTERS = ["u", "v", "w"]  # not letters of "lora_" (peft warns of those)
@@ -86,6 +94,10 @@ def test_arrow_row_equals_peft_arrow_model(
     assert [r.name for r in result.rows] == ["arrow", "cp2_mean_loading", "uniform"]
     row = result.row("arrow")
     assert row.kind == "reference"
+    metrics = study_metrics(result)  # what TensorBoard gets
+    assert metrics["merge/arrow/colours/acc"] == row.scores["colours"]["acc"]
+    assert metrics["merge/arrow/selection"] == row.selection
+    assert "| arrow |" in to_markdown(results_table(result))
 
     # the study's model is as it was: same adapters, active adapter, outputs
     assert list(model.peft_config) == ADAPTERS

@@ -131,3 +131,65 @@ def test_the_fit_cli_takes_k_from_the_mbc_file(tmp_path: Path) -> None:
     assert cli.datamodule.clustering == "mbc"
     assert cli.datamodule.num_clusters == 3
     assert cli.model.hparams.num_adapters == 3
+
+
+def _fit_config(out: Path, model_dir: Path, jsonl: Path, cache: Path, **data: Any) -> dict:
+    return {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "max_steps": 4,
+            "limit_val_batches": 0,
+            "num_sanity_val_steps": 0,
+            "enable_progress_bar": False,
+            "default_root_dir": str(out),
+            "logger": False,
+            "enable_checkpointing": False,
+        },
+        "model": {"model": str(model_dir), "r": 2, "lr": 1e-3, "export_dir": str(out / "lora")},
+        "data": {
+            "sources": [str(jsonl)],
+            "batch_size": 4,
+            "max_length": 48,
+            "progress_bar": False,
+            "cache_dir": str(cache),
+            **data,
+        },
+    }
+
+
+def test_three_stages_through_the_cli(
+    tmp_path: Path, tiny_model_dir: Path, multitask_jsonl: Path
+) -> None:
+    """Stage 1 (per_task fit, exported) → stage 2 (MBC on the folders) → stage 3 (mbc fit)."""
+    import yaml
+
+    from tclora.cli import cli_main
+    from tclora.clustering import mbc_clusters, read_adapter_folders
+
+    def fit(name: str, **data: Any) -> Any:
+        config = _fit_config(
+            tmp_path / name, tiny_model_dir, multitask_jsonl, tmp_path / "cache", **data
+        )
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return cli_main(["fit", "--config", str(path)])
+
+    stage1 = fit("stage1", clustering="per_task")
+    tasks = sorted(GROUPS)
+    assert stage1.datamodule.num_clusters == 4
+    folders = {t: tmp_path / "stage1" / "lora" / f"cluster_{k}" for k, t in enumerate(tasks)}
+    groups = mbc_clusters(read_adapter_folders(folders), 2)
+    assert sorted(set(groups.values())) == [0, 1] and set(groups) == set(tasks)
+    stage2 = write_mbc_assignments(tmp_path / "mbc.json", groups)
+
+    stage3 = fit("stage3", clustering="mbc", mbc_assignments=str(stage2))
+    dm = stage3.datamodule
+    assert stage3.model.adapter_names == ["cluster_0", "cluster_1"]
+    np.testing.assert_array_equal(dm.assignments, [groups[s.task] for s in dm.samples])
+    assert sorted(p.name for p in (tmp_path / "stage3" / "lora").iterdir()) == [
+        "README.md",
+        "cluster_0",
+        "cluster_1",
+        "tclora_adapters.json",
+    ]
