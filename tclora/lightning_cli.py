@@ -221,5 +221,6 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True) -> TCLoraCLI:
         save_config_kwargs={"overwrite": True},
         # LoRAModule builds one param group per adapter; a CLI optimizer would replace it.
         auto_configure_optimizers=False,
-        parser_kwargs={"parser_mode": "yaml"},
+        # "tclora", also under `python -m tclora` (whose argv[0] is __main__.py)
+        parser_kwargs={"parser_mode": "yaml", "prog": "tclora"},
     )

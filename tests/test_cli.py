@@ -146,6 +146,7 @@ def test_fit_help_documents_the_merge_callback(capsys: pytest.CaptureFixture[str
         cli_main(["fit", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
+    assert text.startswith("usage: tclora [options] fit")  # also under python -m tclora
     section = " ".join(
         text.split("CPMergeCallback (tclora.callbacks.CPMergeCallback)", 1)[1].split()
     )
