@@ -336,7 +336,7 @@ def test_malformed_eval_set_names_file_and_line(tmp_path: Path, tokenizer: Any) 
         ({"baselines": ["avg"]}, r"baselines='avg': expected one of \['uniform'"),
         (
             {"references": ["oracle"]},
-            r"references='oracle': expected one of \['base', 'single', 'routing'\]",
+            r"references='oracle': expected one of \['base', 'single', 'routing', 'arrow'\]",
         ),
         (
             {"selection_metric": "test_acc"},

@@ -290,7 +290,13 @@ def _iter_parquet(path: Path) -> Iterator[tuple[int | str, Any]]:
             f"{path}: reading Parquet needs the optional package pyarrow; install it with "
             "`pip install pyarrow`, or convert the file to JSONL"
         ) from err
-    for number, record in enumerate(pq.read_table(path).to_pylist()):
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # noqa: BLE001 -- pyarrow raises several types for bad files
+        raise DataSourceError(
+            f"{path}: not a readable Parquet file ({type(err).__name__}: {str(err)[:200]})"
+        ) from None
+    for number, record in enumerate(table.to_pylist()):
         yield f"[{number}]", record
 
 
