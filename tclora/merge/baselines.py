@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from peft.utils import merge_utils
@@ -41,6 +41,8 @@ from tclora.merge.stack import AdapterStack
 __all__ = [
     "BASELINES",
     "MERGE_SPACES",
+    "Baseline",
+    "MergeSpace",
     "cart",
     "iso_c",
     "knots_basis",
@@ -49,7 +51,7 @@ __all__ = [
     "tsv",
 ]
 
-BASELINES = (
+Baseline = Literal[
     "uniform",
     "ties",
     "dare_linear",
@@ -59,8 +61,10 @@ BASELINES = (
     "knots_ties",
     "tsv",
     "iso_c",
-)
-MERGE_SPACES = ("full", "knots", "core")
+]
+MergeSpace = Literal["full", "knots", "core"]
+BASELINES: tuple[str, ...] = get_args(Baseline)
+MERGE_SPACES: tuple[str, ...] = get_args(MergeSpace)
 _ELEMENTWISE = ("uniform", "ties", "dare_linear", "dare_ties", "magnitude_prune", "cart")
 _SPECTRAL = ("tsv", "iso_c")
 LowRank = tuple[Tensor, Tensor]
@@ -275,7 +279,7 @@ def merge_baseline(
     method: str,
     scale: float = 1.0,
     *,
-    merge_space: Literal["full", "knots", "core"] = "full",
+    merge_space: MergeSpace = "full",
     rank: int | None = None,
     density: float = 0.2,
     seed: int = 0,

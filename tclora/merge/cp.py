@@ -26,7 +26,7 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import tensorly as tl
@@ -39,13 +39,14 @@ from tclora.merge.stack import AdapterStack
 
 __all__ = [
     "ENGINES",
+    "Engine",
     "CPResult",
     "cp_decompose",
     "fold_in",
 ]
 
 Engine = Literal["factored", "dense", "core"]
-ENGINES = ("factored", "dense", "core")
+ENGINES: tuple[str, ...] = get_args(Engine)
 _BATCH_BYTES = 256 * 2**20  # factored engine: modules of one shape are run together up to this size
 Init = Literal["svd", "random"]
 

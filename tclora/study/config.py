@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, get_args
 
 from tclora._checks import check_choice
+from tclora.merge.baselines import Baseline, MergeSpace
+from tclora.merge.cp import Engine
 
 __all__ = [
     "Baseline",
@@ -23,21 +25,8 @@ __all__ = [
 ]
 
 CPRule = Literal["sum_components", "mean_loading", "ties_loading"]
-Baseline = Literal[
-    "uniform",
-    "ties",
-    "dare_linear",
-    "dare_ties",
-    "magnitude_prune",
-    "cart",
-    "knots_ties",
-    "tsv",
-    "iso_c",
-]
-MergeSpace = Literal["full", "knots", "core"]
 Reference = Literal["base", "single", "routing", "arrow"]
 SelectionMetric = Literal["val_loss", "val_loss_max"]
-Engine = Literal["factored", "dense", "core"]
 
 
 @dataclass
