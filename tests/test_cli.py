@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import subprocess
 import sys
 import warnings
@@ -331,6 +332,19 @@ def _small_config(tmp_path: Path, tiny_model_dir: Path, multitask_jsonl: Path) -
             "cache_dir": str(tmp_path / "cache"),
         },
     }
+
+
+def test_validate_reports_each_clusters_loss(
+    tmp_path: Path, tiny_model_dir: Path, multitask_jsonl: Path
+) -> None:
+    """`tclora validate` (offered beside fit; test and predict are not) runs LoRAModule's
+    validation: one loss per cluster's adapter on its own cluster."""
+    config = _small_config(tmp_path, tiny_model_dir, multitask_jsonl)
+    config["trainer"]["limit_val_batches"] = 1
+    cli = cli_main(["validate", "--config", _write(tmp_path, config)])
+    metrics = cli.trainer.callback_metrics
+    assert {"val/loss", "val/loss_cluster_0", "val/loss_cluster_1"} <= set(metrics)
+    assert all(math.isfinite(float(v)) for v in metrics.values())
 
 
 def _write(tmp_path: Path, config: dict[str, Any], name: str = "config.yaml") -> str:
