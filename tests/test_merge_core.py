@@ -17,7 +17,9 @@ from tclora.merge import (
     MERGE_SPACES,
     AdapterStack,
     core_space,
+    core_spaces,
     cp_decompose,
+    iter_core_spaces,
     merge_baseline,
     merge_cp,
 )
@@ -59,6 +61,39 @@ def test_every_delta_is_exact_in_core_space() -> None:
         for t, core in enumerate(cs.cores):
             b, a = cs.matrix_to_full(core)
             assert_close(b @ a, stack.delta(m, t).double(), atol=1e-10, rtol=0)
+
+
+def test_batched_core_spaces_equal_one_module_at_a_time() -> None:
+    """Modules of one layout share a batched decomposition; each keeps its own numerical rank
+    (here one module is rank-deficient: two identical adapters)."""
+    stack = make_stack([4, 8, 4], seed=2)
+    dup = make_stack([4, 4], seed=5).weights[MODULES[0]]
+    sets = [stack.scaled_factors(m, torch.float64) for m in MODULES]
+    sets.append([(a.double(), b.double() * s) for a, b, s in [dup[0], dup[0], dup[1]]])
+    sets.append(stack.scaled_factors(MODULES[0], torch.float64)[:2])  # another layout
+    batched = core_spaces(sets)
+    assert [cs.shape for cs in batched] == [(16, 16), (16, 16), (8, 8), (12, 12)]
+    for fac, cs in zip(sets, batched, strict=True):
+        one = core_space(fac)
+        assert cs.shape == one.shape
+        for (b_core, a_core), (a, b) in zip(
+            (cs.matrix_to_full(core) for core in cs.cores), fac, strict=True
+        ):
+            assert_close(b_core @ a_core, b @ a, atol=1e-10, rtol=0)
+        # the same bases up to the sign of each direction
+        assert_close((cs.u_b.T @ one.u_b).abs(), torch.eye(cs.shape[0], dtype=torch.float64))
+
+
+def test_iter_core_spaces_covers_every_module_once_in_chunks() -> None:
+    stack = make_stack([4, 8])
+    seen = [m for m, _, _ in iter_core_spaces(stack, stack.module_names, batch=1)]
+    assert sorted(seen) == sorted(MODULES)
+    with pytest.raises(ValueError, match=r"batch must be a positive int, got batch=0"):
+        next(iter_core_spaces(stack, stack.module_names, batch=0))
+    with pytest.raises(ValueError, match=r"rtol must be in \[0, 1\), got rtol=2"):
+        core_spaces([stack.scaled_factors(MODULES[0])], rtol=2)
+    with pytest.raises(ValueError, match=r"factor_sets\[0\] is empty"):
+        core_spaces([[]])
 
 
 @pytest.mark.parametrize("space", MERGE_SPACES)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import tensorly as tl
@@ -214,3 +215,60 @@ def test_rule_errors(copies: AdapterStack) -> None:
     with pytest.raises(ValueError, match=r"cp is empty"):
         component_analysis({})
     assert isinstance(merged, MergedAdapter)
+
+
+def _true_rank3_stack() -> AdapterStack:
+    """Four rank-3 adapters built from the same three rank-1 matrices: CP rank 3, Σr = 12."""
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    v = torch.randn(30, 3, generator=g, dtype=torch.float64)
+    c = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    adapters = [{MODULES[0]: (v.T.clone(), u * c[t], 1.0)} for t in range(4)]
+    return make_stack(adapters)
+
+
+def test_sum_components_warns_where_the_cp_is_degenerate_and_mean_loading_is_unique() -> None:
+    stack = _true_rank3_stack()
+    cps = [cp_decompose(stack, 6, init="random", seed=s, n_iter_max=500) for s in (0, 1)]
+    for cp in cps:
+        assert cp[MODULES[0]].fit_error < 1e-5
+        assert cp[MODULES[0]].energy_ratio > 10  # components cancel each other
+        assert cp[MODULES[0]].min_congruence < -0.8
+    # the mean rule is a function of the fitted tensor: two ALS starts, one merge
+    means = [merge_cp(stack, cp, "mean_loading").delta(MODULES[0]) for cp in cps]
+    assert_close(means[0], means[1], atol=1e-5, rtol=1e-5)
+    assert_close(means[0].double(), stack.deltas(MODULES[0]).mean(0), atol=1e-4, rtol=1e-4)
+    # the sum rule is a function of the decomposition: two starts, two merges, and a warning
+    with pytest.warns(UserWarning, match=r"rule='sum_components' on a degenerate CP: in 1 of 1"):
+        sums = [merge_cp(stack, cp, "sum_components") for cp in cps]
+    gap = (sums[0].delta(MODULES[0]) - sums[1].delta(MODULES[0])).norm() / means[0].norm()
+    assert gap > 1.0
+    assert sums[0].info["energy_ratio_max"] > 10
+
+
+def test_no_degeneracy_warning_at_the_stacks_own_rank() -> None:
+    stack = _true_rank3_stack()
+    cp = cp_decompose(stack, 3, n_iter_max=500)
+    assert cp[MODULES[0]].energy_ratio == pytest.approx(1.0, abs=0.02)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        merged = merge_cp(stack, cp, "sum_components")
+    assert merged.info["energy_ratio_max"] == pytest.approx(1.0, abs=0.02)
+
+
+def test_sum_components_is_sqrt_t_times_mean_loading_on_adapter_specific_components() -> None:
+    """Orthogonal rank-1 adapters: every component belongs to one adapter (c_q one-hot), so the
+    sum rule at scale 1 is the mean rule at scale √T."""
+    g = torch.Generator().manual_seed(3)
+    q_u, _ = torch.linalg.qr(torch.randn(18, 4, generator=g, dtype=torch.float64))
+    q_v, _ = torch.linalg.qr(torch.randn(14, 4, generator=g, dtype=torch.float64))
+    adapters = [
+        {MODULES[0]: (q_v[:, t : t + 1].T.clone(), q_u[:, t : t + 1] * (t + 1), 1.0)}
+        for t in range(4)
+    ]
+    stack = make_stack(adapters)
+    cp = cp_decompose(stack, 4)
+    assert_close(cp[MODULES[0]].loadings.abs().max(0).values, torch.ones(4, dtype=torch.float64))
+    total = merge_cp(stack, cp, "sum_components").delta(MODULES[0])
+    mean = merge_cp(stack, cp, "mean_loading", scale=2.0).delta(MODULES[0])  # √T = 2
+    assert_close(total, mean, atol=1e-6, rtol=1e-6)

@@ -16,7 +16,7 @@ from tclora.merge.baselines import (
     merge_baseline,
     tsv,
 )
-from tclora.merge.core import CoreSpace, core_space
+from tclora.merge.core import CoreSpace, core_space, core_spaces, iter_core_spaces
 from tclora.merge.cp import ENGINES, CPResult, cp_decompose, fold_in
 from tclora.merge.export import export_adapter, fold_into_base, install_adapter, merged_lora_config
 from tclora.merge.rules import (
@@ -42,12 +42,14 @@ __all__ = [
     "cart",
     "component_analysis",
     "core_space",
+    "core_spaces",
     "cp_decompose",
     "export_adapter",
     "fold_in",
     "fold_into_base",
     "install_adapter",
     "iso_c",
+    "iter_core_spaces",
     "knots_basis",
     "knots_ties",
     "merge_baseline",

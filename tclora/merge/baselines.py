@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Literal, get_args
 
 import torch
@@ -34,7 +34,7 @@ from peft.utils import merge_utils
 from torch import Tensor
 
 from tclora.merge._linalg import lowrank_svd, truncate_svd
-from tclora.merge.core import core_space
+from tclora.merge.core import CoreSpace, iter_core_spaces
 from tclora.merge.rules import MergedAdapter, _check_scale
 from tclora.merge.stack import AdapterStack
 
@@ -67,6 +67,7 @@ BASELINES: tuple[str, ...] = get_args(Baseline)
 MERGE_SPACES: tuple[str, ...] = get_args(MergeSpace)
 _ELEMENTWISE = ("uniform", "ties", "dare_linear", "dare_ties", "magnitude_prune", "cart")
 _SPECTRAL = ("tsv", "iso_c")
+_RANDOM = ("dare_linear", "dare_ties")
 LowRank = tuple[Tensor, Tensor]
 
 
@@ -113,13 +114,11 @@ def cart(matrices: list[Tensor], rank_fraction: float, coefficient: float = 1.0)
     Returns:
         The merged matrix.
     """
-    mean = torch.stack(matrices).mean(0)
+    stacked = torch.stack(matrices)
+    mean = stacked.mean(0)
     k = max(1, math.ceil(rank_fraction * min(mean.shape)))
-    out = mean.clone()
-    for m in matrices:
-        u, s, vh = torch.linalg.svd(m - mean, full_matrices=False)
-        out += coefficient * (u[:, :k] * s[:k]) @ vh[:k]
-    return out
+    u, s, vh = torch.linalg.svd(stacked - mean, full_matrices=False)  # one batched SVD
+    return mean + coefficient * ((u[..., :k] * s[..., None, :k]) @ vh[..., :k, :]).sum(0)
 
 
 def knots_ties(
@@ -248,19 +247,20 @@ def _merge_module(
     method: str,
     space: str,
     fac: list[tuple[Tensor, Tensor]],
+    cs: CoreSpace | None,
     shape: tuple[int, int],
     k: int,
     merge: Callable[[list[Tensor]], Tensor],
     full_deltas: Callable[[], list[Tensor]],
 ) -> tuple[Tensor, Tensor, float]:
     """One module's merge in ``space`` as ``(B', A', truncation error)`` (float64, scale 1);
-    full space merges ``full_deltas()`` (the dense deltas, as peft's functions expect them)."""
+    spectral and core-space merges use ``cs`` (the module's core space), full space merges
+    ``full_deltas()`` (the dense deltas, as peft's functions expect them)."""
     d_out, d_in = shape
     if all(float(b.abs().max()) == 0.0 or float(a.abs().max()) == 0.0 for a, b in fac):
         b0, a0 = _zero(d_out, d_in)
         return b0, a0, 0.0
-    if method in _SPECTRAL or space == "core":
-        cs = core_space(fac)
+    if cs is not None:
         if method == "tsv":
             b, a = cs.to_full(*tsv(cs.factors, min(d_out, d_in)))
         elif method == "iso_c":
@@ -337,24 +337,37 @@ def merge_baseline(
     start = time.perf_counter()
     lowrank: dict[str, tuple[Tensor, Tensor]] = {}
     errors: list[float] = []
-    for i, module in enumerate(stack.module_names):
+    names = stack.module_names
+    index = {m: i for i, m in enumerate(names)}
+    items: Iterable[tuple[str, list[tuple[Tensor, Tensor]], CoreSpace | None]]
+    if inner in _SPECTRAL or space == "core":
+        items = iter_core_spaces(stack, names, torch.float64)  # batched by layout
+    else:
+        items = ((m, stack.scaled_factors(m, torch.float64), None) for m in names)
+    for module, fac, cs in items:
+        i = index[module]
         d_out, d_in = stack.shape(module)
         k = min(rank if rank is not None else stack.total_rank(module), d_out, d_in)
-        fac = stack.scaled_factors(module, torch.float64)
         dev = fac[0][0].device
 
         def merge(
             tensors: list[Tensor], module_index: int = i, device: torch.device = dev
         ) -> Tensor:
+            if inner not in _RANDOM:
+                return _elementwise_merge(inner, tensors, density, majority_sign_method, cart_rank)
             cuda = [device.index or 0] if device.type == "cuda" else []
             with torch.random.fork_rng(devices=cuda):
-                torch.manual_seed(seed + module_index)
+                # the CPU generator (and the module's own GPU's): torch.manual_seed would also
+                # queue seeds for every lazy backend, 1 ms a module
+                torch.random.default_generator.manual_seed(seed + module_index)
+                if cuda:
+                    torch.cuda.manual_seed(seed + module_index)
                 return _elementwise_merge(inner, tensors, density, majority_sign_method, cart_rank)
 
         def deltas(module_name: str = module) -> list[Tensor]:
             return [stack.delta(module_name, t) for t in range(stack.num_adapters)]
 
-        b, a, err = _merge_module(inner, space, fac, (d_out, d_in), k, merge, deltas)
+        b, a, err = _merge_module(inner, space, fac, cs, (d_out, d_in), k, merge, deltas)
         errors.append(err)
         lowrank[module] = ((b * scale).float().contiguous(), a.float().contiguous())
     info = {

@@ -34,7 +34,7 @@ import torch
 from tensorly.cp_tensor import CPTensor
 from torch import Tensor
 
-from tclora.merge.core import core_space
+from tclora.merge.core import iter_core_spaces
 from tclora.merge.stack import AdapterStack
 
 __all__ = [
@@ -78,6 +78,27 @@ class CPResult:
     def loadings(self) -> Tensor:
         """``C`` (``T × R``), unit columns."""
         return self.cp.factors[0]
+
+    @property
+    def energy_ratio(self) -> float:
+        """``Σ_q λ_q² / ‖X̂‖²`` with ``X̂`` the CP reconstruction: 1 for orthogonal components,
+        well above 1 when components cancel each other (a degenerate, non-unique decomposition:
+        typically ``R`` above the tensor's CP rank). ``NaN`` for a zero decomposition."""
+        lam, (c, u, v) = self.cp
+        gram = (c.T @ c) * (u.T @ u) * (v.T @ v)
+        recon = float((lam[:, None] * lam[None, :] * gram).sum())
+        return float((lam**2).sum()) / recon if recon > 0 else math.nan
+
+    @property
+    def min_congruence(self) -> float:
+        """Smallest ``cos(c_p, c_q) cos(u_p, u_q) cos(v_p, v_q)`` over component pairs: near −1
+        when two components nearly cancel (the classic CP-degeneracy sign); 0 for ``R = 1``."""
+        _, (c, u, v) = self.cp
+        if c.shape[1] < 2:
+            return 0.0
+        phi = (c.T @ c) * (u.T @ u) * (v.T @ v)
+        phi.fill_diagonal_(math.inf)
+        return float(phi.min())
 
 
 # --------------------------------------------------------------------------- public entry
@@ -219,7 +240,7 @@ def _cp_als_core(
     Modules whose cores have the same shape run in one batch. ``‖X‖`` and the relative errors are
     those of the full tensor (the maps to core space are isometries).
     """
-    spaces = {m: core_space(stack.scaled_factors(m, dtype)) for m in modules}
+    spaces = {m: cs for m, _, cs in iter_core_spaces(stack, modules, dtype)}
     groups: dict[tuple[Any, ...], list[str]] = {}
     for m, cs in spaces.items():
         r_m = min(rank, *cs.shape)  # more components than a mode's dimension are degenerate

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ from tclora.merge.stack import AdapterStack
 
 __all__ = [
     "CP_RULES",
+    "DEGENERATE_ENERGY_RATIO",
     "MergedAdapter",
     "component_analysis",
     "merge_cp",
@@ -31,6 +33,8 @@ __all__ = [
 ]
 
 CP_RULES = ("sum_components", "mean_loading", "ties_loading")
+DEGENERATE_ENERGY_RATIO = 1.5
+"""``CPResult.energy_ratio`` above which a module's components count as cancelling each other."""
 
 
 @dataclass
@@ -168,6 +172,19 @@ def merge_cp(
     All are scale-correct: T copies of one adapter (exact CP fit) merge back to it at ``scale=1``.
     The result is exactly rank ``≤ R``: ``B' = scale · U diag(w)``, ``A' = Vᵀ``.
 
+    When ``sum_components`` and ``mean_loading`` differ: per component, the ratio of their
+    weights is ``√T / Σ_t c_tq`` -- 1 for a fully shared component (``c_q = 1/√T``), ``√T`` for a
+    component owned by one adapter (``c_q`` one-hot), unbounded for a contrast component
+    (``Σ_t c_tq ≈ 0``, which the mean cancels and the sum keeps). So on adapters whose
+    components are all adapter-specific (the demo's, 99.8%) the sum rule at ``λ`` is the mean rule
+    at ``√T · λ``; they part where components are shared or contrasting. ``mean_loading`` is a
+    function of the fitted tensor (the CP reconstruction of the mean), whichever decomposition
+    ALS found; ``sum_components`` is a function of the decomposition, and is not unique when the
+    decomposition is not: with ``R`` above the stack's CP rank, ALS from two starts can give
+    sum merges 0.5-16× apart. A module whose components cancel (``CPResult.energy_ratio`` above
+    ``DEGENERATE_ENERGY_RATIO``) is such a case, and ``sum_components`` warns about it (the
+    largest ratio is ``info["energy_ratio_max"]`` of every CP merge).
+
     Args:
         stack: the adapters the CP was computed from.
         cp: ``module -> CPResult`` from ``cp_decompose``.
@@ -206,11 +223,25 @@ def merge_cp(
             w = lam * c[t_sel]
         lowrank[module] = ((u * (w * scale)).float().contiguous(), v.T.float().contiguous())
     fits = [cp[m].fit_error for m in stack.module_names]
+    ratios = {m: cp[m].energy_ratio for m in stack.module_names}
+    degenerate = {m: r for m, r in ratios.items() if r > DEGENERATE_ENERGY_RATIO}
+    if kind == "sum_components" and degenerate:
+        worst = max(degenerate, key=degenerate.__getitem__)
+        warnings.warn(
+            f"rule='sum_components' on a degenerate CP: in {len(degenerate)} of {len(ratios)} "
+            f"module(s) the components cancel each other (Σλ² / ‖X̂‖² up to "
+            f"{degenerate[worst]:.3g} on {worst!r}, above {DEGENERATE_ENERGY_RATIO}), so the "
+            "decomposition is not unique there and another ALS start gives another sum merge. "
+            "Lower the CP rank there, or use rule='mean_loading' (a function of the fitted tensor).",
+            UserWarning,
+            stacklevel=2,
+        )
     info = {
         "seconds": time.perf_counter() - start,
         "scale": float(scale),
         "rank": float(max(a.shape[0] for _, a in lowrank.values())),
         "fit_error": sum(fits) / len(fits),
+        "energy_ratio_max": max((r for r in ratios.values() if not math.isnan(r)), default=1.0),
         "truncation_error": 0.0,
         "truncation_error_max": 0.0,
     }
