@@ -39,6 +39,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "score saved adapter folders on eval sets with tclora's scorer and/or lm-eval",
         "tclora.study.eval_cli:eval_main",
     ),
+    "mbc": (
+        "model-based clustering in one command: a LoRA per task, MBC groups, the K-adapter fit",
+        "tclora.mbc_cli:mbc_main",
+    ),
     "export": (
         "turn a checkpoint into peft adapter folders (and optionally a full merged model)",
         "tclora.export_cli:export_main",

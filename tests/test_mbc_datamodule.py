@@ -158,38 +158,57 @@ def _fit_config(out: Path, model_dir: Path, jsonl: Path, cache: Path, **data: An
     }
 
 
-def test_three_stages_through_the_cli(
+def test_one_command_runs_the_three_stages(
     tmp_path: Path, tiny_model_dir: Path, multitask_jsonl: Path
 ) -> None:
-    """Stage 1 (per_task fit, exported) → stage 2 (MBC on the folders) → stage 3 (mbc fit)."""
+    """``tclora mbc``: stage 1 (per_task fit, exported) → stage 2 (MBC on those folders, the
+    stage file) → stage 3 (the K-adapter fit on the groups), then the same groups by hand."""
     import yaml
 
-    from tclora.cli import cli_main
+    from tclora.cli import main
     from tclora.clustering import mbc_clusters, read_adapter_folders
 
-    def fit(name: str, **data: Any) -> Any:
-        config = _fit_config(
-            tmp_path / name, tiny_model_dir, multitask_jsonl, tmp_path / "cache", **data
-        )
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(config))
-        return cli_main(["fit", "--config", str(path)])
+    config = _fit_config(tmp_path / "fit", tiny_model_dir, multitask_jsonl, tmp_path / "cache")
+    path = tmp_path / "fit.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "mbc"
+    argv = ["mbc", "--config", str(path), "--num_clusters", "2", "--stage1_steps", "3"]
+    assert main([*argv, "--output_dir", str(out), "--trainer.logger", "false"]) == 0
 
-    stage1 = fit("stage1", clustering="per_task")
-    tasks = sorted(GROUPS)
-    assert stage1.datamodule.num_clusters == 4
-    folders = {t: tmp_path / "stage1" / "lora" / f"cluster_{k}" for k, t in enumerate(tasks)}
+    stage1 = out / "stage1" / "adapters"
+    manifest = json.loads((stage1 / "tclora_adapters.json").read_text())
+    assert len(manifest["adapters"]) == 4 and sum(manifest["adapter_steps"]) == 3  # 3 steps in all
+    tasks = sorted(GROUPS)  # per_task numbers the tasks in sorted order
+    folders = {t: stage1 / f"cluster_{k}" for k, t in enumerate(tasks)}
     groups = mbc_clusters(read_adapter_folders(folders), 2)
-    assert sorted(set(groups.values())) == [0, 1] and set(groups) == set(tasks)
-    stage2 = write_mbc_assignments(tmp_path / "mbc.json", groups)
-
-    stage3 = fit("stage3", clustering="mbc", mbc_assignments=str(stage2))
-    dm = stage3.datamodule
-    assert stage3.model.adapter_names == ["cluster_0", "cluster_1"]
-    np.testing.assert_array_equal(dm.assignments, [groups[s.task] for s in dm.samples])
-    assert sorted(p.name for p in (tmp_path / "stage3" / "lora").iterdir()) == [
+    assert read_mbc_assignments(out / "mbc.json") == groups
+    similarity = json.loads((out / "mbc_similarity.json").read_text())
+    assert similarity["tasks"] == tasks and len(similarity["cosine"]) == 4
+    assert similarity["groups"] == [groups[t] for t in tasks]
+    # stage 3 exported one adapter per group where the config says
+    assert sorted(p.name for p in (tmp_path / "fit" / "lora").iterdir()) == [
         "README.md",
         "cluster_0",
         "cluster_1",
         "tclora_adapters.json",
     ]
+
+
+def test_one_command_refuses_bad_input_before_any_fit(tmp_path: Path) -> None:
+    from tclora.mbc_cli import mbc_main
+
+    config = tmp_path / "fit.yaml"
+    config.write_text("seed_everything: 0\n")
+    base = ["--config", str(config), "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match=r"--config 'absent.yaml': no such file"):
+        mbc_main(["--config", "absent.yaml", "--num_clusters", "2"])
+    with pytest.raises(SystemExit, match=r"--num_clusters 0: must be >= 1"):
+        mbc_main([*base, "--num_clusters", "0"])
+    with pytest.raises(SystemExit, match=r"--stage1_steps 0: must be >= 1"):
+        mbc_main([*base, "--num_clusters", "2", "--stage1_steps", "0"])
+    with pytest.raises(SystemExit, match=r"'--trainer.max_steps=5': tclora mbc sets"):
+        mbc_main([*base, "--num_clusters", "2", "--trainer.max_steps=5"])
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match=r"--output_dir '.*file' is a file, not a folder"):
+        mbc_main([*base[:2], "--output_dir", str(tmp_path / "file"), "--num_clusters", "2"])
+    assert not (tmp_path / "out").exists()
