@@ -58,10 +58,10 @@ def _loaders(vocab: int) -> list[list[dict[str, torch.Tensor]]]:
     return [[{"input_ids": ids, "labels": ids.clone()}]]
 
 
-def _peft_arrow(model: Any, vocab: int, folder: Path, top_k: int) -> Any:
+def _peft_arrow(model: Any, vocab: int, folder: Path, top_k: int, temperature: float = 1.0) -> Any:
     """peft's Arrow model built by hand: adapter folders and a fresh base model."""
     model.save_pretrained(folder, selected_adapters=ADAPTERS)
-    config = ArrowConfig(top_k=top_k, router_temperature=1.0, rng_seed=0)
+    config = ArrowConfig(top_k=top_k, router_temperature=temperature, rng_seed=0)
     arrow = create_arrow_model(
         build_tiny_llama(vocab, seed=1), [str(folder / a) for a in ADAPTERS], config
     )
@@ -83,6 +83,8 @@ def test_arrow_row_equals_peft_arrow_model(
         rules=["mean_loading"],
         baselines=["uniform"],
         references=["arrow"],
+        arrow_top_k=2,  # not peft's defaults (3, 1.0): the options reach peft
+        arrow_temperature=0.5,
         cp_iters=5,
         chat_template=False,
         max_new_tokens=2,
@@ -106,8 +108,8 @@ def test_arrow_row_equals_peft_arrow_model(
         torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)
 
     assert arrow_top_k(3) == 3 and arrow_top_k(2) == 2
-    direct = _peft_arrow(model, vocab, tmp_path / "adapters", top_k=3)
-    ours = build_arrow_model(model, ADAPTERS, top_k=3, rng_seed=cfg.seed)
+    direct = _peft_arrow(model, vocab, tmp_path / "adapters", top_k=2, temperature=0.5)
+    ours = build_arrow_model(model, ADAPTERS, top_k=2, router_temperature=0.5, rng_seed=cfg.seed)
     with torch.no_grad():
         expected = direct(input_ids=ids).logits
         torch.testing.assert_close(ours(input_ids=ids).logits, expected)
@@ -156,6 +158,12 @@ def test_arrow_errors(tokenizer: Any, one_thread: None) -> None:
         build_arrow_model(model, ["u", "z"], top_k=1)
     with pytest.raises(ValueError, match=r"adapters=\[\]: Arrow routes between one or more"):
         build_arrow_model(model, [], top_k=1)
+    with pytest.raises(ValueError, match=r"arrow_top_k=4: Arrow mixes at most the 3 adapters"):
+        run_study(model, tokenizer, stack, cfg=StudyConfig(**{**cfg.__dict__, "arrow_top_k": 4}))
+    with pytest.raises(ValueError, match=r"arrow_top_k=0: must be an integer >= 1"):
+        StudyConfig(arrow_top_k=0)
+    with pytest.raises(ValueError, match=r"arrow_temperature=0: must be a finite number > 0"):
+        StudyConfig(arrow_temperature=0)
     with pytest.raises(
         ValueError,
         match=r"references='arrows': expected one of \['base', 'single', 'routing', 'arrow'\]",

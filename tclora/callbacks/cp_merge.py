@@ -102,7 +102,8 @@ class CPMergeCallback(Callback):
         references: References to evaluate beside the merges: ``"base"`` (adapters off),
             ``"single"`` (each adapter), ``"routing"`` (each example with the adapter of its
             nearest cluster centroid; needs a data module with ``embed``, ``assign`` and
-            ``cluster_names``).
+            ``cluster_names``), ``"arrow"`` (peft's Arrow router over the adapters: every token
+            to its ``arrow_top_k`` best-aligned adapters).
         keep: Merge kept as the result: ``"best"`` by ``selection_metric``, or a method name such
             as ``"cp4_sum_components"``.
         output_dir: Folder for tables, figures and exports (default ``<log_dir>/merge``: the
@@ -117,6 +118,9 @@ class CPMergeCallback(Callback):
         cp_tol: CP-ALS convergence tolerance.
         density: Kept fraction for TIES / DARE / magnitude pruning.
         cart_rank: CART's kept fraction of each task's deviation rank.
+        arrow_top_k: Adapters Arrow mixes per token (``None``: peft's default 3, or every
+            adapter when there are fewer).
+        arrow_temperature: Softmax temperature of Arrow's routing coefficients (peft: 1.0).
         seed: Seed of the CP initialisation, DARE and evaluation subsampling.
         progress: Show progress bars during evaluation (one log line per method and scale is
             written either way).
@@ -148,6 +152,8 @@ class CPMergeCallback(Callback):
         cp_tol: float = _DEFAULTS.cp_tol,
         density: float = _DEFAULTS.density,
         cart_rank: float = _DEFAULTS.cart_rank,
+        arrow_top_k: int | None = _DEFAULTS.arrow_top_k,
+        arrow_temperature: float = _DEFAULTS.arrow_temperature,
         seed: int = _DEFAULTS.seed,
         progress: bool = _DEFAULTS.progress,
     ) -> None:
@@ -174,6 +180,8 @@ class CPMergeCallback(Callback):
             cp_tol=cp_tol,
             density=density,
             cart_rank=cart_rank,
+            arrow_top_k=arrow_top_k,
+            arrow_temperature=arrow_temperature,
             seed=seed,
             progress=progress,
         )

@@ -60,6 +60,8 @@ class StudyConfig:
     cp_tol: float = 1e-8
     density: float = 0.2
     cart_rank: float = 0.1
+    arrow_top_k: int | None = None
+    arrow_temperature: float = 1.0
     seed: int = 0
     progress: bool = True
 
@@ -100,6 +102,19 @@ class StudyConfig:
             raise ValueError(f"density={self.density!r}: must be in (0, 1]")
         if not 0.0 < self.cart_rank <= 1.0:
             raise ValueError(f"cart_rank={self.cart_rank!r}: must be in (0, 1]")
+        if self.arrow_top_k is not None and (
+            isinstance(self.arrow_top_k, bool)
+            or not isinstance(self.arrow_top_k, int)
+            or self.arrow_top_k < 1
+        ):
+            raise ValueError(
+                f"arrow_top_k={self.arrow_top_k!r}: must be an integer >= 1 (at most the number "
+                "of adapters), or None for min(3, number of adapters)"
+            )
+        if not (math.isfinite(float(self.arrow_temperature)) and self.arrow_temperature > 0):
+            raise ValueError(
+                f"arrow_temperature={self.arrow_temperature!r}: must be a finite number > 0"
+            )
         if self.adapters is not None:
             try:
                 re.compile(self.adapters)

@@ -282,6 +282,11 @@ def run_study(
             f"scales={cfg.scales}: choosing a scale needs validation data, and none was given; "
             "pass validation loaders or a single scale"
         )
+    if "arrow" in cfg.references and (cfg.arrow_top_k or 0) > len(stack.names):
+        raise ValueError(
+            f"arrow_top_k={cfg.arrow_top_k}: Arrow mixes at most the {len(stack.names)} adapters "
+            f"{stack.names} per token"
+        )
     previous_adapter = model.active_adapter
     finished = {row.name: row for row in done}
     _say(f"merge study: building {len(cfg.method_names)} merges of {len(stack.names)} adapters")
@@ -362,7 +367,11 @@ def run_study(
             )
         if "arrow" in cfg.references and "arrow" not in finished:
             arrow = build_arrow_model(
-                model, stack.names, top_k=arrow_top_k(len(stack.names)), rng_seed=cfg.seed
+                model,
+                stack.names,
+                top_k=cfg.arrow_top_k or arrow_top_k(len(stack.names)),
+                router_temperature=cfg.arrow_temperature,
+                rng_seed=cfg.seed,
             )
             finish(
                 MethodResult(
