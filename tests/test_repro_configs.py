@@ -17,6 +17,7 @@ from typing import Any
 from unittest import mock
 
 import pytest
+import torch
 import yaml
 
 from benchmarks.repro.aggregate import collect, summarise
@@ -118,11 +119,18 @@ def test_repro_small_config_and_run_overrides(tmp_path: Path) -> None:
     assert (per_task["seed_everything"], per_task["data"]["seed"]) == (2, 2)
     assert per_task["model"]["init_seed"] == 2000
     init = per_task["trainer"]["callbacks"][0]["init_args"]
-    assert init["references"] == ["routing", "single"]
+    assert init["references"] == ["routing", "arrow", "single"]
     assert init["output_dir"] == str(tmp_path / "runs" / "per_task" / "seed2" / "merge")
     kmeans = run_overrides(sweep, "kmeans8", 0, evaluate_base=True)
     assert (kmeans["data"]["clustering"], kmeans["data"]["num_clusters"]) == ("kmeans", 8)
-    assert kmeans["trainer"]["callbacks"][0]["init_args"]["references"] == ["base", "routing"]
+    assert kmeans["trainer"]["callbacks"][0]["init_args"]["references"] == [
+        "base",
+        "routing",
+        "arrow",
+    ]
+    mbc = run_overrides(sweep, "mbc4", 1, evaluate_base=False)
+    assert mbc["data"]["clustering"] == "mbc"
+    assert mbc["data"]["mbc_assignments"] == str(tmp_path / "runs" / "mbc4" / "seed1" / "mbc.json")
     assert run_overrides(sweep, "single", 0, False)["trainer"]["callbacks"] == []
     # Every override, on top of the base config, still parses through the CLI.
     override = tmp_path / "overrides.yaml"
@@ -130,6 +138,35 @@ def test_repro_small_config_and_run_overrides(tmp_path: Path) -> None:
     resolved = _resolved("--config", str(CONFIGS / "repro_small.yaml"), "--config", str(override))
     assert resolved["data"]["num_clusters"] == 8
     assert _merge_callback(resolved)["output_dir"].endswith("kmeans8/seed0/merge")
+
+
+def test_mbc_variant_groups_the_per_task_runs_adapters(tmp_path: Path) -> None:
+    """Stage 2 of the sweep's MBC run reads the per_task run of the same seed (cluster_k = the
+    k-th task in sorted order): two pairs of near-equal adapters give exactly those two groups."""
+    from safetensors.torch import save_file
+
+    from benchmarks.repro.runs import mbc_stage2
+    from tclora.clustering import read_mbc_assignments
+
+    sweep = Sweep(work_dir=tmp_path, train_tasks=("d", "b", "a", "c"))
+    with pytest.raises(SystemExit, match=r"mbc2 seed 0: MBC groups the tasks by the per_task"):
+        mbc_stage2(sweep, "mbc2", 0)
+    stage1 = tmp_path / "runs" / "per_task" / "seed0" / "adapters"
+    gen = torch.Generator().manual_seed(0)
+    pair = [torch.randn(4, 6, generator=gen), torch.randn(4, 6, generator=gen)]
+    for i, task in enumerate(sorted(sweep.train_tasks)):
+        base = pair[0] if task in ("a", "c") else pair[1]
+        folder = stage1 / f"cluster_{i}"
+        folder.mkdir(parents=True)
+        weight = base + 1e-3 * torch.randn(4, 6, generator=gen)
+        save_file(
+            {"m.lora_A.weight": weight.contiguous(), "m.lora_B.weight": weight.T.contiguous()},
+            str(folder / "adapter_model.safetensors"),
+        )
+    (stage1 / "tclora_adapters.json").write_text("{}")
+    path = mbc_stage2(sweep, "mbc2", 0)
+    assert path == tmp_path / "runs" / "mbc2" / "seed0" / "mbc.json"
+    assert read_mbc_assignments(path) == {"a": 0, "b": 1, "c": 0, "d": 1}
 
 
 def test_splits_are_disjoint_fixed_and_floors_come_from_train(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from benchmarks.repro.sweep import Sweep, run_dir, study_config
 __all__ = ["adapter_checks", "adapter_storage", "collect", "summarise", "timings", "train_rate"]
 
 REFERENCE_ORDER = ("base", "single_adapters", "single_lora", "routing")
-VARIANT_ORDER = ("base", "single", "per_task", "kmeans4", "kmeans8")
+VARIANT_ORDER = ("base", "single", "per_task", "kmeans4", "kmeans8", "mbc2", "mbc4")
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -26,10 +26,11 @@ from benchmarks.repro.sweep import (
     merge_callback,
     run_dir,
     study_config,
+    variant_clusters,
 )
 from tclora._io import atomic_write_text
 
-__all__ = ["evaluate_single_lora", "run_one", "run_overrides"]
+__all__ = ["evaluate_single_lora", "mbc_stage2", "run_one", "run_overrides"]
 
 
 def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -46,7 +47,8 @@ def run_overrides(sweep: Sweep, variant: str, seed: int, evaluate_base: bool) ->
     """The override config of one run (on top of ``configs/repro_small.yaml``)."""
     folder = run_dir(sweep, variant, seed)
     data = sweep.work_dir / "data"
-    refs = ["routing"] + (["single"] if variant == "per_task" else [])
+    # Arrow (peft's per-token router over the run's adapters) beside every merge study
+    refs = ["routing", "arrow"] + (["single"] if variant == "per_task" else [])
     callback = merge_callback(base_config())
     callback["init_args"] = callback_options(
         sweep,
@@ -57,6 +59,8 @@ def run_overrides(sweep: Sweep, variant: str, seed: int, evaluate_base: bool) ->
     )
     if variant.startswith("kmeans"):
         clustering: dict[str, Any] = {"clustering": "kmeans", "num_clusters": int(variant[6:])}
+    elif variant.startswith("mbc"):
+        clustering = {"clustering": "mbc", "mbc_assignments": str(folder / "mbc.json")}
     else:
         clustering = {"clustering": variant}
     out: dict[str, Any] = {
@@ -121,6 +125,32 @@ def evaluate_single_lora(sweep: Sweep, variant: str, seed: int) -> None:
     atomic_write_text(folder / "merge" / "results.json", json.dumps(summary, indent=1))
 
 
+def mbc_stage2(sweep: Sweep, variant: str, seed: int) -> Path:
+    """MBC's stage 2 for an ``mbc<K>`` run: the ``per_task`` run of the same seed is stage 1
+    (one private LoRA per task, its full training budget); its adapters are grouped into ``K``
+    clusters (:func:`tclora.clustering.mbc_clusters`) and written to ``<run>/mbc.json``.
+
+    Raises:
+        SystemExit: the ``per_task`` run of this seed has not exported its adapters yet.
+    """
+    from tclora.clustering import mbc_clusters, read_adapter_folders, write_mbc_assignments
+
+    k = variant_clusters(variant)
+    assert k is not None and variant.startswith("mbc"), variant
+    stage1 = run_dir(sweep, "per_task", seed) / "adapters"
+    if not (stage1 / "tclora_adapters.json").is_file():
+        raise SystemExit(
+            f"{variant} seed {seed}: MBC groups the tasks by the per_task run's adapters, and "
+            f"{stage1} has none; run the per_task variant of seed {seed} first"
+        )
+    # per_task numbers its clusters by task name, sorted (tclora.clustering.per_task_assignments)
+    tasks = sorted(sweep.train_tasks)
+    groups = mbc_clusters(
+        read_adapter_folders({t: stage1 / f"cluster_{i}" for i, t in enumerate(tasks)}), k
+    )
+    return write_mbc_assignments(run_dir(sweep, variant, seed) / "mbc.json", groups)
+
+
 def run_one(
     sweep: Sweep, variant: str, seed: int, evaluate_base: bool, threads: int | None = None
 ) -> float:
@@ -130,6 +160,8 @@ def run_one(
         print(f"[skip] {variant} seed {seed}: {folder / 'merge' / 'results.json'} exists")
         return 0.0
     folder.mkdir(parents=True, exist_ok=True)
+    if variant.startswith("mbc"):
+        print(f"[mbc ] {variant} seed {seed}: groups {mbc_stage2(sweep, variant, seed)}")
     override = folder / "overrides.yaml"
     atomic_write_text(
         override,

@@ -28,6 +28,7 @@ __all__ = [
     "merge_callback",
     "run_dir",
     "study_config",
+    "variant_clusters",
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,8 +62,10 @@ OOD_TASKS = (
     "recurrence-relation",
 )
 SPLIT_SEED = 1234  # the train/test split is fixed across run seeds
-# Clusterings: k-means with K = 4 and 8, one adapter per task, one LoRA on everything.
-VARIANTS = ("kmeans4", "kmeans8", "per_task", "single")
+# Clusterings: k-means with K = 4 and 8, one adapter per task, MBC with K = 4 (parameter-level:
+# the tasks grouped by the per_task run's adapters of the same seed, so it runs after per_task),
+# one LoRA on everything.
+VARIANTS = ("kmeans4", "kmeans8", "per_task", "mbc4", "single")
 
 
 @dataclass
@@ -91,7 +94,7 @@ class Sweep:
             test_items=20,
             ood_items=20,
             seeds=(0,),
-            variants=("kmeans4", "per_task", "single"),
+            variants=("kmeans4", "per_task", "mbc2", "single"),
             overrides={
                 "trainer": {"max_epochs": 1, "max_steps": 8},
                 "data": {"val_fraction": 0.25},
@@ -104,6 +107,14 @@ class Sweep:
                 },
             },
         )
+
+
+def variant_clusters(variant: str) -> int | None:
+    """``K`` of a ``kmeans<K>`` or ``mbc<K>`` variant, ``None`` for the others."""
+    for prefix in ("kmeans", "mbc"):
+        if variant.startswith(prefix) and variant[len(prefix) :].isdigit():
+            return int(variant[len(prefix) :])
+    return None
 
 
 def run_dir(sweep: Sweep, variant: str, seed: int) -> Path:
