@@ -2,7 +2,8 @@
 
 1. **Stage 1** -- one short private LoRA per task: ``tclora fit`` with the given config(s),
    ``--data.clustering per_task``, ``--trainer.max_steps <stage1_steps>`` and the adapters
-   exported to ``<output_dir>/stage1/adapters``.
+   exported to ``<output_dir>/stage1/adapters``; the config's ``CPMergeCallback`` is left out
+   (stage 1's adapters are compared, not merged).
 2. **Stage 2** -- the tasks' adapters grouped into ``K`` clusters by the cosine similarity of
    their flattened LoRA parameters (:func:`tclora.clustering.mbc_clusters`), written to
    ``<output_dir>/mbc.json`` (with the similarity matrix in ``<output_dir>/mbc_similarity.json``).
@@ -108,6 +109,7 @@ def mbc_main(argv: Sequence[str] | None = None) -> int:
     from lightning.pytorch.utilities import rank_zero_info as info
 
     from tclora._io import atomic_write_text
+    from tclora.callbacks import CPMergeCallback
     from tclora.cli import cli_main
     from tclora.clustering import (
         mbc_clusters,
@@ -126,7 +128,6 @@ def mbc_main(argv: Sequence[str] | None = None) -> int:
     info(f"tclora mbc: stage 1, one LoRA per task ({args.stage1_steps} steps) -> {adapters}")
     stage1 = cli_main(
         [
-            "fit",
             *configs,
             *extra,
             "--data.clustering",
@@ -137,8 +138,15 @@ def mbc_main(argv: Sequence[str] | None = None) -> int:
             str(out / "stage1"),
             "--model.export_dir",
             str(adapters),
-        ]
+        ],
+        run=False,
     )
+    # stage 1's adapters are only compared, never merged: no merge study at its fit end
+    merging = [c for c in stage1.trainer.callbacks if isinstance(c, CPMergeCallback)]
+    if merging:
+        info("tclora mbc: stage 1 runs without the config's CPMergeCallback (stage 3 has it)")
+        stage1.trainer.callbacks = [c for c in stage1.trainer.callbacks if c not in merging]
+    stage1.trainer.fit(stage1.model, datamodule=stage1.datamodule)
     tasks = stage1_tasks(stage1.datamodule)
     if args.stop_after == "stage1":
         return 0

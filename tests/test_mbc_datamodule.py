@@ -169,6 +169,21 @@ def test_one_command_runs_the_three_stages(
     from tclora.clustering import mbc_clusters, read_adapter_folders
 
     config = _fit_config(tmp_path / "fit", tiny_model_dir, multitask_jsonl, tmp_path / "cache")
+    merge_dir = tmp_path / "merge"
+    config["trainer"]["callbacks"] = [
+        {
+            "class_path": "tclora.callbacks.CPMergeCallback",
+            "init_args": {
+                "cp_ranks": 2,
+                "rules": ["mean_loading"],
+                "baselines": ["uniform"],
+                "references": [],
+                "output_dir": str(merge_dir),
+                "export": False,
+                "progress": False,
+            },
+        }
+    ]
     path = tmp_path / "fit.yaml"
     path.write_text(yaml.safe_dump(config))
     out = tmp_path / "mbc"
@@ -185,6 +200,11 @@ def test_one_command_runs_the_three_stages(
     similarity = json.loads((out / "mbc_similarity.json").read_text())
     assert similarity["tasks"] == tasks and len(similarity["cosine"]) == 4
     assert similarity["groups"] == [groups[t] for t in tasks]
+    # the merge study ran once, at stage 3's end, on the 2 group adapters (not on stage 1's 4)
+    assert json.loads((merge_dir / "results.json").read_text())["adapters"] == [
+        "cluster_0",
+        "cluster_1",
+    ]
     # stage 3 exported one adapter per group where the config says
     assert sorted(p.name for p in (tmp_path / "fit" / "lora").iterdir()) == [
         "README.md",
