@@ -146,3 +146,22 @@ def test_stage_two_from_saved_adapter_folders(tmp_path: Path) -> None:
         read_adapter_folders({**folders, "t9": tmp_path / "absent"})
     with pytest.raises(ValueError, match=r"folders=\{\}: give \{task: stage-1 adapter folder\}"):
         read_adapter_folders({})
+
+
+def test_text_vs_mbc_figure_shows_both_clusterings_and_the_similarity() -> None:
+    from benchmarks.text_vs_mbc import figure
+    from tclora.clustering import cluster_statistics
+
+    tasks = ["a", "a", "b", "b", "c", "c"]
+    text = np.array([0, 0, 0, 1, 1, 1])
+    mbc = np.array([0, 0, 0, 0, 1, 1])
+    stats = {"text": cluster_statistics(text, tasks), "MBC": cluster_statistics(mbc, tasks)}
+    similarity = {"tasks": ["a", "b", "c"], "cosine": np.eye(3).tolist(), "groups": [0, 0, 1]}
+    fig = figure(["a", "b", "c"], stats, similarity)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[0] == f"text: purity {stats['text']['purity']:.2f}, ARI " + (
+        f"{stats['text']['adjusted_rand_index']:.2f}"
+    )
+    assert titles[1].startswith("MBC: purity 0.67")  # {a, b} share a group: 4 of 6 in majority
+    assert titles[2] == "MBC: cosine of the tasks' LoRA parameters"
+    assert [t.get_text() for t in fig.axes[2].get_xticklabels()] == ["a (g0)", "b (g0)", "c (g1)"]
