@@ -14,6 +14,9 @@ Usage::
     python benchmarks/merge_spaces.py --quick      # d = 576, T = 4, r = 8; whole model T = 4
     python benchmarks/merge_spaces.py              # d = 576/3072/4096, T = 4/10, r = 8/16; T = 4/8
     python benchmarks/merge_spaces.py --threads 1  # steadier on a shared machine
+    python benchmarks/merge_spaces.py --points 576x4x8 4096x10x16   # chosen grid points
+    python benchmarks/merge_spaces.py --parts model --adapters runs/demo/adapters/cluster_*
+                                                   # part 2 on real adapters (the demo's merges)
 
 Time it alone: with other jobs on the cores, only the ratios within one run mean anything.
 """
@@ -48,6 +51,10 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     if args.what == "module":
         stack = synthetic_stack({"model.layers.0.mlp.proj": (args.d, args.d)}, args.t, args.r)
+    elif args.adapters:
+        from tclora.merge import AdapterStack
+
+        stack = AdapterStack.from_folders([p for a in args.adapters for p in a.split(os.pathsep)])
     else:
         stack = synthetic_stack(smollm2_shapes(), args.t, args.r)
     warm = synthetic_stack({"m": (8, 8)}, 2, 2)
@@ -71,10 +78,20 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _point(text: str) -> tuple[int, int, int]:
+    """``"4096x10x16"`` → ``(4096, 10, 16)``."""
+    try:
+        d, t, r = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--points {text!r}: expected dxTxr, e.g. 4096x10x16") from None
+    return d, t, r
+
+
 def run(threads: int, **kw: Any) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--threads", str(threads)]
     for key, value in kw.items():
-        cmd += [f"--{key}", str(value)]
+        if value is not None:
+            cmd += [f"--{key}", str(value)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -87,6 +104,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--max-full-d", type=int, default=4096, help="skip full space above this d")
+    parser.add_argument(
+        "--points",
+        nargs="+",
+        default=None,
+        help="part 1 grid points as dxTxr (e.g. 576x4x8 4096x10x16); default the full grid",
+    )
+    parser.add_argument(
+        "--parts", nargs="+", choices=["module", "model"], default=["module", "model"]
+    )
+    parser.add_argument(
+        "--adapters",
+        nargs="+",
+        default=None,
+        help="peft adapter folders for the whole-model part (default: synthetic SmolLM2 stacks)",
+    )
     # worker mode (internal)
     parser.add_argument("--worker", choices=["module", "model"], default=None, dest="what")
     parser.add_argument("--method", default="uniform")
@@ -98,25 +130,28 @@ def main() -> None:
     if args.what is not None:
         print(json.dumps(worker(args)))
         return
+    adapters = os.pathsep.join(args.adapters) if args.adapters else None
 
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
-    grid = (
-        [(576, 4, 8)]
-        if args.quick
-        else [(d, t, r) for d in (576, 3072, 4096) for t in (4, 10) for r in (8, 16)]
-    )
+    if args.points:
+        grid = [_point(p) for p in args.points]
+    elif args.quick:
+        grid = [(576, 4, 8)]
+    else:
+        grid = [(d, t, r) for d in (576, 3072, 4096) for t in (4, 10) for r in (8, 16)]
     header = (
         f"{'d':>5} {'T':>3} {'r':>3} {'method':>15} | {'full s':>8} {'core s':>8} {'speed-up':>9} | "
         f"{'full MB':>8} {'core MB':>8} | {'rank':>4} {'trunc err':>9}"
     )
-    print("\nOne module, d × d")
-    print(header)
-    print("-" * len(header))
-    for d, t, r in grid:
+    if "module" in args.parts:
+        print("\nOne module, d × d")
+        print(header)
+        print("-" * len(header))
+    for d, t, r in grid if "module" in args.parts else []:
         for method in args.methods:
             res = {
                 space: run(args.threads, worker="module", method=method, space=space, d=d, t=t, r=r)
@@ -134,21 +169,37 @@ def main() -> None:
                 f"{full['truncation_error']:>9.1e}"
             )
 
-    print("\nWhole model: SmolLM2-135M, 210 modules (q/k/v/o/gate/up/down × 30 layers)")
+    if "model" not in args.parts:
+        return
+    if adapters:
+        print(f"\nWhole model: {len(args.adapters)} adapters from {args.adapters[0]} ...")
+        sizes = [(len(args.adapters), 0)]
+    else:
+        print("\nWhole model: SmolLM2-135M, 210 modules (q/k/v/o/gate/up/down × 30 layers)")
+        sizes = [(t, 8) for t in ((4,) if args.quick else (4, 8))]
     print(f"{'T':>3} {'r':>3} {'method':>15} | {'full s':>8} {'core s':>8} {'speed-up':>9}")
-    for t in (4,) if args.quick else (4, 8):
+    for t, r in sizes:
+        shown = r or "own"
         for method in [*args.methods, "cp:factored", "cp:core"]:
             if method.startswith("cp:"):
-                res = run(args.threads, worker="model", method=method, t=t, r=8)
-                print(f"{t:>3} {8:>3} {method:>15} | {'':>8} {res['seconds']:>8.3f}")
+                res = run(args.threads, worker="model", method=method, t=t, r=r, adapters=adapters)
+                print(f"{t:>3} {shown:>3} {method:>15} | {'':>8} {res['seconds']:>8.3f}")
                 continue
             spaces = {
-                s: run(args.threads, worker="model", method=method, space=s, t=t, r=8)
+                s: run(
+                    args.threads,
+                    worker="model",
+                    method=method,
+                    space=s,
+                    t=t,
+                    r=r,
+                    adapters=adapters,
+                )
                 for s in SPACES
             }
             full, core = spaces["full"], spaces["core"]
             print(
-                f"{t:>3} {8:>3} {method:>15} | {full['seconds']:>8.2f} {core['seconds']:>8.3f} "
+                f"{t:>3} {shown:>3} {method:>15} | {full['seconds']:>8.2f} {core['seconds']:>8.3f} "
                 f"{full['seconds'] / max(core['seconds'], 1e-6):>8.0f}×"
             )
 
