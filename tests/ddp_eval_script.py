@@ -63,6 +63,12 @@ def _worker(rank: int, port: int, tokenizer_dir: str, mc: str, em: str, out_dir:
             "routed": ev.evaluate(peft_model, tokenizer, mc_set, adapter_per_example=routes, **kw),
             "scored": scored,
         }
+        items: dict[str, dict[str, list[int]]] = {"em": {}, "routed": {}}
+        ev.evaluate(model, tokenizer, em_set, chat_template=False, items=items["em"], **kw)
+        ev.evaluate(
+            peft_model, tokenizer, mc_set, adapter_per_example=routes, items=items["routed"], **kw
+        )
+        result["items"] = items
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()

@@ -123,6 +123,11 @@ def test_arrow_row_equals_peft_arrow_model(
     # same scorer, same items, same numbers
     assert row.scores == evaluate_sets(direct, tokenizer, sets, cfg)
     assert row.scores["colours"]["n"] == 6 and row.scores["echo"]["n"] == 1
+    # per-item headline correctness, for paired comparisons between rows
+    for name in ("colours", "echo"):
+        assert len(row.items[name]) == row.scores[name]["n"] and set(row.items[name]) <= {"0", "1"}
+        assert row.items[name].count("1") == round(row.primary(name) * row.scores[name]["n"])
+    assert result.row("uniform").items.keys() == row.items.keys()
     assert 0.0 <= row.scores["colours"]["acc"] <= 1.0
     assert row.selection is not None and math.isfinite(row.selection)
     assert row.selection == pytest.approx(lm_loss(direct, loaders[0], None), rel=1e-6)

@@ -611,6 +611,14 @@ def test_ddp_evaluation_equals_single_process(
         "routed": evaluate(peft_model, tokenizer, mc_set, adapter_per_example=routes, **kw),
     }
     assert single["em"] == {"exact_match": 2 / 5, "n": 5}
+    items: dict[str, dict[str, list[int]]] = {"em": {}, "routed": {}}
+    evaluate(model, tokenizer, em_set, chat_template=False, items=items["em"], **kw)
+    routed = evaluate(
+        peft_model, tokenizer, mc_set, adapter_per_example=routes, items=items["routed"], **kw
+    )
+    assert items["em"] == {"exact_match": [1, 0, 0, 1, 0]}  # per example, in set order
+    assert sorted(items["routed"]) == ["acc", "acc_norm"]
+    assert sum(items["routed"]["acc"]) == round(routed["acc"] * len(mc_set))
 
     out = tmp_path / "out"
     out.mkdir()
@@ -627,6 +635,7 @@ def test_ddp_evaluation_equals_single_process(
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     for rank in ranks:
         assert {k: rank[k] for k in single} == single  # exactly equal, on every rank
+        assert rank["items"] == items  # every example's correctness, gathered over the ranks
     # rank 0 scored examples 0,2,4,6 and rank 1 examples 1,3,5 (mc; em: 3 and 2; routed groups)
     assert ranks[0]["scored"][:2] == [4, 3] and ranks[1]["scored"][:2] == [3, 2]
     assert sum(ranks[0]["scored"][2:]) == 4 and sum(ranks[1]["scored"][2:]) == 3

@@ -114,9 +114,10 @@ def evaluate_single_lora(sweep: Sweep, variant: str, seed: int) -> None:
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path), adapters[0])
     torch.manual_seed(seed)
     start = time.perf_counter()
-    scores = evaluate_sets(model, tokenizer, eval_sets, cfg)  # the study's own scoring
+    items: dict[str, str] = {}
+    scores = evaluate_sets(model, tokenizer, eval_sets, cfg, items=items)  # the study's scoring
     seconds = time.perf_counter() - start
-    row = MethodResult(name="single_lora", kind="reference", scores=scores)
+    row = MethodResult(name="single_lora", kind="reference", scores=scores, items=items)
     result = StudyResult([row], list(scores), cp_fit_error={}, loadings={}, kept=None)
     summary: dict[str, Any] = {
         **study_summary(result, adapters=[adapters[0].name], fingerprint=None),

@@ -191,6 +191,7 @@ def evaluate(
     progress: bool = True,
     adapter_per_example: Sequence[str] | None = None,
     distributed: bool = True,
+    items: dict[str, list[int]] | None = None,
 ) -> dict[str, float]:
     """Score a model on an evaluation set.
 
@@ -212,6 +213,9 @@ def evaluate(
             scores examples ``i::world_size`` and the counts are summed over ranks, so every rank
             returns the global numbers (equal to a single-process run). Every rank must call
             this. ``False`` scores all examples locally without communication.
+        items: If given, filled with ``{metric: [0/1 for each example, in set order]}`` -- every
+            example, also under DDP (gathered over ranks; every rank must pass ``items`` then):
+            what paired statistics between two models need.
 
     Returns:
         ``{"acc", "acc_norm", "n"}`` for multiple choice, ``{"exact_match", "n"}`` for exact
@@ -237,6 +241,7 @@ def evaluate(
     names = ("acc", "acc_norm") if eval_set.kind == "multiple_choice" else ("exact_match",)
     counter = AccuracyCounter(names, sync_on_compute=world > 1).to(_model_device(model))
 
+    full = torch.zeros((n, len(names)), dtype=torch.long) if items is not None else None
     groups: dict[str | None, list[int]] = {}
     for i in local:
         key = None if adapter_per_example is None else adapter_per_example[i]
@@ -263,11 +268,20 @@ def evaluate(
                     progress=show,
                 )
                 counter.update(correct)
+                if full is not None:
+                    full[idx] = correct.cpu()
     finally:
         model.train(was_training)
     if not local:  # an idle rank still joins the reduction, with zero counts
         counter.update(torch.zeros((0, len(names)), dtype=torch.long))
     values = counter.compute()
+    if full is not None and items is not None:
+        if world > 1:  # every example was scored on exactly one rank: a sum gathers them
+            gathered = full.to(_model_device(model))
+            torch.distributed.all_reduce(gathered)
+            full = gathered.cpu()
+        items.clear()
+        items.update({name: full[:, j].tolist() for j, name in enumerate(names)})
     result: dict[str, float] = {name: float(values[name]) for name in names}
     result["n"] = int(values["n"])
     return result

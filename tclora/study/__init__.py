@@ -3,7 +3,8 @@ on validation data, evaluate merges and references, write, log and export the re
 
 Layers, each using only those above it: :mod:`~tclora.study.config` (options),
 :mod:`~tclora.study.results` (rows, tables, figure), :mod:`~tclora.study.run` (the core loop),
-:mod:`~tclora.study.progress` (fingerprint, resumable progress), :mod:`~tclora.study.study`
+:mod:`~tclora.study.progress` (fingerprint, resumable progress), :mod:`~tclora.study.paired`
+(paired bootstrap intervals between two rows' per-item results), :mod:`~tclora.study.study`
 (:class:`MergeStudy`: the whole job, files included), :mod:`~tclora.study.logging` (Lightning
 loggers) and :mod:`~tclora.study.cli` (``tclora merge``). No trainer anywhere.
 """
@@ -17,6 +18,7 @@ from tclora.study.config import (
     StudyConfig,
 )
 from tclora.study.logging import log_study, study_metrics
+from tclora.study.paired import paired_bootstrap, parse_items
 from tclora.study.results import (
     MethodResult,
     StudyResult,
@@ -56,6 +58,8 @@ __all__ = [
     "lm_loss",
     "log_study",
     "lora_adapter_names",
+    "paired_bootstrap",
+    "parse_items",
     "results_table",
     "route",
     "row_from_dict",

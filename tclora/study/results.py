@@ -50,7 +50,12 @@ _BASELINE_NAMES = {
 
 @dataclass
 class MethodResult:
-    """One row of the results table."""
+    """One row of the results table.
+
+    ``scores`` holds each set's metrics; ``items`` each tclora-scored set's headline metric per
+    example (``"0110..."`` in set order), so two rows can be compared item by item (paired
+    bootstrap); the other fields describe the merge and its chosen scale.
+    """
 
     name: str
     kind: Literal["merge", "reference"]
@@ -58,6 +63,7 @@ class MethodResult:
     selection: float | None = None
     scale_curve: dict[str, float] = field(default_factory=dict)
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    items: dict[str, str] = field(default_factory=dict)
     merge_seconds: float | None = None
     norm: float | None = None
     cosine_to_sum: float | None = None

@@ -156,6 +156,7 @@ def evaluate_sets(
     cfg: StudyConfig,
     adapter_per_example: Mapping[str, Sequence[str]] | None = None,
     conventions: Conventions = "tclora",
+    items: dict[str, str] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Score ``model`` on every evaluation set with the study's settings.
 
@@ -171,6 +172,9 @@ def evaluate_sets(
         adapter_per_example: Per set, the adapter of each example (routing), or ``None``.
         conventions: lm-eval's tokenisation conventions (see
             :data:`tclora.evaluation.harness.Conventions`).
+        items: If given, filled with ``{set name: "0110..."}``: the headline metric (``acc`` or
+            ``exact_match``) of every example in set order, for paired comparisons between
+            methods (tclora-scored sets only; lm-eval tasks are left out).
 
     Returns:
         ``{set name: {"acc", "acc_norm", "n"} or {"exact_match", "n"}}`` (lm-eval tasks: the
@@ -191,14 +195,19 @@ def evaluate_sets(
                 model, tokenizer, es, conventions=conventions, **common
             )
         else:
+            per_item: dict[str, list[int]] | None = {} if items is not None else None
             scores[es.name] = evaluate(
                 model,
                 tokenizer,
                 es,
                 max_new_tokens=cfg.max_new_tokens,
                 progress=cfg.progress,
+                items=per_item,
                 **common,
             )
+            if items is not None and per_item is not None:
+                headline = "acc" if "acc" in per_item else "exact_match"
+                items[es.name] = "".join(str(int(v)) for v in per_item[headline])
     return scores
 
 
@@ -320,6 +329,13 @@ def run_study(
         if on_row is not None:
             on_row(row)
 
+    def score(
+        scored: Any, routes: Mapping[str, Sequence[str]] | None = None
+    ) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+        """Every set's scores and per-item headline correctness (see :func:`evaluate_sets`)."""
+        items: dict[str, str] = {}
+        return evaluate_sets(scored, tokenizer, eval_sets, cfg, routes, items=items), items
+
     def plan() -> list[str]:
         planned = ["base"] if "base" in cfg.references else []
         if "single" in cfg.references:
@@ -333,14 +349,17 @@ def run_study(
     try:
         if "base" in cfg.references and "base" not in finished:
             with model.disable_adapter():
-                scores = evaluate_sets(model, tokenizer, eval_sets, cfg)
+                scores, items = score(model)
                 selection = _validation_metric(model, val_loaders, cfg) if val_loaders else None
-            finish(MethodResult("base", "reference", selection=selection, scores=scores))
+            finish(
+                MethodResult("base", "reference", selection=selection, scores=scores, items=items)
+            )
         if "single" in cfg.references:
             for adapter in stack.names:
                 if f"single:{adapter}" in finished:
                     continue
                 model.set_adapter(adapter)
+                scores, items = score(model)
                 finish(
                     MethodResult(
                         f"single:{adapter}",
@@ -348,12 +367,14 @@ def run_study(
                         selection=_validation_metric(model, val_loaders, cfg)
                         if val_loaders
                         else None,
-                        scores=evaluate_sets(model, tokenizer, eval_sets, cfg),
+                        scores=scores,
+                        items=items,
                     )
                 )
         if "routing" in cfg.references and router is not None and "routing" not in finished:
             routes = route(router, eval_sets)
             clusters = list(router.cluster_names)
+            scores, items = score(model, routes)
             finish(
                 MethodResult(
                     "routing",
@@ -362,7 +383,8 @@ def run_study(
                     selection=_validation_metric(model, val_loaders, cfg, clusters)
                     if val_loaders and len(val_loaders) == len(clusters)
                     else None,
-                    scores=evaluate_sets(model, tokenizer, eval_sets, cfg, routes),
+                    scores=scores,
+                    items=items,
                 )
             )
         if "arrow" in cfg.references and "arrow" not in finished:
@@ -373,12 +395,14 @@ def run_study(
                 router_temperature=cfg.arrow_temperature,
                 rng_seed=cfg.seed,
             )
+            scores, items = score(arrow)
             finish(
                 MethodResult(
                     "arrow",
                     "reference",
                     selection=_validation_metric(arrow, val_loaders, cfg) if val_loaders else None,
-                    scores=evaluate_sets(arrow, tokenizer, eval_sets, cfg),
+                    scores=scores,
+                    items=items,
                 )
             )
             del arrow
@@ -402,6 +426,7 @@ def run_study(
             install_adapter(model, MERGED_ADAPTER, final)
             model.set_adapter(MERGED_ADAPTER)
             report = merge_report(stack, final)
+            scores, items = score(model)
             finish(
                 MethodResult(
                     name,
@@ -409,7 +434,8 @@ def run_study(
                     scale=chosen,
                     selection=curve.get(chosen),
                     scale_curve={str(s): v for s, v in curve.items()},
-                    scores=evaluate_sets(model, tokenizer, eval_sets, cfg),
+                    scores=scores,
+                    items=items,
                     merge_seconds=seconds[name],
                     norm=report.get("norm"),
                     cosine_to_sum=report.get("cosine_to_sum"),
