@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from benchmarks.repro.aggregate import collect, summarise
+from benchmarks.repro.aggregate import collect, paired_differences, summarise, timings
 from benchmarks.repro.data import majority_floor, prepare_data
 from benchmarks.repro.report import markdown
 from benchmarks.repro.runs import run_overrides
@@ -286,35 +287,107 @@ def test_method_order_is_the_study_config_of_the_sweep() -> None:
     ]
 
 
-def test_collect_reads_study_rows_through_the_library(tmp_path: Path) -> None:
+def test_records_carry_the_runs_and_collect_reads_only_them(tmp_path: Path) -> None:
+    from benchmarks.repro.records import read_records, record_path, write_record
     from tclora.study import MethodResult, row_to_dict
 
-    sweep = Sweep(work_dir=tmp_path, seeds=(0,), variants=("kmeans4", "single"))
+    sweep = Sweep(
+        work_dir=tmp_path / "work",
+        results_dir=tmp_path / "results",
+        seeds=(0,),
+        variants=("kmeans4", "single"),
+    )
     manifest = {"tasks": {"a": {}, "u": {}}}
     rows = [
-        MethodResult("base", "reference", scores={"a": {"acc": 0.5, "acc_norm": 0.9}}),
+        MethodResult(
+            "base", "reference", scores={"a": {"acc": 0.5, "acc_norm": 0.9}}, items={"a": "10"}
+        ),
         MethodResult(
             "cp4_sum_components",
             "merge",
             scale=2.0,
             merge_seconds=1.5,
             scores={"a": {"acc": 0.75}, "u": {"exact_match": 0.25}, "other": {"acc": 1.0}},
+            items={"a": "1110", "u": "1000", "other": "1"},
         ),
     ]
     results = {"rows": [row_to_dict(r) for r in rows], "cp_fit_error": {"cp4": {"mean": 0.3}}}
     merge = run_dir(sweep, "kmeans4", 0) / "merge"
     merge.mkdir(parents=True)
     (merge / "results.json").write_text(json.dumps(results))
-    # The one-LoRA run's file as written before rows were row_to_dict data: name, kind, scores.
+    (merge.parent / "timing.json").write_text(json.dumps({"seconds": 12.0}))
     single = run_dir(sweep, "single", 0) / "merge"
     single.mkdir(parents=True)
     old_row = {"name": "single_lora", "kind": "reference", "scores": {"u": {"acc": 0.4}}}
-    (single / "results.json").write_text(json.dumps({"rows": [old_row], "cp_fit_error": {}}))
+    (single / "results.json").write_text(
+        json.dumps({"rows": [old_row], "cp_fit_error": {}, "eval_pass_seconds": 7.0})
+    )
+    assert collect(sweep, manifest) == []  # run folders alone are not results
+    for variant in ("kmeans4", "single"):
+        write_record(sweep, variant, 0)
+    shutil.rmtree(tmp_path / "work")  # aggregation needs the records only
+    assert record_path(sweep, "kmeans4", 0) == tmp_path / "results/runs/kmeans4-seed0.json"
     base, cp, lora = collect(sweep, manifest)
     assert (base["method"], base["acc"], base["scale"]) == ("base", {"a": 0.5}, None)
     assert cp["acc"] == {"a": 0.75, "u": 0.25}  # accuracy, else exact match; unknown sets dropped
+    assert cp["items"] == {"a": "1110", "u": "1000"}
     assert (cp["scale"], cp["merge_seconds"], cp["cp_fit_error"]) == (2.0, 1.5, 0.3)
+    assert cp["run_seconds"] == 12.0
     assert (lora["method"], lora["acc"], lora["run_seconds"]) == ("single_lora", {"u": 0.4}, None)
+    assert timings(sweep) == {
+        "kmeans4/seed0": {"seconds": 12.0},
+        "single/seed0": {"eval_pass_seconds": 7.0},
+    }
+    # a record of other settings is never mixed in
+    other = Sweep(**{**sweep.__dict__, "test_items": 20})
+    with pytest.raises(
+        SystemExit, match=r"kmeans4-seed0\.json was made with other sweep settings "
+    ):
+        read_records(other)
+
+
+def test_paired_differences_against_uniform_and_the_best_non_cp_merge() -> None:
+    manifest = {
+        "tasks": {"a": {"group": "in_domain"}, "u": {"group": "out_of_domain"}},
+    }
+    n = 100
+
+    def rec(method: str, seed: int, right_a: int, right_u: int) -> dict[str, Any]:
+        kind = "reference" if method == "routing" else "merge"
+        items = {"a": "1" * right_a + "0" * (n - right_a), "u": "1" * right_u + "0" * (n - right_u)}
+        return {"variant": "kmeans4", "seed": seed, "method": method, "kind": kind, "items": items}
+
+    records = [
+        r
+        for seed in (0, 1)
+        for r in (
+            rec("uniform", seed, 50, 40),
+            rec("ties", seed, 60, 40),
+            rec("cp4_mean_loading", seed, 70, 30),
+            rec("routing", seed, 65, 45),
+        )
+    ]
+    out = paired_differences(records, manifest, n_boot=500)
+    got = {(p["method"], p["versus"], p["split"]): p for p in out}
+    cp = got[("cp4_mean_loading", "ties", "in_domain")]
+    assert cp["versus_is_best_non_cp"] and cp["diff"] == pytest.approx(0.10)
+    assert 0 < cp["low"] < 0.10 < cp["high"]  # right on 10 more items of 100, paired
+    assert got[("cp4_mean_loading", "uniform", "unseen")]["diff"] == pytest.approx(-0.10)
+    assert got[("cp4_mean_loading", "uniform", "in_domain")]["high"] > 0.2
+    assert ("ties", "ties", "in_domain") not in got and ("uniform", "ties", "in_domain") in got
+    assert got[("routing", "uniform", "in_domain")]["seeds"] == 2
+    assert got[("routing", "uniform", "in_domain")]["items"] == n
+    text = markdown(
+        {
+            "rows": [],
+            "floors": {"majority_in_domain": 0.5, "chance_out_of_domain": 0.5},
+            "tasks": {},
+            "adapter_checks": [],
+            "paired": out,
+        },
+        "cmd",
+    )
+    assert "| kmeans4 | cp4_mean_loading | ties (best non-CP) | in_domain | +10.0 |" in text
 
 
 def test_figure_draws_every_method_and_the_floors(tmp_path: Path) -> None:

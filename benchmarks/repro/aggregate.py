@@ -1,21 +1,29 @@
 """From finished runs to the sweep's numbers: one record per (clustering, seed, method) read from
-each run's ``merge/results.json``, their mean +- std over seeds with standard errors and
+each run's record (``benchmarks/results/runs/<variant>-seed<s>.json``), their mean +- std over seeds with standard errors and
 normalised accuracy, the per-task adapter checks, parameter counts and timings.
 """
 
 from __future__ import annotations
 
 import collections
-import json
 import math
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.repro.sweep import Sweep, run_dir, study_config
+from benchmarks.repro.sweep import Sweep, study_config
+from tclora.study.paired import parse_items as parse
 
-__all__ = ["adapter_checks", "adapter_storage", "collect", "summarise", "timings", "train_rate"]
+__all__ = [
+    "adapter_checks",
+    "adapter_storage",
+    "collect",
+    "paired_differences",
+    "summarise",
+    "timings",
+    "train_rate",
+]
 
 REFERENCE_ORDER = ("base", "single_adapters", "single_lora", "routing")
 VARIANT_ORDER = ("base", "single", "per_task", "kmeans4", "kmeans8", "mbc2", "mbc4")
@@ -37,12 +45,6 @@ def _binomial_se(accs: Mapping[str, float], manifest: Mapping[str, Any]) -> floa
         return math.nan
     var = sum(p * (1 - p) / manifest["tasks"][t]["n_test"] for t, p in accs.items())
     return math.sqrt(var) / len(accs)
-
-
-def _results(folder: Path) -> dict[str, Any] | None:
-    """A run's ``merge/results.json`` (``None`` while the run is unfinished)."""
-    path = folder / "merge" / "results.json"
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def adapter_storage(adapter_dir: Path, cp_rank: int) -> dict[str, int]:
@@ -83,59 +85,49 @@ def train_rate(folder: Path) -> dict[str, float]:
 
 
 def timings(sweep: Sweep) -> dict[str, Any]:
-    """Wall time per run, training throughput and the seconds of one full evaluation pass."""
-    out: dict[str, Any] = {}
-    for variant in sweep.variants:
-        for seed in sweep.seeds:
-            folder = run_dir(sweep, variant, seed)
-            timing = folder / "timing.json"
-            if not timing.is_file():
-                continue
-            entry = {**json.loads(timing.read_text()), **train_rate(folder)}
-            result = _results(folder)
-            if result is not None and "eval_pass_seconds" in result:
-                entry["eval_pass_seconds"] = result["eval_pass_seconds"]
-            out[f"{variant}/seed{seed}"] = entry
-    return out
+    """Wall time per run, training throughput and the seconds of one full evaluation pass, from
+    the runs' records."""
+    from benchmarks.repro.records import read_records
+
+    return {
+        f"{variant}/seed{seed}": record["timing"]
+        for (variant, seed), record in read_records(sweep).items()
+        if record["timing"]
+    }
 
 
 def collect(sweep: Sweep, manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """One record per (variant, seed, method) with its per-task headline scores.
+    """One record per (variant, seed, method) with its per-task headline scores and per-item
+    correctness, from the runs' records (:mod:`benchmarks.repro.records`) alone.
 
     Rows are read back with :func:`tclora.study.row_from_dict` and scored with
     :meth:`tclora.study.MethodResult.primary` (accuracy, else exact match), as the study does.
     """
+    from benchmarks.repro.records import read_records
     from tclora.study import row_from_dict
 
     records = []
-    for variant in sweep.variants:
-        for seed in sweep.seeds:
-            folder = run_dir(sweep, variant, seed)
-            result = _results(folder)
-            if result is None:
-                continue
-            timing = folder / "timing.json"
-            seconds = json.loads(timing.read_text())["seconds"] if timing.is_file() else None
-            for row in map(row_from_dict, result["rows"]):
-                rank = row.name[2:].split("_")[0] if row.name.startswith("cp") else None
-                fit = result["cp_fit_error"].get(f"cp{rank}", {}) if rank else {}
-                storage = None
-                if rank and (folder / "adapters").is_dir():
-                    storage = adapter_storage(folder / "adapters", int(rank))
-                records.append(
-                    {
-                        "variant": variant,
-                        "seed": seed,
-                        "method": "single_lora" if variant == "single" else row.name,
-                        "kind": row.kind,
-                        "scale": row.scale,
-                        "merge_seconds": row.merge_seconds,
-                        "cp_fit_error": fit.get("mean"),
-                        "storage": storage,
-                        "run_seconds": seconds,
-                        "acc": {t: row.primary(t) for t in row.scores if t in manifest["tasks"]},
-                    }
-                )
+    for (variant, seed), record in read_records(sweep).items():
+        result = record["results"]
+        seconds = record["timing"].get("seconds")
+        for row in map(row_from_dict, result["rows"]):
+            rank = row.name[2:].split("_")[0] if row.name.startswith("cp") else None
+            fit = result["cp_fit_error"].get(f"cp{rank}", {}) if rank else {}
+            records.append(
+                {
+                    "variant": variant,
+                    "seed": seed,
+                    "method": "single_lora" if variant == "single" else row.name,
+                    "kind": row.kind,
+                    "scale": row.scale,
+                    "merge_seconds": row.merge_seconds,
+                    "cp_fit_error": fit.get("mean"),
+                    "storage": record["storage"].get(f"cp{rank}") if rank else None,
+                    "run_seconds": seconds,
+                    "acc": {t: row.primary(t) for t in row.scores if t in manifest["tasks"]},
+                    "items": {t: v for t, v in row.items.items() if t in manifest["tasks"]},
+                }
+            )
     return records
 
 
@@ -244,7 +236,91 @@ def summarise(
         "base": None if base is None else base["acc"],
     }
     checks = adapter_checks(best_single, manifest)
-    return {"rows": rows, "floors": floors, "adapter_checks": checks, "tasks": dict(tasks)}
+    return {
+        "rows": rows,
+        "floors": floors,
+        "adapter_checks": checks,
+        "tasks": dict(tasks),
+        "paired": paired_differences(records, manifest),
+    }
+
+
+def paired_differences(
+    records: list[dict[str, Any]], manifest: Mapping[str, Any], n_boot: int = 2000
+) -> list[dict[str, Any]]:
+    """Each method's difference to ``uniform`` and to the best non-CP merge of its clustering,
+    in-domain and unseen, with paired bootstrap 95% intervals (:func:`tclora.study.paired_bootstrap`:
+    over items with the seeds kept, and over seeds and items).
+
+    The best non-CP merge is the non-CP merge with the highest mean in-domain accuracy over seeds
+    of that clustering -- chosen with hindsight on the test items, so a CP merge that beats it
+    beats the strongest competitor the data could pick. Only seeds where both methods have
+    per-item results count.
+
+    Returns:
+        One dict per (variant, method, versus, split): ``diff``, ``low``/``high`` (items),
+        ``low_seeds``/``high_seeds`` (seeds and items), ``seeds``, ``items``.
+    """
+    from tclora.study import paired_bootstrap
+
+    tasks = manifest["tasks"]
+    splits = {
+        "in_domain": [t for t, v in tasks.items() if v.get("group") == "in_domain"],
+        "unseen": [t for t, v in tasks.items() if v.get("group") == "out_of_domain"],
+    }
+    items: dict[tuple[str, str], dict[int, dict[str, str]]] = collections.defaultdict(dict)
+    kinds: dict[tuple[str, str], str] = {}
+    for rec in records:
+        if rec.get("items") and rec["method"] != "base" and not rec["method"].startswith("single"):
+            items[(rec["variant"], rec["method"])][rec["seed"]] = rec["items"]
+            kinds[(rec["variant"], rec["method"])] = rec["kind"]
+    out: list[dict[str, Any]] = []
+    for variant in sorted({v for v, _ in items}):
+        methods = [m for v, m in items if v == variant]
+
+        def mean_in_domain(method: str, variant: str = variant) -> float:
+            per_seed = items[(variant, method)].values()
+            return _mean(
+                [
+                    _mean([float(parse(x[t]).mean()) for t in splits["in_domain"] if t in x])
+                    for x in per_seed
+                ]
+            )
+
+        non_cp = [m for m in methods if kinds[(variant, m)] == "merge" and not m.startswith("cp")]
+        best = max(non_cp, key=mean_in_domain) if non_cp else None
+        for method in methods:
+            for versus in dict.fromkeys(v for v in ("uniform", best) if v and v != method):
+                if (variant, versus) not in items:
+                    continue
+                a, b = items[(variant, method)], items[(variant, versus)]
+                seeds = sorted(set(a) & set(b))
+                for split, names in splits.items():
+                    common = [t for t in names if all(t in a[s] and t in b[s] for s in seeds)]
+                    if not seeds or not common:
+                        continue
+                    res = paired_bootstrap(
+                        [{t: a[s][t] for t in common} for s in seeds],
+                        [{t: b[s][t] for t in common} for s in seeds],
+                        n_boot=n_boot,
+                    )
+                    out.append(
+                        {
+                            "variant": variant,
+                            "method": method,
+                            "versus": versus,
+                            "versus_is_best_non_cp": versus == best,
+                            "split": split,
+                            "diff": res["items"]["diff"],
+                            "low": res["items"]["low"],
+                            "high": res["items"]["high"],
+                            "low_seeds": res["seeds_items"]["low"],
+                            "high_seeds": res["seeds_items"]["high"],
+                            "seeds": len(seeds),
+                            "items": int(res["items"]["n_items"]),
+                        }
+                    )
+    return out
 
 
 def adapter_checks(

@@ -57,6 +57,27 @@ def markdown(summary: Mapping[str, Any], command: str) -> str:
             f"| {_num(r['cp_fit_error'], '.3f')} | {_num(r['merge_seconds'], '.2f')} "
             f"| {_num(r['lora_params'], ',')} | {_num(r['cp_params'], ',')} |"
         )
+    paired = summary.get("paired") or []
+    if paired:
+        lines += [
+            "",
+            "Paired differences in accuracy points (method − versus, same items), with 95% "
+            "paired bootstrap intervals: over test items with the seeds kept, and over seeds "
+            "and items. `best non-CP` is the non-CP merge with the highest in-domain mean of that "
+            "clustering (picked with hindsight on the test items).",
+            "",
+            "| clustering | method | versus | split | diff | 95% (items) | 95% (seeds+items) "
+            "| seeds | items |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for p in paired:
+            versus = p["versus"] + (" (best non-CP)" if p["versus_is_best_non_cp"] else "")
+            lines.append(
+                f"| {p['variant']} | {p['method']} | {versus} | {p['split']} "
+                f"| {100 * p['diff']:+.1f} | [{100 * p['low']:+.1f}, {100 * p['high']:+.1f}] "
+                f"| [{100 * p['low_seeds']:+.1f}, {100 * p['high_seeds']:+.1f}] "
+                f"| {p['seeds']} | {p['items']} |"
+            )
     lines += [
         "",
         f"Floors: majority answer of the training split, in-domain mean "

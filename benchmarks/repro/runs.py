@@ -1,5 +1,5 @@
 """One run of the sweep: its override config on top of ``configs/repro_small.yaml``, its
-``tclora fit`` invocation (skipped when its results exist), and the evaluation of the one-LoRA
+``tclora fit`` invocation (skipped when its record exists; a finished run writes its record), and the evaluation of the one-LoRA
 run, which has no merge study (one adapter cannot be merged) and is scored here instead.
 """
 
@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml  # type: ignore[import-untyped]
 
+from benchmarks.repro.records import record_path, write_record
 from benchmarks.repro.sweep import (
     BASE_CONFIG,
     ROOT,
@@ -155,10 +156,20 @@ def mbc_stage2(sweep: Sweep, variant: str, seed: int) -> Path:
 def run_one(
     sweep: Sweep, variant: str, seed: int, evaluate_base: bool, threads: int | None = None
 ) -> float:
-    """Fit (and evaluate) one run through the CLI unless its results exist; return seconds."""
+    """Fit (and evaluate) one run through the CLI unless its record exists; return seconds.
+
+    A finished run leaves its record in ``<results_dir>/runs/`` (commit it); a run folder that
+    finished before records existed gets its record written and is skipped.
+    """
     folder = run_dir(sweep, variant, seed)
-    if (folder / "merge" / "results.json").is_file():
-        print(f"[skip] {variant} seed {seed}: {folder / 'merge' / 'results.json'} exists")
+    record = record_path(sweep, variant, seed)
+    if record.is_file():
+        print(f"[skip] {variant} seed {seed}: {record} exists")
+        return 0.0
+    if (folder / "merge" / "results.json").is_file():  # finished here before records existed
+        print(
+            f"[skip] {variant} seed {seed}: finished in {folder}; record -> {write_record(sweep, variant, seed)}"
+        )
         return 0.0
     folder.mkdir(parents=True, exist_ok=True)
     if variant.startswith("mbc"):
@@ -183,5 +194,6 @@ def run_one(
         evaluate_single_lora(sweep, variant, seed)
     seconds = time.perf_counter() - start
     atomic_write_text(folder / "timing.json", json.dumps({"seconds": seconds}))
-    print(f"[done] {variant} seed {seed}: {seconds:.0f} s", flush=True)
+    path = write_record(sweep, variant, seed)
+    print(f"[done] {variant} seed {seed}: {seconds:.0f} s; record {path} (commit it)", flush=True)
     return seconds

@@ -116,14 +116,27 @@ def study_summary(
         fingerprint: The study's fingerprint (:mod:`tclora.study.progress`), or ``None``.
 
     Returns:
-        ``{"fingerprint", "kept", "eval_sets", "rows", "cp_fit_error", "adapters"}``.
+        ``{"fingerprint", "kept", "eval_sets", "rows", "cp_fit_error", "components",
+        "adapters"}``; ``components`` has, per CP rank, how the components' loadings spread over
+        the adapters (``shared_fraction``, ``mean_evenness``, ``adapter_energy``; see
+        :func:`tclora.merge.component_analysis`).
     """
+    components = {
+        label: {
+            "shared_fraction": float(analysis["shared_fraction"]),
+            "mean_evenness": float(analysis["mean_evenness"]),
+            "adapter_energy": [float(x) for x in analysis["adapter_energy"]],
+        }
+        for label, analysis in result.loadings.items()
+        if "shared_fraction" in analysis
+    }
     return {
         "fingerprint": fingerprint,
         "kept": result.kept,
         "eval_sets": list(result.eval_sets),
         "rows": [row_to_dict(r) for r in result.rows],
         "cp_fit_error": result.cp_fit_error,
+        "components": components,
         "adapters": list(adapters),
     }
 
