@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -100,15 +101,57 @@ def test_study_says_each_step_with_seconds_and_warns_at_the_grid_edge(
     chosen = {r.name: r.scale for r in result.rows if r.kind == "merge"}
     at_top = [n for n, s in chosen.items() if s == 2e-6]
     messages = [str(w.message) for w in warned]
+    assert all(r.scale_at_edge for r in result.rows if r.kind == "merge")  # a 2-point grid
     if at_top:
+        named = ", ".join(f"{n} (2e-06)" for n in at_top)
         assert (
-            f"merge study: {len(at_top)} of 2 merges chose the largest scale of the grid "
-            f"[1e-06, 2e-06], 2e-06 ({', '.join(at_top)}): a larger scale may be better; extend "
-            "the scales"
+            f"merge study: {len(at_top)} of 2 merges chose the largest scale they tried, grid "
+            f"[1e-06, 2e-06] ({named}): a larger scale may be better; extend the scales or "
+            "raise scale_extensions"
         ) in messages
     at_bottom = [n for n, s in chosen.items() if s == 1e-6]
     if at_bottom:
-        assert any("chose the smallest scale of the grid" in m for m in messages)
+        assert any("chose the smallest scale they tried" in m for m in messages)
+
+
+@pytest.mark.parametrize(("extensions", "chosen", "tried"), [(3, 8.0, 5), (1, 4.0, 3), (0, 2.0, 2)])
+def test_scale_extensions_carry_the_search_past_the_grid_edge(
+    monkeypatch: pytest.MonkeyPatch, extensions: int, chosen: float, tried: int
+) -> None:
+    """Validation loss (log2 s − 3)², lowest at 8, on the grid [1, 2]: each extension tries the
+    next scale out (×2, the grid's ratio) until the best one is inside what was tried."""
+    import tclora.study.run as run_module
+
+    last: list[float] = []
+    real_install = run_module.install_adapter
+
+    def install(model: Any, name: str, merged: Any) -> None:
+        last.append(merged.scale)
+        real_install(model, name, merged)
+
+    monkeypatch.setattr(run_module, "install_adapter", install)
+    monkeypatch.setattr(
+        run_module, "_validation_metric", lambda *a, **k: (math.log2(last[-1]) - 3) ** 2
+    )
+    model = _peft()
+    stack = AdapterStack.from_peft_model(model, ["a", "b"])
+    cfg = StudyConfig(
+        cp_ranks=[2],
+        rules=[],
+        baselines=["uniform"],
+        scales=[1.0, 2.0],
+        scale_extensions=extensions,
+        references=[],
+        progress=False,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        row = run_study(model, object(), stack, cfg=cfg, val_loaders=_loaders()).row("uniform")
+    assert row.scale == chosen and len(row.scale_curve) == tried
+    assert row.scale_at_edge is (extensions < 3)
+    assert row.norm_ratio == pytest.approx(chosen, rel=1e-4)  # uniform at scale s: s × the mean
+    with pytest.raises(ValueError, match=r"scale_extensions=-1: must be an integer >= 0"):
+        StudyConfig(scale_extensions=-1)
 
 
 def _merge(name: str, scale: float, selection: float, scores: Any, *report: float) -> Any:

@@ -92,7 +92,10 @@ class CPMergeCallback(Callback):
             exact and fast; the Core Space paper's variants of TIES/DARE), ``"knots"`` (KnOTS
             basis) or ``"full"`` (peft's functions on dense deltas, then truncated).
         scales: Grid of merge scales; each method's scale is chosen on validation data (a
-            warning says when a method chose the grid's smallest or largest scale).
+            warning says when a method chose the smallest or largest scale it tried).
+        scale_extensions: How many times a merge whose best scale is the grid's smallest or
+            largest may try one more scale beyond it (the grid's outer ratio further out), so
+            that the chosen scale ends inside the tried range; 0 keeps the grid as given.
         eval_sets: Held-out evaluation sets: ``registry:<task>`` or local JSONL paths.
         eval_max_items: Items per evaluation set (seeded subsample); ``None`` for all.
         selection_metric: ``"val_loss"`` (mean validation loss over clusters) or
@@ -134,6 +137,7 @@ class CPMergeCallback(Callback):
         baselines: Sequence[Baseline] = tuple(_DEFAULTS.baselines),
         merge_space: MergeSpace = _DEFAULTS.merge_space,
         scales: Sequence[float] = tuple(_DEFAULTS.scales),
+        scale_extensions: int = _DEFAULTS.scale_extensions,
         eval_sets: Sequence[str] = tuple(_DEFAULTS.eval_sets),
         eval_max_items: int | None = _DEFAULTS.eval_max_items,
         selection_metric: SelectionMetric = _DEFAULTS.selection_metric,
@@ -164,6 +168,7 @@ class CPMergeCallback(Callback):
             baselines=baselines,
             merge_space=merge_space,
             scales=scales,
+            scale_extensions=scale_extensions,
             eval_sets=eval_sets,
             eval_max_items=eval_max_items,
             selection_metric=selection_metric,

@@ -44,6 +44,7 @@ class StudyConfig:
     )
     merge_space: MergeSpace = "core"
     scales: list[float] = field(default_factory=lambda: [1.0])
+    scale_extensions: int = 0
     eval_sets: list[str] = field(default_factory=list)
     eval_max_items: int | None = 200
     selection_metric: SelectionMetric = "val_loss"
@@ -89,6 +90,12 @@ class StudyConfig:
         if not scales or any(not math.isfinite(float(s)) or float(s) <= 0 for s in scales):
             raise ValueError(f"scales={self.scales!r}: give one or more finite scales > 0")
         self.scales = [float(s) for s in scales]
+        if (
+            isinstance(self.scale_extensions, bool)
+            or not isinstance(self.scale_extensions, int)
+            or self.scale_extensions < 0
+        ):
+            raise ValueError(f"scale_extensions={self.scale_extensions!r}: must be an integer >= 0")
         self.eval_sets = [str(s) for s in self.eval_sets]
         for name in ("eval_max_items", "val_max_batches"):
             value = getattr(self, name)

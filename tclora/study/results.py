@@ -54,7 +54,9 @@ class MethodResult:
 
     ``scores`` holds each set's metrics; ``items`` each tclora-scored set's headline metric per
     example (``"0110..."`` in set order), so two rows can be compared item by item (paired
-    bootstrap); the other fields describe the merge and its chosen scale.
+    bootstrap); the other fields describe the merge and its chosen scale: ``norm_ratio`` is the
+    merge's norm relative to the mean merge's (one unit for every method's scale: uniform at
+    scale 1 is 1.0), ``scale_at_edge`` says the chosen scale is the smallest or largest tried.
     """
 
     name: str
@@ -66,6 +68,8 @@ class MethodResult:
     items: dict[str, str] = field(default_factory=dict)
     merge_seconds: float | None = None
     norm: float | None = None
+    norm_ratio: float | None = None
+    scale_at_edge: bool | None = None
     cosine_to_sum: float | None = None
     space: str | None = None
     rank: int | None = None
@@ -162,6 +166,8 @@ def results_table(result: StudyResult) -> list[dict[str, Any]]:
         entry["scale"] = row.scale
         entry["selection"] = row.selection
         entry["norm"] = row.norm
+        entry["norm_ratio"] = row.norm_ratio
+        entry["scale_at_edge"] = row.scale_at_edge
         entry["cosine_to_sum"] = row.cosine_to_sum
         entry["rank"] = row.rank
         entry["truncation_error"] = row.truncation_error

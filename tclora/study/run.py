@@ -410,7 +410,13 @@ def run_study(
             if name in finished:
                 continue
             curve: dict[float, float] = {}
-            for scale in cfg.scales:
+
+            def measure(
+                scale: float,
+                name: str = name,
+                merged: MergedAdapter = merged,
+                curve: dict[float, float] = curve,
+            ) -> None:
                 install_adapter(model, MERGED_ADAPTER, merged.scaled(scale))
                 model.set_adapter(MERGED_ADAPTER)
                 curve[scale] = (
@@ -421,7 +427,17 @@ def run_study(
                         f"{step(name)} at scale {scale:g}: val loss {curve[scale]:.4f} "
                         f"({time.perf_counter() - clock:.1f} s)"
                     )
+
+            for scale in cfg.scales:
+                measure(scale)
             chosen = select_scale(curve) if val_loaders else cfg.scales[0]
+            for _ in range(cfg.scale_extensions if val_loaders else 0):
+                beyond = _beyond_edge(sorted(curve), chosen, sorted(cfg.scales))
+                if beyond is None:
+                    break
+                measure(beyond)
+                chosen = select_scale(curve)
+            tried = sorted(curve)
             final = merged.scaled(chosen)
             install_adapter(model, MERGED_ADAPTER, final)
             model.set_adapter(MERGED_ADAPTER)
@@ -438,6 +454,8 @@ def run_study(
                     items=items,
                     merge_seconds=seconds[name],
                     norm=report.get("norm"),
+                    norm_ratio=report.get("norm_ratio_to_mean"),
+                    scale_at_edge=len(tried) > 1 and chosen in (tried[0], tried[-1]),
                     cosine_to_sum=report.get("cosine_to_sum"),
                     space=_space_of(name, cfg),
                     rank=final.rank,
@@ -478,22 +496,36 @@ def _say(message: str) -> None:
         _log.info(message)
 
 
+def _beyond_edge(tried: Sequence[float], chosen: float, grid: Sequence[float]) -> float | None:
+    """The next scale past the edge ``chosen`` sits on (the grid's outer ratio, 2 for a one-point
+    grid), or ``None`` when ``chosen`` is interior."""
+    if len(tried) < 2 and len(grid) < 2:
+        return None
+    if chosen == tried[-1]:
+        return tried[-1] * (grid[-1] / grid[-2] if len(grid) > 1 else 2.0)
+    if chosen == tried[0]:
+        return tried[0] / (grid[1] / grid[0] if len(grid) > 1 else 2.0)
+    return None
+
+
 def _warn_grid_edges(rows: Sequence[MethodResult], scales: Sequence[float]) -> None:
-    """Warn when merges chose the smallest or the largest scale of the grid (a better scale may
+    """Warn when merges chose the smallest or the largest scale they tried (a better scale may
     lie beyond it)."""
     if len(scales) < 2 or rank_and_world()[0] != 0:
         return
-    for edge, where, hint in (
-        (max(scales), "largest", "larger"),
-        (min(scales), "smallest", "smaller"),
-    ):
-        at_edge = [r.name for r in rows if r.kind == "merge" and r.scale == edge]
-        if at_edge:
+    at_edge = [r for r in rows if r.kind == "merge" and r.scale_at_edge]
+    for where, hint, pick in (("largest", "larger", max), ("smallest", "smaller", min)):
+        names = [
+            f"{r.name} ({r.scale:g})"
+            for r in at_edge
+            if r.scale == pick(float(s) for s in r.scale_curve)
+        ]
+        if names:
             merges = sum(r.kind == "merge" for r in rows)
             warnings.warn(
-                f"merge study: {len(at_edge)} of {merges} merges chose the {where} scale of the "
-                f"grid {list(scales)}, {edge:g} ({', '.join(at_edge)}): a {hint} scale may be "
-                "better; extend the scales",
+                f"merge study: {len(names)} of {merges} merges chose the {where} scale they "
+                f"tried, grid {list(scales)} ({', '.join(names)}): a {hint} scale may be "
+                "better; extend the scales or raise scale_extensions",
                 UserWarning,
                 stacklevel=3,
             )
