@@ -656,3 +656,36 @@ def test_real_smollm2_prefers_the_right_capital(smollm2_dir: Path, tokenizer: An
     context = render_prompt(tokenizer, example.prompt)
     expected = hand_loglik(model, tokenizer, context, "Paris", chat=True)
     torch.testing.assert_close(torch.tensor(logliks[1]), torch.tensor(expected), rtol=0, atol=1e-3)
+
+
+def test_fold_adapter_scores_alike_and_restores_the_base_weights_bit_exactly(
+    tokenizer: Any, mc_set: EvalSet
+) -> None:
+    _, peft_model = build_models(len(tokenizer))
+    peft_model.set_adapter("c1")
+    before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
+    kw: dict[str, Any] = dict(batch_size=3, progress=False)
+    plain_items: dict[str, list[int]] = {}
+    folded_items: dict[str, list[int]] = {}
+    plain = evaluate(peft_model, tokenizer, mc_set, items=plain_items, **kw)
+    folded = evaluate(peft_model, tokenizer, mc_set, items=folded_items, fold_adapter=True, **kw)
+    assert folded == plain and folded_items == plain_items
+    for name, p in peft_model.named_parameters():
+        torch.testing.assert_close(p, before[name], rtol=0, atol=0)  # bit-exact
+    assert not any(getattr(m, "merged", False) for m in peft_model.modules())
+    # the log-likelihoods themselves differ by float rounding only
+    from tclora.evaluation.distributed import _folded
+
+    with torch.no_grad():
+        ids = torch.tensor([[1, 5, 9, 4, 7]])
+        lora = peft_model(input_ids=ids).logits
+        with _folded(peft_model, True) as did:
+            assert did
+            torch.testing.assert_close(peft_model(input_ids=ids).logits, lora, rtol=1e-5, atol=1e-5)
+        # the base model is scored with adapters disabled: nothing to fold
+        with peft_model.disable_adapter(), _folded(peft_model, True) as did:
+            assert not did
+        peft_model.merge_adapter()
+        with pytest.raises(ValueError, match=r"fold_adapter=True on a model whose adapter is "):
+            evaluate(peft_model, tokenizer, mc_set, fold_adapter=True, **kw)
+        peft_model.unmerge_adapter()

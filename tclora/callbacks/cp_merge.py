@@ -116,6 +116,9 @@ class CPMergeCallback(Callback):
         batch_size: Evaluation batch size.
         max_length: Maximum tokens per evaluation sequence.
         max_new_tokens: Generation length for exact-match sets.
+        fold_adapter: Score each adapter or merge with it added into the base weights (no LoRA
+            work per token; the base weights are restored bit-exactly after each set; a copy of
+            the adapted weights is held meanwhile). Scores differ by float rounding only.
         chat_template: Render evaluation prompts with the tokenizer's chat template.
         cp_iters: Maximum CP-ALS sweeps.
         cp_tol: CP-ALS convergence tolerance.
@@ -151,6 +154,7 @@ class CPMergeCallback(Callback):
         batch_size: int = _DEFAULTS.batch_size,
         max_length: int = _DEFAULTS.max_length,
         max_new_tokens: int = _DEFAULTS.max_new_tokens,
+        fold_adapter: bool = _DEFAULTS.fold_adapter,
         chat_template: bool = _DEFAULTS.chat_template,
         cp_iters: int = _DEFAULTS.cp_iters,
         cp_tol: float = _DEFAULTS.cp_tol,
@@ -180,6 +184,7 @@ class CPMergeCallback(Callback):
             batch_size=batch_size,
             max_length=max_length,
             max_new_tokens=max_new_tokens,
+            fold_adapter=fold_adapter,
             chat_template=chat_template,
             cp_iters=cp_iters,
             cp_tol=cp_tol,

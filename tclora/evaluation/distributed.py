@@ -116,6 +116,37 @@ def _adapter_restored(model: Any, enabled: bool = True) -> Iterator[None]:
                 p.requires_grad_(flags[name])
 
 
+@contextmanager
+def _folded(model: Any, enabled: bool) -> Iterator[bool]:
+    """Add the active LoRA adapter into the base weights for the block, then restore the base
+    weights bit-exactly (from a copy of every touched weight: peft's ``unmerge_adapter`` alone
+    would leave float rounding behind). Yields whether it folded: not for a model without LoRA
+    layers, not for a per-token router (peft's Arrow), nor while adapters are disabled
+    (``disable_adapter()``: the base is being scored).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)] if enabled else []
+    configs = getattr(model, "peft_config", {}) or {}
+    routed = any(getattr(c, "arrow_config", None) is not None for c in configs.values())
+    if not layers or routed or any(getattr(m, "disable_adapters", False) for m in layers):
+        yield False  # nothing to fold, a per-token router (Arrow), or the base being scored
+        return
+    if any(getattr(m, "merged", False) for m in layers):
+        raise ValueError("fold_adapter=True on a model whose adapter is already merged")
+    saved = [
+        (m.get_base_layer().weight, m.get_base_layer().weight.detach().clone()) for m in layers
+    ]
+    model.merge_adapter()
+    try:
+        yield True
+    finally:
+        model.unmerge_adapter()
+        with torch.no_grad():
+            for weight, original in saved:
+                weight.copy_(original)
+
+
 def _validate_adapters(model: Any, adapters: Sequence[str], n_examples: int) -> None:
     if isinstance(adapters, str):
         raise ValueError("adapter_per_example must be a sequence of adapter names, not a string")
@@ -192,6 +223,7 @@ def evaluate(
     adapter_per_example: Sequence[str] | None = None,
     distributed: bool = True,
     items: dict[str, list[int]] | None = None,
+    fold_adapter: bool = False,
 ) -> dict[str, float]:
     """Score a model on an evaluation set.
 
@@ -216,6 +248,11 @@ def evaluate(
         items: If given, filled with ``{metric: [0/1 for each example, in set order]}`` -- every
             example, also under DDP (gathered over ranks; every rank must pass ``items`` then):
             what paired statistics between two models need.
+        fold_adapter: Add the active LoRA adapter into the base weights while scoring (no LoRA
+            work per token), restoring the base weights bit-exactly afterwards (a copy of every
+            adapted weight is held meanwhile). Scores change only by float rounding
+            (``benchmarks/eval_throughput.py`` measures both); ignored with
+            ``adapter_per_example`` and while adapters are disabled.
 
     Returns:
         ``{"acc", "acc_norm", "n"}`` for multiple choice, ``{"exact_match", "n"}`` for exact
@@ -251,7 +288,11 @@ def evaluate(
     show = progress and rank == 0
     try:
         model.eval()
-        with torch.no_grad(), _adapter_restored(model, adapter_per_example is not None):
+        with (
+            torch.no_grad(),
+            _adapter_restored(model, adapter_per_example is not None),
+            _folded(model, fold_adapter and adapter_per_example is None),
+        ):
             for adapter in sorted(groups, key=lambda a: "" if a is None else a):
                 if adapter is not None:
                     model.set_adapter(adapter)

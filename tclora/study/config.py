@@ -56,6 +56,7 @@ class StudyConfig:
     batch_size: int = 8
     max_length: int = 512
     max_new_tokens: int = 16
+    fold_adapter: bool = False
     chat_template: bool = True
     cp_iters: int = 100
     cp_tol: float = 1e-8

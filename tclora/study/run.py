@@ -203,6 +203,7 @@ def evaluate_sets(
                 max_new_tokens=cfg.max_new_tokens,
                 progress=cfg.progress,
                 items=per_item,
+                fold_adapter=cfg.fold_adapter,
                 **common,
             )
             if items is not None and per_item is not None:
