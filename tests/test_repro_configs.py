@@ -311,7 +311,11 @@ def test_records_carry_the_runs_and_collect_reads_only_them(tmp_path: Path) -> N
             items={"a": "1110", "u": "1000", "other": "1"},
         ),
     ]
-    results = {"rows": [row_to_dict(r) for r in rows], "cp_fit_error": {"cp4": {"mean": 0.3}}}
+    results = {
+        "rows": [row_to_dict(r) for r in rows],
+        "cp_fit_error": {"cp4": {"mean": 0.3}},
+        "components": {"cp4": {"shared_fraction": 0.25, "mean_evenness": 0.4}},
+    }
     merge = run_dir(sweep, "kmeans4", 0) / "merge"
     merge.mkdir(parents=True)
     (merge / "results.json").write_text(json.dumps(results))
@@ -332,7 +336,7 @@ def test_records_carry_the_runs_and_collect_reads_only_them(tmp_path: Path) -> N
     assert cp["acc"] == {"a": 0.75, "u": 0.25}  # accuracy, else exact match; unknown sets dropped
     assert cp["items"] == {"a": "1110", "u": "1000"}
     assert (cp["scale"], cp["merge_seconds"], cp["cp_fit_error"]) == (2.0, 1.5, 0.3)
-    assert cp["run_seconds"] == 12.0
+    assert cp["run_seconds"] == 12.0 and cp["shared_fraction"] == 0.25
     assert (lora["method"], lora["acc"], lora["run_seconds"]) == ("single_lora", {"u": 0.4}, None)
     assert timings(sweep) == {
         "kmeans4/seed0": {"seconds": 12.0},

@@ -123,6 +123,11 @@ def collect(sweep: Sweep, manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
                     "merge_seconds": row.merge_seconds,
                     "cp_fit_error": fit.get("mean"),
                     "storage": record["storage"].get(f"cp{rank}") if rank else None,
+                    "shared_fraction": result.get("components", {})
+                    .get(f"cp{rank}", {})
+                    .get("shared_fraction")
+                    if rank
+                    else None,
                     "run_seconds": seconds,
                     "acc": {t: row.primary(t) for t in row.scores if t in manifest["tasks"]},
                     "items": {t: v for t, v in row.items.items() if t in manifest["tasks"]},
@@ -219,6 +224,9 @@ def summarise(
                 ),
                 "merge_seconds": _mean(
                     [r["merge_seconds"] for r in recs if r["merge_seconds"] is not None]
+                ),
+                "shared_fraction": _mean(
+                    [r["shared_fraction"] for r in recs if r.get("shared_fraction") is not None]
                 ),
                 "lora_params": (first["storage"] or {}).get("lora_params"),
                 "cp_params": (first["storage"] or {}).get("cp_params"),

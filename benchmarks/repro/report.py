@@ -41,11 +41,13 @@ def markdown(summary: Mapping[str, Any], command: str) -> str:
         "Accuracy in % (mean ± std over seeds). In-domain: each training task's held-out test "
         "split; normalised: accuracy / the task's best single per-task adapter (same seed); "
         "unseen: tasks never trained or clustered on. ±SE: one standard error of the mean from "
-        "test-item sampling alone.",
+        "test-item sampling alone. CP shared: the fraction of the CP components' energy (λ²) "
+        "whose loadings spread evenly over the adapters (evenness ≥ 0.5; 0 = every component "
+        "belongs to one adapter, a plain top-R truncation).",
         "",
         "| clustering | method | seeds | in-domain | ±SE | normalised | unseen | ±SE | scale "
-        "| CP fit err | merge s | params K adapters | params CP |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| CP fit err | CP shared | merge s | params K adapters | params CP |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["rows"]:
         lines.append(
@@ -54,7 +56,8 @@ def markdown(summary: Mapping[str, Any], command: str) -> str:
             f"| {_pct(r['normalised'], r['normalised_std'])} "
             f"| {_pct(r['out_of_domain'], r['out_of_domain_std'])} "
             f"| {_pct(r['out_of_domain_se'])} | {_num(r['scale'], '.3g')} "
-            f"| {_num(r['cp_fit_error'], '.3f')} | {_num(r['merge_seconds'], '.2f')} "
+            f"| {_num(r['cp_fit_error'], '.3f')} | {_num(r.get('shared_fraction'), '.2f')} "
+            f"| {_num(r['merge_seconds'], '.2f')} "
             f"| {_num(r['lora_params'], ',')} | {_num(r['cp_params'], ',')} |"
         )
     paired = summary.get("paired") or []
