@@ -112,7 +112,9 @@ def test_score_choices_equals_hand_computation(tiny_llama: Any, tokenizer: Any) 
         ((logliks, lengths),) = score_choices(tiny_llama, tokenizer, [example])
     finally:
         hook.remove()
-    assert rows_seen == [2]  # "yes" and "no" are one token each: they share one input row
+    # "yes" and "no" are one token each: they share one input row; "no, never" is the other.
+    # The context common to both rows runs once first (1 row), then the 2 rows' remainders.
+    assert rows_seen == [1, 2]
     context = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Is water wet?"}], tokenize=False, add_generation_prompt=True
     )
@@ -689,3 +691,70 @@ def test_fold_adapter_scores_alike_and_restores_the_base_weights_bit_exactly(
         with pytest.raises(ValueError, match=r"fold_adapter=True on a model whose adapter is "):
             evaluate(peft_model, tokenizer, mc_set, fold_adapter=True, **kw)
         peft_model.unmerge_adapter()
+
+
+def test_shared_prefix_runs_once_and_scores_alike(tiny_llama: Any, tokenizer: Any) -> None:
+    """Registry-style items: one instruction, then the item. The common prefix (chat template +
+    instruction) runs once; the log-likelihoods equal the unshared ones up to float rounding."""
+    import tclora.evaluation.scoring as scoring
+
+    instruction = "Decide whether the word names a food. Answer Yes or No. Word: "
+    words = ["apple", "granite", "bread", "cloud", "rice", "violin", "cheese"]
+    examples = [
+        EvalExample(instruction + w, ("Yes",), ("Yes", "No", "Maybe not"), "food") for w in words
+    ]
+    seen: list[int] = []
+    original = scoring._score_rows
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        prefix = args[5] if len(args) > 5 else kwargs.get("prefix")
+        seen.append(0 if prefix is None else prefix[1])
+        return original(*args, **kwargs)
+
+    scoring._score_rows = recording  # type: ignore[assignment]
+    try:
+        shared = score_choices(tiny_llama, tokenizer, examples, batch_size=3)
+        plain = score_choices(tiny_llama, tokenizer, examples, batch_size=3, share_prefix=False)
+    finally:
+        scoring._score_rows = original  # type: ignore[assignment]
+    n = len(seen) // 2
+    assert min(seen[:n]) > 15 and seen[n:] == [0] * n  # the prefix was shared, then not
+    assert [lengths for _, lengths in shared] == [lengths for _, lengths in plain]
+    torch.testing.assert_close(
+        torch.tensor([x for ll, _ in shared for x in ll]),
+        torch.tensor([x for ll, _ in plain for x in ll]),
+        rtol=0,
+        atol=1e-5,
+    )
+    # two examples: their whole common context is shared, all but what predicts the choices
+    two = score_choices(tiny_llama, tokenizer, [examples[0], examples[0]])
+    torch.testing.assert_close(
+        torch.tensor(two[1][0]), torch.tensor(plain[0][0]), rtol=0, atol=1e-5
+    )
+
+
+def test_generation_from_a_shared_prefix_gives_the_same_answers(tokenizer: Any) -> None:
+    """Prompts laid out as [shared prefix | padding | rest], started from the prefix's cache:
+    greedy answers equal those of plain left-padded batches (prompts of different lengths)."""
+    import tclora.evaluation.scoring as scoring
+
+    instruction = "Rewrite the date in words, then stop. The date is "
+    prompts = [instruction + d for d in ("1990-08-29", "3 May", "2001", "12/12/1912 at noon")]
+    calls: list[int] = []
+    original = scoring._prefix_cache
+
+    def recording(model: Any, prefix: Any, device: Any) -> Any:
+        calls.append(len(prefix))
+        return original(model, prefix, device)
+
+    scoring._prefix_cache = recording  # type: ignore[assignment]
+    try:
+        model, _ = build_models(len(tokenizer))  # untied: varied greedy outputs
+        kw: dict[str, Any] = dict(batch_size=3, max_new_tokens=6, chat_template=False)
+        with torch.no_grad():
+            shared = generate_answers(model, tokenizer, prompts, **kw)
+            plain = generate_answers(model, tokenizer, prompts, share_prefix=False, **kw)
+    finally:
+        scoring._prefix_cache = original  # type: ignore[assignment]
+    assert len(calls) == 1 and calls[0] >= 10  # the prefix ran once, for every batch
+    assert shared == plain and any(shared)

@@ -179,6 +179,7 @@ def _score_group(
     max_new_tokens: int,
     chat_template: bool,
     progress: bool,
+    share_prefix: bool = True,
 ) -> torch.Tensor:
     """0/1 correctness of each example: ``(n, 2)`` for acc/acc_norm, ``(n, 1)`` for exact match."""
     if kind == "multiple_choice":
@@ -190,6 +191,7 @@ def _score_group(
             max_length=max_length,
             chat_template=chat_template,
             progress=progress,
+            share_prefix=share_prefix,
         )
         rows = []
         for ex, (logliks, lengths) in zip(examples, scores, strict=True):
@@ -205,6 +207,7 @@ def _score_group(
         max_new_tokens=max_new_tokens,
         chat_template=chat_template,
         progress=progress,
+        share_prefix=share_prefix,
     )
     hits = [is_exact_match(p, ex.answers) for p, ex in zip(predictions, examples, strict=True)]
     return torch.tensor(hits, dtype=torch.long).reshape(-1, 1)
@@ -224,6 +227,7 @@ def evaluate(
     distributed: bool = True,
     items: dict[str, list[int]] | None = None,
     fold_adapter: bool = False,
+    share_prefix: bool = True,
 ) -> dict[str, float]:
     """Score a model on an evaluation set.
 
@@ -253,6 +257,10 @@ def evaluate(
             adapted weight is held meanwhile). Scores change only by float rounding
             (``benchmarks/eval_throughput.py`` measures both); ignored with
             ``adapter_per_example`` and while adapters are disabled.
+        share_prefix: Run the token prefix common to all inputs (chat template, a task's shared
+            instruction) once and reuse its key/value cache, for choices
+            (:func:`~tclora.evaluation.score_choices`) and generation
+            (:func:`~tclora.evaluation.generate_answers`); equal up to float rounding.
 
     Returns:
         ``{"acc", "acc_norm", "n"}`` for multiple choice, ``{"exact_match", "n"}`` for exact
@@ -307,6 +315,7 @@ def evaluate(
                     max_new_tokens=max_new_tokens,
                     chat_template=chat_template,
                     progress=show,
+                    share_prefix=share_prefix,
                 )
                 counter.update(correct)
                 if full is not None:
