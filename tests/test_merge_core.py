@@ -250,3 +250,19 @@ def test_bad_space_is_refused() -> None:
         merge_baseline(make_stack([2, 2]), "uniform", merge_space="tucker")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"cart_rank must be in \(0, 1\], got cart_rank=0"):
         merge_baseline(make_stack([2, 2]), "cart", cart_rank=0)
+
+
+def test_cart_batched_over_modules_equals_cart_per_module() -> None:
+    from tclora.merge import cart, cart_stacked
+
+    g = torch.Generator().manual_seed(7)
+    mats = torch.randn(5, 4, 6, 6, generator=g, dtype=torch.float64)  # 5 modules, T = 4
+    batched = cart_stacked(mats, 0.3)
+    for i in range(5):
+        assert_close(batched[i], cart(list(mats[i]), 0.3), atol=1e-12, rtol=0)
+    stack = make_stack([4, 8, 4])
+    merged = merge_baseline(stack, "cart", merge_space="core", cart_rank=0.3)
+    for m in MODULES:
+        cs = core_space(stack.scaled_factors(m, torch.float64))
+        b, a = cs.matrix_to_full(cart(cs.cores, 0.3))
+        assert_close(merged.delta(m).double(), b @ a, atol=1e-5, rtol=1e-5)

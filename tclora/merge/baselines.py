@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Literal, get_args
 
 import torch
@@ -44,6 +44,7 @@ __all__ = [
     "Baseline",
     "MergeSpace",
     "cart",
+    "cart_stacked",
     "iso_c",
     "knots_basis",
     "knots_ties",
@@ -114,11 +115,26 @@ def cart(matrices: list[Tensor], rank_fraction: float, coefficient: float = 1.0)
     Returns:
         The merged matrix.
     """
-    stacked = torch.stack(matrices)
-    mean = stacked.mean(0)
-    k = max(1, math.ceil(rank_fraction * min(mean.shape)))
+    return cart_stacked(torch.stack(matrices), rank_fraction, coefficient)
+
+
+def cart_stacked(stacked: Tensor, rank_fraction: float, coefficient: float = 1.0) -> Tensor:
+    """:func:`cart` on stacked task matrices ``… × T × m × n`` (leading dimensions: independent
+    modules of one shape, merged in one batched SVD).
+
+    Args:
+        stacked: the task matrices, tasks in dimension ``-3``.
+        rank_fraction: fraction of ``min(m, n)`` kept of each deviation, in ``(0, 1]``.
+        coefficient: weight of the deviations' low-rank sum.
+
+    Returns:
+        The merged matrices, ``… × m × n``.
+    """
+    mean = stacked.mean(-3, keepdim=True)
+    k = max(1, math.ceil(rank_fraction * min(stacked.shape[-2:])))
     u, s, vh = torch.linalg.svd(stacked - mean, full_matrices=False)  # one batched SVD
-    return mean + coefficient * ((u[..., :k] * s[..., None, :k]) @ vh[..., :k, :]).sum(0)
+    low = (u[..., :k] * s[..., None, :k]) @ vh[..., :k, :]
+    return mean.squeeze(-3) + coefficient * low.sum(-3)
 
 
 def knots_ties(
@@ -243,6 +259,33 @@ def _zero(d_out: int, d_in: int) -> LowRank:
     return torch.zeros(d_out, 1, dtype=torch.float64), torch.zeros(1, d_in, dtype=torch.float64)
 
 
+def _with_batched_cart(
+    items: Iterable[tuple[str, list[tuple[Tensor, Tensor]], CoreSpace]],
+    rank_fraction: float,
+    batch: int = 32,
+) -> Iterator[tuple[str, list[tuple[Tensor, Tensor]], CoreSpace, Tensor | None]]:
+    """CART's merged core for every module, computed ``batch`` modules of one core shape at a
+    time (one batched SVD of all their deviations; per module, ``cart`` would be one each)."""
+    buffer: list[tuple[str, list[tuple[Tensor, Tensor]], CoreSpace]] = []
+
+    def flush() -> Iterator[tuple[str, list[tuple[Tensor, Tensor]], CoreSpace, Tensor | None]]:
+        if min(buffer[0][2].shape) == 0:  # all-zero modules: nothing to merge
+            merged: list[Tensor | None] = [None] * len(buffer)
+        else:
+            cores = torch.stack([torch.stack(cs.cores) for _, _, cs in buffer])
+            merged = list(cart_stacked(cores, rank_fraction))
+        for (module, fac, cs), core in zip(buffer, merged, strict=True):
+            yield module, fac, cs, core
+
+    for item in items:
+        if buffer and (item[2].shape != buffer[0][2].shape or len(buffer) == batch):
+            yield from flush()
+            buffer = []
+        buffer.append(item)
+    if buffer:
+        yield from flush()
+
+
 def _merge_module(
     method: str,
     space: str,
@@ -252,6 +295,7 @@ def _merge_module(
     k: int,
     merge: Callable[[list[Tensor]], Tensor],
     full_deltas: Callable[[], list[Tensor]],
+    merged_core: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, float]:
     """One module's merge in ``space`` as ``(B', A', truncation error)`` (float64, scale 1);
     spectral and core-space merges use ``cs`` (the module's core space), full space merges
@@ -266,7 +310,8 @@ def _merge_module(
         elif method == "iso_c":
             b, a = cs.to_full(*iso_c(cs.factors))
         else:
-            b, a = cs.matrix_to_full(merge(cs.cores))
+            core = merged_core if merged_core is not None else merge(cs.cores)
+            b, a = cs.matrix_to_full(core)
         return _truncate_lowrank(b, a, k)
     if space == "knots":
         us, v_t = knots_basis(fac)
@@ -339,12 +384,14 @@ def merge_baseline(
     errors: list[float] = []
     names = stack.module_names
     index = {m: i for i, m in enumerate(names)}
-    items: Iterable[tuple[str, list[tuple[Tensor, Tensor]], CoreSpace | None]]
-    if inner in _SPECTRAL or space == "core":
-        items = iter_core_spaces(stack, names, torch.float64)  # batched by layout
+    items: Iterable[tuple[str, list[tuple[Tensor, Tensor]], CoreSpace | None, Tensor | None]]
+    if inner == "cart" and space == "core":  # bases and CART's SVDs batched by layout
+        items = _with_batched_cart(iter_core_spaces(stack, names, torch.float64), cart_rank)
+    elif inner in _SPECTRAL or space == "core":
+        items = ((m, f, cs, None) for m, f, cs in iter_core_spaces(stack, names, torch.float64))
     else:
-        items = ((m, stack.scaled_factors(m, torch.float64), None) for m in names)
-    for module, fac, cs in items:
+        items = ((m, stack.scaled_factors(m, torch.float64), None, None) for m in names)
+    for module, fac, cs, merged_core in items:
         i = index[module]
         d_out, d_in = stack.shape(module)
         k = min(rank if rank is not None else stack.total_rank(module), d_out, d_in)
@@ -367,7 +414,9 @@ def merge_baseline(
         def deltas(module_name: str = module) -> list[Tensor]:
             return [stack.delta(module_name, t) for t in range(stack.num_adapters)]
 
-        b, a, err = _merge_module(inner, space, fac, cs, (d_out, d_in), k, merge, deltas)
+        b, a, err = _merge_module(
+            inner, space, fac, cs, (d_out, d_in), k, merge, deltas, merged_core
+        )
         errors.append(err)
         lowrank[module] = ((b * scale).float().contiguous(), a.float().contiguous())
     info = {
