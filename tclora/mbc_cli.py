@@ -2,8 +2,9 @@
 
 1. **Stage 1** -- one short private LoRA per task: ``tclora fit`` with the given config(s),
    ``--data.clustering per_task``, ``--trainer.max_steps <stage1_steps>`` and the adapters
-   exported to ``<output_dir>/stage1/adapters``; the config's ``CPMergeCallback`` is left out
-   (stage 1's adapters are compared, not merged).
+   exported to ``<output_dir>/stage1/adapters``, every adapter from the same initial weights
+   (``--model.shared_init true``: their parameters differ by what training did); the config's
+   ``CPMergeCallback`` is left out (stage 1's adapters are compared, not merged).
 2. **Stage 2** -- the tasks' adapters grouped into ``K`` clusters by the cosine similarity of
    their flattened LoRA parameters (:func:`tclora.clustering.mbc_clusters`), written to
    ``<output_dir>/mbc.json`` (with the similarity matrix in ``<output_dir>/mbc_similarity.json``).
@@ -75,7 +76,12 @@ def _check(args: argparse.Namespace, extra: Sequence[str]) -> None:
         raise SystemExit(f"tclora mbc: error: --num_clusters {args.num_clusters}: must be >= 1")
     if args.stage1_steps < 1:
         raise SystemExit(f"tclora mbc: error: --stage1_steps {args.stage1_steps}: must be >= 1")
-    owned = ("--data.clustering", "--data.mbc_assignments", "--trainer.max_steps")
+    owned = (
+        "--data.clustering",
+        "--data.mbc_assignments",
+        "--trainer.max_steps",
+        "--model.shared_init",
+    )
     clash = [a for a in extra if a.split("=", 1)[0] in owned]
     if clash:
         raise SystemExit(
@@ -138,14 +144,18 @@ def mbc_main(argv: Sequence[str] | None = None) -> int:
             str(out / "stage1"),
             "--model.export_dir",
             str(adapters),
+            # one initialisation for every task's adapter: their differences are the training
+            "--model.shared_init",
+            "true",
         ],
         run=False,
     )
     # stage 1's adapters are only compared, never merged: no merge study at its fit end
-    merging = [c for c in stage1.trainer.callbacks if isinstance(c, CPMergeCallback)]
+    trainer: Any = stage1.trainer
+    merging = [c for c in trainer.callbacks if isinstance(c, CPMergeCallback)]
     if merging:
         info("tclora mbc: stage 1 runs without the config's CPMergeCallback (stage 3 has it)")
-        stage1.trainer.callbacks = [c for c in stage1.trainer.callbacks if c not in merging]
+        trainer.callbacks = [c for c in trainer.callbacks if c not in merging]
     stage1.trainer.fit(stage1.model, datamodule=stage1.datamodule)
     tasks = stage1_tasks(stage1.datamodule)
     if args.stop_after == "stage1":

@@ -225,6 +225,10 @@ class LoRAModule(LightningModule):
         adapter_prefix: Adapter ``k`` is named ``f"{adapter_prefix}{k}"``.
         init_seed: Adapter ``k`` is initialised (and draws its dropout) from seed
             ``init_seed + k``, so it equals a single-adapter model built with that seed.
+        shared_init: Every adapter starts from the same weights (seed ``init_seed``; dropout
+            streams stay per adapter). Parameter-level comparisons need it: MBC's stage 1
+            (``tclora mbc``) compares the adapters' raw LoRA weights, and with a different random
+            ``lora_A`` each the cosine similarities are ~0 whatever the training did.
         export_dir: If set, every adapter is exported there as a peft folder at the end of fit.
     """
 
@@ -248,6 +252,7 @@ class LoRAModule(LightningModule):
         gradient_checkpointing: bool = False,
         adapter_prefix: str = DEFAULT_ADAPTER_PREFIX,
         init_seed: int = 0,
+        shared_init: bool = False,
         export_dir: str | None = None,
     ) -> None:
         super().__init__()
@@ -366,7 +371,7 @@ class LoRAModule(LightningModule):
         peft_model = None
         for i, name in enumerate(names):
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(hp.init_seed + i)
+                torch.manual_seed(hp.init_seed + (0 if hp.get("shared_init", False) else i))
                 if peft_model is None:
                     peft_model = get_peft_model(base, copy.deepcopy(config), adapter_name=name)
                 else:

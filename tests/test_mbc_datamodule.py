@@ -200,6 +200,10 @@ def test_one_command_runs_the_three_stages(
     similarity = json.loads((out / "mbc_similarity.json").read_text())
     assert similarity["tasks"] == tasks and len(similarity["cosine"]) == 4
     assert similarity["groups"] == [groups[t] for t in tasks]
+    # one initialisation for every task's adapter (shared_init): after a step each, their raw
+    # LoRA parameters are still nearly parallel (independent random inits would give ~0)
+    cosine = np.array(similarity["cosine"])
+    assert cosine[~np.eye(4, dtype=bool)].min() > 0.9
     # the merge study ran once, at stage 3's end, on the 2 group adapters (not on stage 1's 4)
     assert json.loads((merge_dir / "results.json").read_text())["adapters"] == [
         "cluster_0",
@@ -228,6 +232,8 @@ def test_one_command_refuses_bad_input_before_any_fit(tmp_path: Path) -> None:
         mbc_main([*base, "--num_clusters", "2", "--stage1_steps", "0"])
     with pytest.raises(SystemExit, match=r"'--trainer.max_steps=5': tclora mbc sets"):
         mbc_main([*base, "--num_clusters", "2", "--trainer.max_steps=5"])
+    with pytest.raises(SystemExit, match=r"'--model.shared_init': tclora mbc sets"):
+        mbc_main([*base, "--num_clusters", "2", "--model.shared_init", "false"])
     (tmp_path / "file").write_text("x")
     with pytest.raises(SystemExit, match=r"--output_dir '.*file' is a file, not a folder"):
         mbc_main([*base[:2], "--output_dir", str(tmp_path / "file"), "--num_clusters", "2"])

@@ -136,6 +136,15 @@ def test_configure_model_builds_k_seeded_adapters(tiny_model_dir: Path) -> None:
     torch.testing.assert_close(adapter_weights(module, 1), adapter_weights(single, 0))
     a0, a1 = adapter_weights(module, 0), adapter_weights(module, 1)
     assert any(not torch.equal(a0[k], a1[k]) for k in a0)
+    # shared_init: every adapter starts as adapter 0 of a one-adapter model seeded init_seed
+    shared = LoRAModule(
+        model=str(tiny_model_dir), num_adapters=3, r=4, init_seed=5, shared_init=True
+    )
+    shared.configure_model()
+    first = LoRAModule(model=str(tiny_model_dir), num_adapters=1, r=4, init_seed=5)
+    first.configure_model()
+    for k in range(3):
+        torch.testing.assert_close(adapter_weights(shared, k), adapter_weights(first, 0))
 
 
 def test_configure_model_under_meta_device_loads_real_weights(tiny_model_dir: Path) -> None:

@@ -119,11 +119,13 @@ def test_repro_small_config_and_run_overrides(tmp_path: Path) -> None:
     assert per_task["data"]["clustering"] == "per_task"
     assert (per_task["seed_everything"], per_task["data"]["seed"]) == (2, 2)
     assert per_task["model"]["init_seed"] == 2000
+    assert per_task["model"]["shared_init"]  # MBC's stage 1: one init for every task's adapter
     init = per_task["trainer"]["callbacks"][0]["init_args"]
     assert init["references"] == ["routing", "arrow", "single"]
     assert init["output_dir"] == str(tmp_path / "runs" / "per_task" / "seed2" / "merge")
     kmeans = run_overrides(sweep, "kmeans8", 0, evaluate_base=True)
     assert (kmeans["data"]["clustering"], kmeans["data"]["num_clusters"]) == ("kmeans", 8)
+    assert not kmeans["model"]["shared_init"]
     assert kmeans["trainer"]["callbacks"][0]["init_args"]["references"] == [
         "base",
         "routing",

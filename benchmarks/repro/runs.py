@@ -75,8 +75,14 @@ def run_overrides(sweep: Sweep, variant: str, seed: int, evaluate_base: bool) ->
             # One adapter cannot be merged: the single-LoRA run is evaluated by this script.
             "callbacks": [] if variant == "single" else [callback],
         },
-        # Adapter k of seed s starts from seed 1000 s + k: every adapter has its own init.
-        "model": {"init_seed": 1000 * seed, "export_dir": str(folder / "adapters")},
+        # Adapter k of seed s starts from seed 1000 s + k: every adapter has its own init --
+        # except per_task, MBC's stage 1, whose adapters share one init so that their
+        # parameters differ only by what each task taught them.
+        "model": {
+            "init_seed": 1000 * seed,
+            "shared_init": variant == "per_task",
+            "export_dir": str(folder / "adapters"),
+        },
         "data": {
             "seed": seed,
             "sources": [

@@ -134,9 +134,8 @@ def _folded(model: Any, enabled: bool) -> Iterator[bool]:
         return
     if any(getattr(m, "merged", False) for m in layers):
         raise ValueError("fold_adapter=True on a model whose adapter is already merged")
-    saved = [
-        (m.get_base_layer().weight, m.get_base_layer().weight.detach().clone()) for m in layers
-    ]
+    bases: list[Any] = [m.get_base_layer() for m in layers]
+    saved = [(base.weight, base.weight.detach().clone()) for base in bases]
     model.merge_adapter()
     try:
         yield True
