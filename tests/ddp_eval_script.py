@@ -61,7 +61,7 @@ def _worker(rank: int, port: int, tokenizer_dir: str, mc: str, em: str, out_dir:
             "mc": ev.evaluate(model, tokenizer, mc_set, **kw),
             "em": ev.evaluate(model, tokenizer, em_set, chat_template=False, **kw),
             "routed": ev.evaluate(peft_model, tokenizer, mc_set, adapter_per_example=routes, **kw),
-            "scored": scored,
+            "scored": list(scored),  # before the items calls below
         }
         items: dict[str, dict[str, list[int]]] = {"em": {}, "routed": {}}
         ev.evaluate(model, tokenizer, em_set, chat_template=False, items=items["em"], **kw)
