@@ -52,33 +52,28 @@ SETS = (
     "registry:formal_logic",
     "registry:imperial_date_to_string",
 )
+
+
+def _config(
+    batch_size: int = 16,
+    prefix: bool = False,
+    fold: bool = False,
+    stop: bool = False,
+    bf16: bool = False,
+) -> dict[str, Any]:
+    """One configuration: the baseline's settings with the named levers changed."""
+    return {"batch_size": batch_size, "prefix": prefix, "fold": fold, "stop": stop, "bf16": bf16}
+
+
 CONFIGS: dict[str, dict[str, Any]] = {
-    "baseline": {"batch_size": 16, "prefix": False, "fold": False, "stop": False, "bf16": False},
-    "shared prefix": {
-        "batch_size": 16,
-        "prefix": True,
-        "fold": False,
-        "stop": False,
-        "bf16": False,
-    },
-    "first-line stop": {
-        "batch_size": 16,
-        "prefix": False,
-        "fold": False,
-        "stop": True,
-        "bf16": False,
-    },
-    "folded": {"batch_size": 16, "prefix": False, "fold": True, "stop": False, "bf16": False},
-    "batch32": {"batch_size": 32, "prefix": False, "fold": False, "stop": False, "bf16": False},
-    "prefix+stop+folded": {
-        "batch_size": 16,
-        "prefix": True,
-        "fold": True,
-        "stop": True,
-        "bf16": False,
-    },
-    "all + batch32": {"batch_size": 32, "prefix": True, "fold": True, "stop": True, "bf16": False},
-    "bf16": {"batch_size": 16, "prefix": False, "fold": False, "stop": False, "bf16": True},
+    "baseline": _config(),
+    "shared prefix": _config(prefix=True),
+    "first-line stop": _config(stop=True),
+    "folded": _config(fold=True),
+    "batch32": _config(batch_size=32),
+    "prefix+stop+folded": _config(prefix=True, stop=True, fold=True),
+    "all + batch32": _config(batch_size=32, prefix=True, stop=True, fold=True),
+    "bf16": _config(bf16=True),
 }
 DEFAULT_CONFIGS = [c for c in CONFIGS if c != "bf16"]
 

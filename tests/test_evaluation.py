@@ -181,17 +181,22 @@ def test_score_choices_left_truncates_to_max_length(tiny_llama: Any, tokenizer: 
         torch.testing.assert_close(torch.tensor(value), expected, rtol=0, atol=1e-4)
 
 
+def assert_same_scores(got: Any, expected: Any, atol: float) -> None:
+    """Two ``score_choices`` results: the same choice lengths, log-likelihoods within ``atol``."""
+    assert [lengths for _, lengths in got] == [lengths for _, lengths in expected]
+    torch.testing.assert_close(
+        torch.tensor([x for ll, _ in got for x in ll]),
+        torch.tensor([x for ll, _ in expected for x in ll]),
+        rtol=0,
+        atol=atol,
+    )
+
+
 def test_batched_scores_equal_unbatched(tiny_llama: Any, tokenizer: Any, mc_set: EvalSet) -> None:
     one = score_choices(tiny_llama, tokenizer, mc_set.examples, batch_size=1)
     for batch_size in (3, 64):
         many = score_choices(tiny_llama, tokenizer, mc_set.examples, batch_size=batch_size)
-        assert [lengths for _, lengths in many] == [lengths for _, lengths in one]
-        torch.testing.assert_close(
-            torch.tensor([x for ll, _ in many for x in ll]),
-            torch.tensor([x for ll, _ in one for x in ll]),
-            rtol=0,
-            atol=1e-4,
-        )
+        assert_same_scores(many, one, atol=1e-4)
     # the same numbers without logits_to_keep (a model whose forward lacks it): full logits
     import tclora.evaluation.scoring as scoring
 
@@ -201,12 +206,7 @@ def test_batched_scores_equal_unbatched(tiny_llama: Any, tokenizer: Any, mc_set:
         full = score_choices(tiny_llama, tokenizer, mc_set.examples, batch_size=3)
     finally:
         scoring._supports_logits_to_keep = original  # type: ignore[assignment]
-    torch.testing.assert_close(
-        torch.tensor([x for ll, _ in full for x in ll]),
-        torch.tensor([x for ll, _ in one for x in ll]),
-        rtol=0,
-        atol=1e-4,
-    )
+    assert_same_scores(full, one, atol=1e-4)
 
 
 def test_choice_predictions_by_hand() -> None:
@@ -719,13 +719,7 @@ def test_shared_prefix_runs_once_and_scores_alike(tiny_llama: Any, tokenizer: An
         scoring._score_rows = original  # type: ignore[assignment]
     n = len(seen) // 2
     assert min(seen[:n]) > 15 and seen[n:] == [0] * n  # the prefix was shared, then not
-    assert [lengths for _, lengths in shared] == [lengths for _, lengths in plain]
-    torch.testing.assert_close(
-        torch.tensor([x for ll, _ in shared for x in ll]),
-        torch.tensor([x for ll, _ in plain for x in ll]),
-        rtol=0,
-        atol=1e-5,
-    )
+    assert_same_scores(shared, plain, atol=1e-5)
     # two examples: their whole common context is shared, all but what predicts the choices
     two = score_choices(tiny_llama, tokenizer, [examples[0], examples[0]])
     torch.testing.assert_close(

@@ -265,13 +265,9 @@ def score_choices(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     use_keep = _supports_logits_to_keep(model)
     prefix = None
-    if share_prefix and len(inputs) > 1:  # one input: nothing to share
+    if share_prefix:  # up to the first position that predicts a continuation token
         needed = [len(inp) - max(len(rows[r][3]) for r in shared[inp]) for inp in inputs]
-        length = _common_prefix(inputs, limit=min(needed))
-        if length >= _MIN_SHARED_PREFIX:
-            cache = _prefix_cache(model, inputs[0][:length], device)
-            if cache is not None:
-                prefix = (cache, length)
+        prefix = _shared_prefix(model, inputs, min(needed, default=0), device)
     sums = [0.0] * len(rows)
     starts = range(0, len(inputs), batch_size)
     for start in tqdm(starts, desc="score choices", disable=not progress, leave=False):
@@ -290,7 +286,6 @@ def score_choices(
     return results
 
 
-@torch.no_grad()
 def _prefix_cache(model: Any, prefix: Sequence[int], device: torch.device) -> Any:
     """The key/value cache of ``prefix`` (batch 1), or ``None`` if the model gives none."""
     ids = torch.tensor([list(prefix)], device=device)
@@ -299,6 +294,28 @@ def _prefix_cache(model: Any, prefix: Sequence[int], device: torch.device) -> An
         out = model(input_ids=ids, use_cache=True, **keep)
     cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
     return cache if cache is not None and hasattr(cache, "batch_repeat_interleave") else None
+
+
+def _shared_prefix(
+    model: Any, inputs: Sequence[Sequence[int]], limit: int, device: torch.device
+) -> tuple[Any, int] | None:
+    """``(key/value cache, P)`` of the ``P ≤ limit`` tokens every input starts with, run once;
+    ``None`` for a single input, a prefix too short to pay off, or a model without a cache."""
+    if len(inputs) < 2:
+        return None
+    length = _common_prefix(inputs, limit)
+    if length < _MIN_SHARED_PREFIX:
+        return None
+    cache = _prefix_cache(model, inputs[0][:length], device)
+    return None if cache is None else (cache, length)
+
+
+def _repeated_cache(model: Any, cache: Any, batch: int) -> dict[str, Any]:
+    """Forward keyword arguments holding a fresh copy of ``cache`` repeated ``batch`` times
+    (the forward appends to the cache it is given)."""
+    copied = copy.deepcopy(cache)
+    copied.batch_repeat_interleave(batch)
+    return {_cache_argument(model): copied}
 
 
 def _common_prefix(inputs: Sequence[Sequence[int]], limit: int) -> int:
@@ -319,6 +336,7 @@ _MIN_SHARED_PREFIX = 4
 """Shared prefixes shorter than this are not worth a separate forward pass."""
 
 
+@torch.no_grad()
 def _score_rows(
     model: Any,
     batch: list[tuple[list[int], list[list[int]]]],
@@ -357,12 +375,9 @@ def _score_rows(
     first = min(len(inp) - max(len(c) for c in conts) for inp, conts in batch) - skip
     keep = width - first
     kwargs: dict[str, Any] = {"logits_to_keep": keep} if use_keep else {}
+    kwargs["use_cache"] = prefix is not None
     if prefix is not None:
-        cache = copy.deepcopy(prefix[0])  # the forward appends to it
-        cache.batch_repeat_interleave(len(batch))
-        kwargs.update({_cache_argument(model): cache, "use_cache": True})
-    else:
-        kwargs["use_cache"] = False
+        kwargs.update(_repeated_cache(model, prefix[0], len(batch)))
     out = model(
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),
@@ -436,13 +451,13 @@ def generate_answers(
     device = _model_device(model)
     answers = [""] * len(encoded)
     generation_config = _greedy_config(model, max_new_tokens, int(pad_id))
-    skip, cache = 0, None
-    if share_prefix and len(encoded) > 1:  # keep at least one token of each prompt to run
-        skip = _common_prefix(encoded, limit=min(len(e) for e in encoded) - 1)
-        if skip >= _MIN_SHARED_PREFIX:
-            cache = _prefix_cache(model, encoded[0][:skip], device)
-        if cache is None:
-            skip = 0
+    # keep at least one token of each prompt to run
+    shared = (
+        _shared_prefix(model, encoded, min(map(len, encoded), default=1) - 1, device)
+        if share_prefix
+        else None
+    )
+    skip = shared[1] if shared is not None else 0
     starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc="generate", disable=not progress, leave=False):
         idx = order[start : start + batch_size]
@@ -456,11 +471,7 @@ def generate_answers(
             attention_mask[b, :skip] = 1
             input_ids[b, width - (len(ids) - skip) :] = torch.tensor(ids[skip:])
             attention_mask[b, width - (len(ids) - skip) :] = 1
-        kwargs: dict[str, Any] = {}
-        if cache is not None:
-            batch_cache = copy.deepcopy(cache)
-            batch_cache.batch_repeat_interleave(len(idx))
-            kwargs[_cache_argument(model)] = batch_cache
+        kwargs = _repeated_cache(model, shared[0], len(idx)) if shared is not None else {}
         out = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
@@ -496,8 +507,6 @@ def _first_line_done(tokenizer: Any, width: int) -> Any:
 
 def _greedy_config(model: Any, max_new_tokens: int, pad_id: int) -> Any:
     """The model's generation config, made greedy (sampling knobs cleared to avoid warnings)."""
-    import copy
-
     from transformers import GenerationConfig
 
     base = getattr(model, "generation_config", None)

@@ -79,24 +79,28 @@ class CPResult:
         """``C`` (``T × R``), unit columns."""
         return self.cp.factors[0]
 
+    def _congruence(self) -> Tensor:
+        """The ``R × R`` matrix ``(CᵀC) ∗ (UᵀU) ∗ (VᵀV)``: with unit columns, the components'
+        triple congruences (1 on the diagonal for nonzero components)."""
+        _, (c, u, v) = self.cp
+        return (c.T @ c) * (u.T @ u) * (v.T @ v)
+
     @property
     def energy_ratio(self) -> float:
         """``Σ_q λ_q² / ‖X̂‖²`` with ``X̂`` the CP reconstruction: 1 for orthogonal components,
         well above 1 when components cancel each other (a degenerate, non-unique decomposition:
         typically ``R`` above the tensor's CP rank). ``NaN`` for a zero decomposition."""
-        lam, (c, u, v) = self.cp
-        gram = (c.T @ c) * (u.T @ u) * (v.T @ v)
-        recon = float((lam[:, None] * lam[None, :] * gram).sum())
+        lam = self.cp.weights
+        recon = float((lam[:, None] * lam[None, :] * self._congruence()).sum())
         return float((lam**2).sum()) / recon if recon > 0 else math.nan
 
     @property
     def min_congruence(self) -> float:
         """Smallest ``cos(c_p, c_q) cos(u_p, u_q) cos(v_p, v_q)`` over component pairs: near −1
         when two components nearly cancel (the classic CP-degeneracy sign); 0 for ``R = 1``."""
-        _, (c, u, v) = self.cp
-        if c.shape[1] < 2:
+        if self.cp.weights.shape[0] < 2:
             return 0.0
-        phi = (c.T @ c) * (u.T @ u) * (v.T @ v)
+        phi = self._congruence()
         phi.fill_diagonal_(math.inf)
         return float(phi.min())
 

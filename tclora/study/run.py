@@ -498,14 +498,14 @@ def _say(message: str) -> None:
 
 
 def _beyond_edge(tried: Sequence[float], chosen: float, grid: Sequence[float]) -> float | None:
-    """The next scale past the edge ``chosen`` sits on (the grid's outer ratio, 2 for a one-point
-    grid), or ``None`` when ``chosen`` is interior."""
-    if len(tried) < 2 and len(grid) < 2:
+    """The next scale past the edge ``chosen`` sits on (one step of the grid's outer ratio), or
+    ``None`` when ``chosen`` is interior or the grid has a single scale (no ratio to step by)."""
+    if len(grid) < 2:
         return None
     if chosen == tried[-1]:
-        return tried[-1] * (grid[-1] / grid[-2] if len(grid) > 1 else 2.0)
+        return tried[-1] * (grid[-1] / grid[-2])
     if chosen == tried[0]:
-        return tried[0] / (grid[1] / grid[0] if len(grid) > 1 else 2.0)
+        return tried[0] / (grid[1] / grid[0])
     return None
 
 
