@@ -352,11 +352,66 @@ def test_malformed_eval_set_names_file_and_line(tmp_path: Path, tokenizer: Any) 
         ({"merge_space": "tucker"}, r"merge_space='tucker': expected one of \['full', 'knots'"),
         ({"adapters": "("}, r"adapters='\(' is not a valid regular expression"),
         ({"keep": "cp9_sum_components"}, r"keep='cp9_sum_components': expected 'best' or one of"),
+        ({"single_sets": {}}, r"single_sets=\{\}: expected \{adapter name: \[evaluation set"),
+        ({"single_sets": {"a": []}}, r"single_sets=.*entry 'a': \[\]: expected"),
+        ({"single_sets": {"a": [3]}}, r"single_sets=.*entry 'a': \[3\]: expected"),
     ],
 )
 def test_constructor_errors(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         CPMergeCallback(**kwargs)
+
+
+def test_single_sets_scores_an_adapter_on_its_own_sets_only(
+    tmp_path: Path, tokenizer: Any, eval_files: list[str]
+) -> None:
+    """``single_sets`` restricts the ``single`` reference of the adapters it names (a per-task
+    adapter on its own task); the others, and every merge, are scored on every set."""
+    callback = _callback(
+        tmp_path,
+        eval_files,
+        rules=["mean_loading"],
+        baselines=["uniform"],
+        scales=[1.0],
+        references=["single"],
+        single_sets={"task_x": ["colors"], "task_z": ["numbers"]},
+        export=False,
+    )
+    module = UserModule(len(tokenizer))
+    module.tokenizer = tokenizer
+    _trainer(tmp_path, callback, logger=False).fit(module, datamodule=UserData(len(tokenizer)))
+    assert callback.result is not None
+    rows = {row.name: row for row in callback.result.rows}
+    assert set(rows["single:task_x"].scores) == set(rows["single:task_x"].items) == {"colors"}
+    assert set(rows["single:task_z"].scores) == {"numbers"}
+    for name in ("single:task_y", "cp2_mean_loading", "uniform"):
+        assert set(rows[name].scores) == {"colors", "numbers"}, name
+    assert math.isnan(rows["single:task_x"].primary("numbers"))
+
+
+@pytest.mark.parametrize(
+    ("single_sets", "message"),
+    [
+        (
+            {"task_q": ["colors"]},
+            r"single_sets: adapters \['task_q'\] are not among the run's adapters "
+            r"\['task_x', 'task_y', 'task_z'\]",
+        ),
+        (
+            {"task_x": ["colours"]},
+            r"single_sets: evaluation sets \['colours'\] are not among the loaded sets "
+            r"\['colors', 'numbers'\]",
+        ),
+    ],
+)
+def test_single_sets_naming_unknown_adapters_or_sets_fails_before_training(
+    tmp_path: Path, tokenizer: Any, eval_files: list[str], single_sets: Any, message: str
+) -> None:
+    callback = _callback(tmp_path, eval_files, single_sets=single_sets)
+    trainer = _trainer(tmp_path, callback, logger=False)
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(UserModule(len(tokenizer)), datamodule=UserData(len(tokenizer)))
+    assert trainer.global_step == 0
 
 
 def test_no_tokenizer_is_refused_before_training(tmp_path: Path, tokenizer: Any) -> None:

@@ -122,10 +122,13 @@ def test_repro_small_config_and_run_overrides(tmp_path: Path) -> None:
     assert per_task["model"]["shared_init"]  # MBC's stage 1: one init for every task's adapter
     init = per_task["trainer"]["callbacks"][0]["init_args"]
     assert init["references"] == ["routing", "arrow", "single"]
+    # each per-task adapter (clusters numbered by sorted task name) scored on its own task only
+    assert init["single_sets"] == {f"cluster_{i}": [t] for i, t in enumerate(sorted(TRAIN_TASKS))}
     assert init["output_dir"] == str(tmp_path / "runs" / "per_task" / "seed2" / "merge")
     kmeans = run_overrides(sweep, "kmeans8", 0, evaluate_base=True)
     assert (kmeans["data"]["clustering"], kmeans["data"]["num_clusters"]) == ("kmeans", 8)
     assert not kmeans["model"]["shared_init"]
+    assert "single_sets" not in kmeans["trainer"]["callbacks"][0]["init_args"]
     assert kmeans["trainer"]["callbacks"][0]["init_args"]["references"] == [
         "base",
         "routing",
@@ -271,6 +274,54 @@ def test_summary_normalises_by_best_single_adapter_and_checks_floors() -> None:
     assert checks == {(0, "a"): True, (0, "b"): False, (1, "a"): True, (1, "b"): True}
     text = markdown(summary, "cmd")
     assert "Not clearly above: b (seed 0" in text and "| kmeans4 | cp4_sum_components |" in text
+
+
+def test_summary_normalises_by_each_tasks_own_adapter_scored_on_its_task_only() -> None:
+    """The sweep's per_task records score each adapter on its own task alone (``single_sets``):
+    the normaliser and the ``single_adapters`` row are then each task's own adapter."""
+    manifest = {
+        "tasks": {
+            "a": {
+                "group": "in_domain",
+                "n_test": 100,
+                "chance": 0.5,
+                "majority": {"accuracy": 0.5},
+            },
+            "b": {
+                "group": "in_domain",
+                "n_test": 100,
+                "chance": 0.5,
+                "majority": {"accuracy": 0.5},
+            },
+        }
+    }
+
+    def rec(method: str, acc: dict[str, float]) -> dict[str, Any]:
+        return {
+            "variant": "per_task" if method.startswith("single") else "kmeans4",
+            "seed": 0,
+            "method": method,
+            "kind": "merge",
+            "scale": None,
+            "merge_seconds": None,
+            "cp_fit_error": None,
+            "storage": None,
+            "run_seconds": 1.0,
+            "acc": acc,
+        }
+
+    records = [
+        rec("single:cluster_0", {"a": 0.8}),
+        rec("single:cluster_1", {"b": 0.5}),
+        rec("uniform", {"a": 0.4, "b": 0.5}),
+    ]
+    summary = summarise(records, manifest, ["uniform"])
+    own = next(r for r in summary["rows"] if r["method"] == "single_adapters")
+    assert math.isclose(own["in_domain"], 0.65) and math.isclose(own["normalised"], 1.0)
+    uniform = next(r for r in summary["rows"] if r["method"] == "uniform")
+    assert math.isclose(uniform["normalised"], (0.4 / 0.8 + 0.5 / 0.5) / 2)
+    checks = {c["task"]: c["adapter"] for c in summary["adapter_checks"]}
+    assert checks == {"a": 0.8, "b": 0.5}
 
 
 def test_method_order_is_the_study_config_of_the_sweep() -> None:

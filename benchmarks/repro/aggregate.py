@@ -157,13 +157,16 @@ def summarise(
     tasks = manifest["tasks"]
     in_domain = [t for t, v in tasks.items() if v["group"] == "in_domain"]
     ood = [t for t, v in tasks.items() if v["group"] == "out_of_domain"]
-    # Normaliser: per seed and task, the best single per-task adapter's accuracy on that task.
+    # Normaliser: per seed and task, the task's own per-task adapter's accuracy on it (the
+    # per_task run scores each adapter on its own task only; were an adapter scored on more
+    # sets, the best of them on the task is taken).
     best_single: dict[tuple[int, str], float] = {}
     for rec in records:
         if rec["variant"] == "per_task" and rec["method"].startswith("single:"):
-            for t in in_domain:
+            for t, a in rec["acc"].items():
                 key = (rec["seed"], t)
-                best_single[key] = max(best_single.get(key, -1.0), rec["acc"].get(t, math.nan))
+                if t in in_domain and math.isfinite(a) and a > best_single.get(key, -1.0):
+                    best_single[key] = a
     base = next((r for r in records if r["method"] == "base"), None)
     groups: dict[tuple[str, str], list[dict[str, Any]]] = collections.defaultdict(list)
     for rec in records:
@@ -177,11 +180,12 @@ def summarise(
     rows: list[dict[str, Any]] = []
     for (variant, method), recs in groups.items():
         if method == "single_adapters":
-            # Per seed: each task scored by its best single adapter (the upper reference).
+            # Per seed: each task scored by its own per-task adapter (the upper reference).
             per_seed: dict[int, dict[str, float]] = collections.defaultdict(dict)
             for rec in recs:
                 for t, a in rec["acc"].items():
-                    per_seed[rec["seed"]][t] = max(per_seed[rec["seed"]].get(t, -1.0), a)
+                    if math.isfinite(a) and a > per_seed[rec["seed"]].get(t, -1.0):
+                        per_seed[rec["seed"]][t] = a
             accs = [per_seed[s] for s in sorted(per_seed)]
             seeds = sorted(per_seed)
         else:

@@ -127,6 +127,9 @@ class CPMergeCallback(Callback):
         arrow_top_k: Adapters Arrow mixes per token (``None``: peft's default 3, or every
             adapter when there are fewer).
         arrow_temperature: Softmax temperature of Arrow's routing coefficients (peft: 1.0).
+        single_sets: For the ``"single"`` reference, the evaluation sets (by name: the file's
+            stem) each adapter is scored on, e.g. ``{cluster_0: [sarcasm]}`` when every adapter
+            has one home task; adapters not named (or ``None``) are scored on every set.
         seed: Seed of the CP initialisation, DARE and evaluation subsampling.
         progress: Show progress bars during evaluation (one log line per method and scale is
             written either way).
@@ -162,6 +165,7 @@ class CPMergeCallback(Callback):
         cart_rank: float = _DEFAULTS.cart_rank,
         arrow_top_k: int | None = _DEFAULTS.arrow_top_k,
         arrow_temperature: float = _DEFAULTS.arrow_temperature,
+        single_sets: dict[str, list[str]] | None = _DEFAULTS.single_sets,
         seed: int = _DEFAULTS.seed,
         progress: bool = _DEFAULTS.progress,
     ) -> None:
@@ -192,6 +196,7 @@ class CPMergeCallback(Callback):
             cart_rank=cart_rank,
             arrow_top_k=arrow_top_k,
             arrow_temperature=arrow_temperature,
+            single_sets=single_sets,
             seed=seed,
             progress=progress,
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, get_args
 
@@ -22,6 +23,7 @@ __all__ = [
     "Reference",
     "SelectionMetric",
     "StudyConfig",
+    "check_single_sets",
 ]
 
 CPRule = Literal["sum_components", "mean_loading", "ties_loading"]
@@ -64,6 +66,7 @@ class StudyConfig:
     cart_rank: float = 0.1
     arrow_top_k: int | None = None
     arrow_temperature: float = 1.0
+    single_sets: dict[str, list[str]] | None = None
     seed: int = 0
     progress: bool = True
 
@@ -123,6 +126,8 @@ class StudyConfig:
             raise ValueError(
                 f"arrow_temperature={self.arrow_temperature!r}: must be a finite number > 0"
             )
+        if self.single_sets is not None:
+            self.single_sets = _single_sets(self.single_sets)
         if self.adapters is not None:
             try:
                 re.compile(self.adapters)
@@ -169,3 +174,55 @@ class StudyConfig:
         for name in ("progress", "export", "keep"):
             values.pop(name)
         return values
+
+
+def _single_sets(value: Any) -> dict[str, list[str]]:
+    """``single_sets`` as ``{adapter: [set, ...]}``, or a ``ValueError`` naming what is wrong."""
+    expected = "expected {adapter name: [evaluation set name, ...]} with at least one set each"
+    if not isinstance(value, dict) or not value:
+        raise ValueError(f"single_sets={value!r}: {expected}")
+    out: dict[str, list[str]] = {}
+    for adapter, sets in value.items():
+        if isinstance(sets, str):
+            sets = [sets]
+        if (
+            not isinstance(adapter, str)
+            or not isinstance(sets, list | tuple)
+            or not sets
+            or not all(isinstance(s, str) for s in sets)
+        ):
+            raise ValueError(f"single_sets={value!r}: entry {adapter!r}: {sets!r}: {expected}")
+        out[adapter] = list(sets)
+    return out
+
+
+def check_single_sets(
+    single_sets: dict[str, list[str]] | None,
+    adapters: Sequence[str] | None = None,
+    eval_sets: Sequence[str] | None = None,
+) -> None:
+    """Check that ``single_sets`` names only known adapters and loaded evaluation sets.
+
+    Args:
+        single_sets: :attr:`StudyConfig.single_sets` (``None`` passes).
+        adapters: The adapters of the run, or ``None`` to skip that check.
+        eval_sets: The loaded evaluation sets' names, or ``None`` to skip that check.
+
+    Raises:
+        ValueError: An adapter or set is named that the run does not have.
+    """
+    if single_sets is None:
+        return
+    if adapters is not None:
+        unknown = sorted(set(single_sets) - set(adapters))
+        if unknown:
+            raise ValueError(
+                f"single_sets: adapters {unknown} are not among the run's adapters {list(adapters)}"
+            )
+    if eval_sets is not None:
+        missing = sorted({s for sets in single_sets.values() for s in sets} - set(eval_sets))
+        if missing:
+            raise ValueError(
+                f"single_sets: evaluation sets {missing} are not among the loaded sets "
+                f"{list(eval_sets)}"
+            )

@@ -32,7 +32,7 @@ from tclora.merge import (
     merge_report,
 )
 from tclora.study.arrow import arrow_top_k, build_arrow_model
-from tclora.study.config import StudyConfig
+from tclora.study.config import StudyConfig, check_single_sets
 from tclora.study.results import MethodResult, StudyResult
 
 __all__ = [
@@ -297,6 +297,8 @@ def run_study(
             f"arrow_top_k={cfg.arrow_top_k}: Arrow mixes at most the {len(stack.names)} adapters "
             f"{stack.names} per token"
         )
+    if "single" in cfg.references:
+        check_single_sets(cfg.single_sets, stack.names, [es.name for es in eval_sets])
     previous_adapter = model.active_adapter
     finished = {row.name: row for row in done}
     _say(f"merge study: building {len(cfg.method_names)} merges of {len(stack.names)} adapters")
@@ -318,12 +320,13 @@ def run_study(
     def finish(row: MethodResult) -> None:
         nonlocal clock
         rows.append(row)
-        scores = ", ".join(f"{n} {row.primary(n):.3f}" for n in names)
+        scored = [n for n in names if n in row.scores]
+        scores = ", ".join(f"{n} {row.primary(n):.3f}" for n in scored)
         selection = "" if row.selection is None else f"; val loss {row.selection:.4f}"
         scale = "" if row.scale is None else f" at scale {row.scale:g}"
         _say(
             f"{step(row.name)}{scale} done in {time.perf_counter() - clock:.1f} s"
-            + (f": {scores} (average {row.average(names):.3f})" if names else "")
+            + (f": {scores} (average {row.average(scored):.3f})" if scored else "")
             + selection
         )
         clock = time.perf_counter()
@@ -331,11 +334,15 @@ def run_study(
             on_row(row)
 
     def score(
-        scored: Any, routes: Mapping[str, Sequence[str]] | None = None
+        scored: Any,
+        routes: Mapping[str, Sequence[str]] | None = None,
+        only: Sequence[str] | None = None,
     ) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
-        """Every set's scores and per-item headline correctness (see :func:`evaluate_sets`)."""
+        """Every set's (or the sets named in ``only``) scores and per-item headline correctness
+        (see :func:`evaluate_sets`)."""
         items: dict[str, str] = {}
-        return evaluate_sets(scored, tokenizer, eval_sets, cfg, routes, items=items), items
+        sets = eval_sets if only is None else [es for es in eval_sets if es.name in only]
+        return evaluate_sets(scored, tokenizer, sets, cfg, routes, items=items), items
 
     def plan() -> list[str]:
         planned = ["base"] if "base" in cfg.references else []
@@ -360,7 +367,7 @@ def run_study(
                 if f"single:{adapter}" in finished:
                     continue
                 model.set_adapter(adapter)
-                scores, items = score(model)
+                scores, items = score(model, only=(cfg.single_sets or {}).get(adapter))
                 finish(
                     MethodResult(
                         f"single:{adapter}",

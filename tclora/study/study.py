@@ -20,7 +20,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from tclora._io import atomic_write, atomic_write_text
 from tclora.evaluation import EvalSet, EvalSetError, load_any_eval_set
 from tclora.merge import AdapterStack, export_adapter
-from tclora.study.config import StudyConfig
+from tclora.study.config import StudyConfig, check_single_sets
 from tclora.study.progress import (
     fingerprint_components,
     read_progress,
@@ -79,6 +79,7 @@ class MergeStudy:
         Raises:
             EvalSetError: A set cannot be loaded, or two sets have the same name (their scores
                 would overwrite each other in the table).
+            ValueError: ``single_sets`` names a set that is not loaded.
         """
         cfg = self.config
         sets = [
@@ -92,6 +93,8 @@ class MergeStudy:
                 f"eval_sets: {sources} are all named {name!r}; every evaluation set needs its own "
                 "name (rename a file, or drop one)"
             )
+        if "single" in cfg.references:
+            check_single_sets(cfg.single_sets, eval_sets=names)
         self.eval_sets = sets
         return self.eval_sets
 
@@ -103,6 +106,8 @@ class MergeStudy:
                 f"CPMergeCallback needs 2 or more LoRA adapters to merge; found {len(names)} "
                 f"({names}) with adapters={self.config.adapters!r}"
             )
+        if "single" in self.config.references:
+            check_single_sets(self.config.single_sets, adapters=names)
         return names
 
     def run(
