@@ -47,12 +47,13 @@ def readme_block(summary: Mapping[str, Any]) -> str:
     )
 
 
-def replace_block(readme: str, block: str) -> str:
-    """``readme`` with its demo-results block replaced by ``block``."""
-    start, end = readme.find(BEGIN), readme.find(END)
-    if start < 0 or end < start:
-        raise ValueError(f"README.md has no {BEGIN} ... {END} block")
-    return readme[:start] + block + readme[end + len(END) :]
+def replace_block(readme: str, block: str, begin: str = BEGIN, end: str = END) -> str:
+    """``readme`` with its block between the ``begin`` and ``end`` markers (default: the demo
+    results') replaced by ``block``."""
+    first, last = readme.find(begin), readme.find(end)
+    if first < 0 or last < first:
+        raise ValueError(f"README.md has no {begin} ... {end} block")
+    return readme[:first] + block + readme[last + len(end) :]
 
 
 def _latest_run() -> Path:

@@ -19,3 +19,53 @@ def test_readme_demo_table_is_what_the_run_record_renders_to() -> None:
 def test_replace_block_keeps_the_rest() -> None:
     text = f"intro\n{BEGIN}\nold\n{END}\noutro\n"
     assert replace_block(text, f"{BEGIN}\nnew\n{END}") == f"intro\n{BEGIN}\nnew\n{END}\noutro\n"
+
+
+def test_readme_sweep_results_are_what_repro_small_json_renders_to() -> None:
+    from benchmarks.repro_table import main as repro_main
+
+    assert repro_main(["--check"]) == 0
+
+
+def test_sweep_findings_say_which_cp_differences_are_real() -> None:
+    from benchmarks.repro.readme import findings, paired_table
+
+    def pair(method: str, versus: str, split: str, diff: float, low: float, high: float) -> dict:
+        return {
+            "variant": "kmeans4",
+            "method": method,
+            "versus": versus,
+            "versus_is_best_non_cp": versus == "tsv",
+            "split": split,
+            "diff": diff,
+            "low": low - 0.01,
+            "high": high + 0.01,
+            "low_seeds": low,
+            "high_seeds": high,
+            "seeds": 3,
+            "items": 1200,
+        }
+
+    paired = [
+        pair("cp4_mean_loading", "uniform", "in_domain", 0.03, 0.01, 0.05),
+        pair("cp4_mean_loading", "tsv", "in_domain", -0.04, -0.06, -0.02),
+        pair("cp4_mean_loading", "uniform", "unseen", 0.01, -0.02, 0.04),
+        pair("tsv", "uniform", "in_domain", 0.07, 0.05, 0.09),  # not a CP merge: no finding
+    ]
+    text = findings(paired)
+    assert (
+        text[0].startswith("Of 3 paired comparisons")
+        and "1 are real gains, 1 real losses" in text[0]
+    )
+    assert "and 1 cannot be told from no difference" in text[0]
+    assert text[1] == (
+        "CP is better: kmeans4 cp4_mean_loading vs uniform in-domain: +3.0 points "
+        "(95% [+1.0, +5.0], 3 seed(s), 1200 items)."
+    )
+    assert text[2].startswith("CP loses: kmeans4 cp4_mean_loading vs tsv (the best non-CP merge)")
+    table = paired_table(paired)
+    assert table[2] == (
+        "| kmeans4 | cp4_mean_loading | +3.0 [+1.0, +5.0] | -4.0 [-6.0, -2.0] (tsv) "
+        "| +1.0 [-2.0, +4.0] | – |"
+    )
+    assert len(table) == 3

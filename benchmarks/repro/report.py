@@ -14,7 +14,7 @@ from typing import Any
 from benchmarks.repro.sweep import Sweep
 from tclora._io import atomic_write_text
 
-__all__ = ["markdown", "write_results"]
+__all__ = ["main_table", "markdown", "write_results"]
 
 
 def _pct(value: Any, std: Any = None) -> str:
@@ -32,14 +32,13 @@ def _num(value: Any, fmt: str) -> str:
     return format(value, fmt)
 
 
-def markdown(summary: Mapping[str, Any], command: str) -> str:
-    """The results as Markdown: main table, per-task table, floors and adapter checks."""
-    floors = summary["floors"]
+def main_table(summary: Mapping[str, Any]) -> list[str]:
+    """The main table's lines (with the paragraph that explains its columns): per clustering
+    and method, in-domain, normalised and unseen accuracy, scale, CP diagnostics, merge seconds
+    and parameters."""
     lines = [
-        f"Command: `{command}`",
-        "",
         "Accuracy in % (mean ± std over seeds). In-domain: each training task's held-out test "
-        "split; normalised: accuracy / the task's best single per-task adapter (same seed); "
+        "split; normalised: accuracy / the task's own per-task adapter (same seed); "
         "unseen: tasks never trained or clustered on. ±SE: one standard error of the mean from "
         "test-item sampling alone. CP shared: the fraction of the CP components' energy (λ²) "
         "whose loadings spread evenly over the adapters (evenness ≥ 0.5; 0 = every component "
@@ -60,6 +59,13 @@ def markdown(summary: Mapping[str, Any], command: str) -> str:
             f"| {_num(r['merge_seconds'], '.2f')} "
             f"| {_num(r['lora_params'], ',')} | {_num(r['cp_params'], ',')} |"
         )
+    return lines
+
+
+def markdown(summary: Mapping[str, Any], command: str) -> str:
+    """The results as Markdown: main table, per-task table, floors and adapter checks."""
+    floors = summary["floors"]
+    lines = [f"Command: `{command}`", "", *main_table(summary)]
     paired = summary.get("paired") or []
     if paired:
         lines += [

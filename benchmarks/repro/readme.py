@@ -1,0 +1,147 @@
+"""The README's sweep results, rendered from ``benchmarks/results/repro_small.json`` (which the
+sweep's aggregation builds from the committed run records alone), never edited by hand.
+
+The block between ``<!-- repro-results:begin -->`` and ``<!-- repro-results:end -->`` holds:
+which runs have finished, the main table (in-domain, normalised and unseen accuracy, CP fit
+error, CP sharing, merge seconds, parameters), each CP merge's paired difference to uniform and
+to the best non-CP merge, sentences saying which of those differences are real (their 95%
+interval over seeds and items excludes 0) and where CP loses, the figure, and the commands.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from benchmarks.repro.report import main_table
+
+__all__ = ["BEGIN", "END", "findings", "readme_block"]
+
+BEGIN, END = "<!-- repro-results:begin -->", "<!-- repro-results:end -->"
+COMMANDS = (
+    "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/repro_small.py  # resumes; skips committed runs",
+    ".venv/bin/python benchmarks/make_figures.py",
+    ".venv/bin/python benchmarks/repro_table.py  # this block",
+)
+
+
+def _interval(p: Mapping[str, Any]) -> tuple[float, float]:
+    """The 95% interval a finding rests on: over seeds and items (over items with one seed)."""
+    return (p["low_seeds"], p["high_seeds"]) if p["seeds"] > 1 else (p["low"], p["high"])
+
+
+def _cell(p: Mapping[str, Any] | None) -> str:
+    if p is None:
+        return "–"
+    low, high = _interval(p)
+    return f"{100 * p['diff']:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"
+
+
+def paired_table(paired: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One line per (clustering, CP merge): its paired differences in accuracy points."""
+    cp = [p for p in paired if p["method"].startswith("cp")]
+    keys = list(dict.fromkeys((p["variant"], p["method"]) for p in cp))
+    if not keys:
+        return []
+    lines = [
+        "| clustering | CP merge | in-domain − uniform | in-domain − best non-CP "
+        "| unseen − uniform | unseen − best non-CP |",
+        "|---|---|---|---|---|---|",
+    ]
+    for variant, method in keys:
+        mine = [p for p in cp if (p["variant"], p["method"]) == (variant, method)]
+
+        def pick(split: str, best: bool, mine: list[Mapping[str, Any]] = mine) -> Any:
+            for p in mine:
+                if p["split"] != split:
+                    continue
+                if (best and p["versus_is_best_non_cp"]) or (not best and p["versus"] == "uniform"):
+                    return p
+            return None
+
+        best = next((p["versus"] for p in mine if p["versus_is_best_non_cp"]), None)
+        cells = [pick(s, b) for s in ("in_domain", "unseen") for b in (False, True)]
+        lines.append(
+            f"| {variant} | {method} | "
+            + " | ".join(
+                _cell(c) + (f" ({best})" if c is not None and c["versus_is_best_non_cp"] else "")
+                for c in cells
+            )
+            + " |"
+        )
+    return lines
+
+
+def findings(paired: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Plain sentences on the CP merges' paired differences: which are real (the 95% interval
+    excludes 0), which direction, and how many are indistinguishable from no difference."""
+    cp = [p for p in paired if p["method"].startswith("cp")]
+    if not cp:
+        return []
+    real_up, real_down, unclear = [], [], 0
+    for p in cp:
+        low, high = _interval(p)
+        versus = p["versus"] + (" (the best non-CP merge)" if p["versus_is_best_non_cp"] else "")
+        split = "in-domain" if p["split"] == "in_domain" else "on unseen tasks"
+        text = (
+            f"{p['variant']} {p['method']} vs {versus} {split}: {100 * p['diff']:+.1f} points "
+            f"(95% [{100 * low:+.1f}, {100 * high:+.1f}], {p['seeds']} seed(s), "
+            f"{p['items']} items)"
+        )
+        if low > 0:
+            real_up.append(text)
+        elif high < 0:
+            real_down.append(text)
+        else:
+            unclear += 1
+    out = [
+        f"Of {len(cp)} paired comparisons of a CP merge with uniform or the best non-CP merge, "
+        f"{len(real_up)} are real gains, {len(real_down)} real losses (the 95% interval excludes "
+        f"0), and {unclear} cannot be told from no difference."
+    ]
+    if real_up:
+        out.append("CP is better: " + "; ".join(real_up) + ".")
+    if real_down:
+        out.append("CP loses: " + "; ".join(real_down) + ".")
+    return out
+
+
+def _status(summary: Mapping[str, Any]) -> str:
+    sweep = summary.get("sweep", {})
+    planned = [f"{v}/seed{s}" for s in sweep.get("seeds", []) for v in sweep.get("variants", [])]
+    done = set(summary.get("timings", {}))
+    missing = [r for r in planned if r not in done]
+    text = f"Runs finished: {len(planned) - len(missing)} of {len(planned)}"
+    if missing:
+        text += f" (still to run: {', '.join(missing)}); **the comparison is incomplete**"
+    return text + "."
+
+
+def readme_block(summary: Mapping[str, Any] | None) -> str:
+    """The README's sweep-results block for ``repro_small.json``'s data (``None``: no run yet)."""
+    lines = [
+        BEGIN,
+        "<!-- generated by `python benchmarks/repro_table.py` from "
+        "benchmarks/results/repro_small.json; do not edit -->",
+        "",
+    ]
+    if summary is None:
+        lines += ["No run of the sweep has finished yet.", ""]
+    else:
+        lines += [_status(summary), "", *main_table(summary), ""]
+        pairs = paired_table(summary.get("paired") or [])
+        if pairs:
+            lines += [
+                "Each CP merge's paired difference in accuracy points (same test items), with "
+                "the 95% paired bootstrap interval over seeds and items (over items with one "
+                "seed); the best non-CP merge of each clustering is picked with hindsight on the "
+                "test items. All comparisons: `benchmarks/results/repro_small.md`.",
+                "",
+                *pairs,
+                "",
+                *findings(summary.get("paired") or []),
+                "",
+            ]
+        lines += ["![sweep results](benchmarks/results/repro_small.png)", ""]
+    lines += ["```bash", *COMMANDS, "```", END]
+    return "\n".join(lines)
