@@ -144,6 +144,9 @@ def test_repro_small_config_and_run_overrides(tmp_path: Path) -> None:
     resolved = _resolved("--config", str(CONFIGS / "repro_small.yaml"), "--config", str(override))
     assert resolved["data"]["num_clusters"] == 8
     assert _merge_callback(resolved)["output_dir"].endswith("kmeans8/seed0/merge")
+    override.write_text(yaml.safe_dump(per_task))
+    resolved = _resolved("--config", str(CONFIGS / "repro_small.yaml"), "--config", str(override))
+    assert _merge_callback(resolved)["single_sets"] == init["single_sets"]
 
 
 def test_mbc_variant_groups_the_per_task_runs_adapters(tmp_path: Path) -> None:
