@@ -485,3 +485,30 @@ def _write(folder: Path, summary: dict[str, Any]) -> Path:
     path = folder / "summary.json"
     path.write_text(json.dumps(summary).replace("NaN", "null"))
     return path
+
+
+def test_committed_summary_is_the_aggregation_of_the_committed_records(tmp_path: Path) -> None:
+    """Nothing in ``benchmarks/results`` is typed by hand: ``repro_small.json`` (the README's
+    sweep block is rendered from it) is exactly what aggregating the committed records gives."""
+    from benchmarks.repro.cli import main
+
+    committed = ROOT / "benchmarks" / "results"
+    records = sorted((committed / "runs").glob("*.json"))
+    saved_file = committed / "repro_small.json"
+    if not records:
+        assert not saved_file.exists(), f"{saved_file} exists without any run record"
+        return
+    results = tmp_path / "results"
+    (results / "runs").mkdir(parents=True)
+    for record in records:
+        shutil.copy(record, results / "runs" / record.name)
+    args = ["--aggregate-only", "--work-dir", str(tmp_path / "work"), "--results-dir", str(results)]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(args) == 0
+    fresh = json.loads((results / "repro_small.json").read_text())
+    saved = json.loads(saved_file.read_text())
+    for summary in (fresh, saved):  # where and how it was invoked, not what it found
+        summary.pop("command")
+        summary["sweep"].pop("work_dir")
+        summary["sweep"].pop("results_dir")
+    assert json.dumps(fresh, sort_keys=True) == json.dumps(saved, sort_keys=True)

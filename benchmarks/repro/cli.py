@@ -17,7 +17,7 @@ from benchmarks.repro.aggregate import collect, summarise, timings
 from benchmarks.repro.data import prepare_data
 from benchmarks.repro.report import write_results
 from benchmarks.repro.runs import run_one
-from benchmarks.repro.sweep import VARIANTS, Sweep, study_config
+from benchmarks.repro.sweep import ROOT, VARIANTS, Sweep, study_config
 
 __all__ = ["PROG", "main"]
 
@@ -40,6 +40,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--results-dir", type=Path, help="aggregated results folder")
     parser.add_argument("--threads", type=int, help="OMP/MKL threads of each run (default: all)")
     return parser
+
+
+def _portable(value: object) -> object:
+    """A path as written into the committed summary: relative to the checkout when inside it."""
+    if not isinstance(value, Path):
+        return value
+    return str(value.relative_to(ROOT)) if value.is_relative_to(ROOT) else str(value)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -78,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     summary = summarise(records, manifest, study_config(sweep).method_names)
     summary["timings"] = timings(sweep)
-    summary["sweep"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(sweep).items()}
+    summary["sweep"] = {k: _portable(v) for k, v in asdict(sweep).items()}
     write_results(summary, sweep, command.strip())
     for run, entry in summary["timings"].items():
         print(f"timing {run}: " + ", ".join(f"{k}={v:.4g}" for k, v in entry.items()))
