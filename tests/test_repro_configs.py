@@ -512,3 +512,20 @@ def test_committed_summary_is_the_aggregation_of_the_committed_records(tmp_path:
         summary["sweep"].pop("work_dir")
         summary["sweep"].pop("results_dir")
     assert json.dumps(fresh, sort_keys=True) == json.dumps(saved, sort_keys=True)
+
+
+def test_run_records_are_not_git_ignored() -> None:
+    """The records must be committable: a ``runs/`` ignore rule once matched
+    ``benchmarks/results/runs/`` too, and the first finished run's record was invisible to git."""
+    import subprocess
+
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    for path in (
+        "benchmarks/results/runs/kmeans4-seed0.json",
+        "benchmarks/results/repro_small.json",
+    ):
+        done = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT, check=False)
+        assert done.returncode == 1, f"{path} is ignored by git"
+    done = subprocess.run(["git", "check-ignore", "-q", "runs/demo"], cwd=ROOT, check=False)
+    assert done.returncode == 0  # the working folders stay out of the repository
