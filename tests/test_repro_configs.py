@@ -221,39 +221,51 @@ def test_majority_floor_counts_exact_match_answers() -> None:
     assert majority_floor(["seven", "Seven.", "seven"], em)["accuracy"] == 0.5
 
 
-def test_summary_normalises_by_best_single_adapter_and_checks_floors() -> None:
-    manifest = {
-        "tasks": {
-            "a": {
-                "group": "in_domain",
-                "n_test": 100,
-                "chance": 0.5,
-                "majority": {"accuracy": 0.5},
-            },
-            "b": {
-                "group": "in_domain",
-                "n_test": 100,
-                "chance": 0.5,
-                "majority": {"accuracy": 0.6},
-            },
-            "u": {"group": "out_of_domain", "n_test": 100, "chance": 0.5},
-        }
+def _manifest(**majority: float | None) -> dict[str, Any]:
+    """A splits manifest of 100-item tasks: ``name=majority accuracy`` for an in-domain task,
+    ``name=None`` for an unseen one."""
+    tasks: dict[str, Any] = {}
+    for name, floor in majority.items():
+        tasks[name] = {"group": "out_of_domain", "n_test": 100, "chance": 0.5}
+        if floor is not None:
+            tasks[name].update(group="in_domain", majority={"accuracy": floor})
+    return {"tasks": tasks}
+
+
+def _record(
+    variant: str, seed: int, method: str, acc: dict[str, float], **fields: Any
+) -> dict[str, Any]:
+    """One :func:`collect` record; ``fields`` set scale, merge_seconds, cp_fit_error, storage."""
+    return {
+        "variant": variant,
+        "seed": seed,
+        "method": method,
+        "kind": "merge",
+        "scale": None,
+        "merge_seconds": None,
+        "cp_fit_error": None,
+        "storage": None,
+        "run_seconds": 1.0,
+        "acc": acc,
+        **fields,
     }
 
+
+def test_summary_normalises_by_best_single_adapter_and_checks_floors() -> None:
+    manifest = _manifest(a=0.5, b=0.6, u=None)
+
     def rec(variant: str, seed: int, method: str, a: float, b: float, u: float) -> dict[str, Any]:
-        storage = {"lora_params": 10, "cp_params": 4} if method.startswith("cp") else None
-        return {
-            "variant": variant,
-            "seed": seed,
-            "method": method,
-            "kind": "merge",
-            "scale": 2.0,
-            "merge_seconds": 0.5,
-            "cp_fit_error": 0.1 if method.startswith("cp") else None,
-            "storage": storage,
-            "run_seconds": 1.0,
-            "acc": {"a": a, "b": b, "u": u},
-        }
+        cp = method.startswith("cp")
+        return _record(
+            variant,
+            seed,
+            method,
+            {"a": a, "b": b, "u": u},
+            scale=2.0,
+            merge_seconds=0.5,
+            cp_fit_error=0.1 if cp else None,
+            storage={"lora_params": 10, "cp_params": 4} if cp else None,
+        )
 
     records = [
         rec("per_task", 0, "single:cluster_0", 0.8, 0.5, 0.5),
@@ -282,36 +294,10 @@ def test_summary_normalises_by_best_single_adapter_and_checks_floors() -> None:
 def test_summary_normalises_by_each_tasks_own_adapter_scored_on_its_task_only() -> None:
     """The sweep's per_task records score each adapter on its own task alone (``single_sets``):
     the normaliser and the ``single_adapters`` row are then each task's own adapter."""
-    manifest = {
-        "tasks": {
-            "a": {
-                "group": "in_domain",
-                "n_test": 100,
-                "chance": 0.5,
-                "majority": {"accuracy": 0.5},
-            },
-            "b": {
-                "group": "in_domain",
-                "n_test": 100,
-                "chance": 0.5,
-                "majority": {"accuracy": 0.5},
-            },
-        }
-    }
+    manifest = _manifest(a=0.5, b=0.5)
 
     def rec(method: str, acc: dict[str, float]) -> dict[str, Any]:
-        return {
-            "variant": "per_task" if method.startswith("single") else "kmeans4",
-            "seed": 0,
-            "method": method,
-            "kind": "merge",
-            "scale": None,
-            "merge_seconds": None,
-            "cp_fit_error": None,
-            "storage": None,
-            "run_seconds": 1.0,
-            "acc": acc,
-        }
+        return _record("per_task" if method.startswith("single") else "kmeans4", 0, method, acc)
 
     records = [
         rec("single:cluster_0", {"a": 0.8}),

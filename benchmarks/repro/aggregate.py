@@ -157,16 +157,23 @@ def summarise(
     tasks = manifest["tasks"]
     in_domain = [t for t, v in tasks.items() if v["group"] == "in_domain"]
     ood = [t for t, v in tasks.items() if v["group"] == "out_of_domain"]
-    # Normaliser: per seed and task, the task's own per-task adapter's accuracy on it (the
-    # per_task run scores each adapter on its own task only; were an adapter scored on more
-    # sets, the best of them on the task is taken).
-    best_single: dict[tuple[int, str], float] = {}
+    # Per (variant, seed) and task, the best single adapter's accuracy on it -- for per_task, the
+    # task's own adapter (the run scores each adapter on its own task only): each variant's
+    # single_adapters row, and per_task's in-domain values are the normaliser.
+    own_adapter: dict[tuple[str, int], dict[str, float]] = collections.defaultdict(dict)
     for rec in records:
-        if rec["variant"] == "per_task" and rec["method"].startswith("single:"):
+        if rec["method"].startswith("single:"):
+            best = own_adapter[(rec["variant"], rec["seed"])]
             for t, a in rec["acc"].items():
-                key = (rec["seed"], t)
-                if t in in_domain and math.isfinite(a) and a > best_single.get(key, -1.0):
-                    best_single[key] = a
+                if math.isfinite(a) and a > best.get(t, -1.0):
+                    best[t] = a
+    best_single = {
+        (s, t): a
+        for (v, s), accs in own_adapter.items()
+        if v == "per_task"
+        for t, a in accs.items()
+        if t in in_domain
+    }
     base = next((r for r in records if r["method"] == "base"), None)
     groups: dict[tuple[str, str], list[dict[str, Any]]] = collections.defaultdict(list)
     for rec in records:
@@ -181,13 +188,8 @@ def summarise(
     for (variant, method), recs in groups.items():
         if method == "single_adapters":
             # Per seed: each task scored by its own per-task adapter (the upper reference).
-            per_seed: dict[int, dict[str, float]] = collections.defaultdict(dict)
-            for rec in recs:
-                for t, a in rec["acc"].items():
-                    if math.isfinite(a) and a > per_seed[rec["seed"]].get(t, -1.0):
-                        per_seed[rec["seed"]][t] = a
-            accs = [per_seed[s] for s in sorted(per_seed)]
-            seeds = sorted(per_seed)
+            seeds = sorted(s for v, s in own_adapter if v == variant)
+            accs = [own_adapter[(variant, s)] for s in seeds]
         else:
             accs = [r["acc"] for r in recs]
             seeds = [r["seed"] for r in recs]

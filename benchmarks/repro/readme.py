@@ -129,7 +129,8 @@ def readme_block(summary: Mapping[str, Any] | None) -> str:
         lines += ["No run of the sweep has finished yet.", ""]
     else:
         lines += [_status(summary), "", *main_table(summary), ""]
-        pairs = paired_table(summary.get("paired") or [])
+        paired = summary.get("paired") or []
+        pairs = paired_table(paired)
         if pairs:
             lines += [
                 "Each CP merge's paired difference in accuracy points (same test items), with "
@@ -139,7 +140,7 @@ def readme_block(summary: Mapping[str, Any] | None) -> str:
                 "",
                 *pairs,
                 "",
-                *findings(summary.get("paired") or []),
+                *findings(paired),
                 "",
             ]
         lines += ["![sweep results](benchmarks/results/repro_small.png)", ""]
