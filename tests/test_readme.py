@@ -69,3 +69,41 @@ def test_sweep_findings_say_which_cp_differences_are_real() -> None:
         "| +1.0 [-2.0, +4.0] | – |"
     )
     assert len(table) == 3
+
+
+def test_sweep_floor_findings_count_merges_below_the_majority_answer() -> None:
+    from benchmarks.repro.readme import floor_findings
+
+    def row(variant: str, method: str, in_domain: float, one: float | None) -> dict:
+        return {
+            "variant": variant,
+            "method": method,
+            "in_domain": in_domain,
+            "one_answer_sets": one,
+            "mc_sets": None if one is None else 14,
+        }
+
+    summary = {
+        "floors": {"majority_in_domain": 0.452, "chance_out_of_domain": 0.333},
+        "rows": [
+            row("base", "base", 0.395, 6),
+            row("kmeans4", "routing", 0.48, 10),
+            row("per_task", "single_adapters", 0.6, None),
+            row("kmeans4", "cp4_mean_loading", 0.46, 2),
+            row("kmeans4", "uniform", 0.41, 3),
+            row("kmeans8", "tsv", 0.452, 5),
+        ],
+    }
+    floors, one_answer = floor_findings(summary)
+    assert floors == (
+        "Floors: always giving a training task's most frequent training answer scores 45.2% "
+        "in-domain; a uniform guess scores 33.3% on the unseen tasks. In-domain, 2 of 3 merges "
+        "score at or below the majority floor (above it: kmeans4/cp4_mean_loading 46.0%); "
+        "references above it: kmeans4/routing 48.0%, per_task/single_adapters 60.0%; at or "
+        "below it: base 39.5%."
+    )
+    assert one_answer.startswith(
+        "One-answer sets: of the 14 multiple-choice sets, the merges' per-item results are "
+        "exactly those of always giving one answer on 2–5 sets (base 6, kmeans4/routing 10);"
+    )
+    assert floor_findings({"floors": {}, "rows": []}) == []

@@ -21,7 +21,14 @@ import pytest
 import torch
 import yaml
 
-from benchmarks.repro.aggregate import collect, paired_differences, summarise, timings
+from benchmarks.repro.aggregate import (
+    answer_patterns,
+    collect,
+    one_answer_sets,
+    paired_differences,
+    summarise,
+    timings,
+)
 from benchmarks.repro.data import majority_floor, prepare_data
 from benchmarks.repro.report import markdown
 from benchmarks.repro.runs import run_overrides
@@ -311,6 +318,50 @@ def test_summary_normalises_by_each_tasks_own_adapter_scored_on_its_task_only() 
     assert math.isclose(uniform["normalised"], (0.4 / 0.8 + 0.5 / 0.5) / 2)
     checks = {c["task"]: c["adapter"] for c in summary["adapter_checks"]}
     assert checks == {"a": 0.8, "b": 0.5}
+
+
+def test_one_answer_sets_are_results_identical_to_a_constant_answer(tmp_path: Path) -> None:
+    """A row whose per-item results are those of always answering one choice is counted, per
+    set and seed; exact-match sets and the per-task adapters' row are not counted."""
+    manifest = _manifest(a=0.5, b=0.5, u=None)
+    manifest["tasks"]["a"]["kind"] = manifest["tasks"]["u"]["kind"] = "multiple_choice"
+    manifest["tasks"]["b"]["kind"] = "exact_match"
+    answers = {"test/a": ["Yes", "No", "No", "Yes"], "ood/u": ["X", "Y", "draw"]}
+    for name, golds in answers.items():
+        choices = sorted(set(golds) | {"Yes", "No"}) if name == "test/a" else ["X", "Y", "draw"]
+        path = tmp_path / f"{name}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(
+            "".join(
+                json.dumps({"prompt": "p", "choices": choices, "answer": g}) + "\n" for g in golds
+            )
+        )
+    patterns = answer_patterns(tmp_path, manifest)
+    assert patterns == {
+        "a": {"No": "0110", "Yes": "1001"},
+        "u": {"X": "100", "Y": "010", "draw": "001"},
+    }
+    assert one_answer_sets({"a": "1001", "b": "1111", "u": "110"}, patterns) == ["a"]
+    assert one_answer_sets({"a": "1000", "u": "001"}, patterns) == ["u"]
+
+    def rec(seed: int, method: str, items: dict[str, str]) -> dict[str, Any]:
+        acc = {t: v.count("1") / len(v) for t, v in items.items()}
+        return _record("kmeans4", seed, method, acc, items=items)
+
+    records = [
+        rec(0, "uniform", {"a": "0110", "b": "0000", "u": "010"}),  # both sets one answer
+        rec(1, "uniform", {"a": "1100", "b": "1000", "u": "010"}),  # u only
+        rec(0, "tsv", {"a": "1101", "b": "0000", "u": "111"}),
+        {**rec(0, "single:cluster_0", {"a": "1001"}), "variant": "per_task"},
+    ]
+    rows = {
+        r["method"]: r for r in summarise(records, manifest, ["uniform", "tsv"], patterns)["rows"]
+    }
+    assert (rows["uniform"]["one_answer_sets"], rows["uniform"]["mc_sets"]) == (1.5, 2)
+    assert (rows["tsv"]["one_answer_sets"], rows["tsv"]["mc_sets"]) == (0, 2)
+    assert rows["single_adapters"]["one_answer_sets"] is None
+    assert "| 1.5 of 2 |" in markdown(summarise(records, manifest, None, patterns), "cmd")
+    assert all(r["one_answer_sets"] is None for r in summarise(records, manifest)["rows"])
 
 
 def test_method_order_is_the_study_config_of_the_sweep() -> None:

@@ -6,6 +6,7 @@ normalised accuracy, the per-task adapter checks, parameter counts and timings.
 from __future__ import annotations
 
 import collections
+import json
 import math
 import statistics
 from collections.abc import Mapping, Sequence
@@ -18,7 +19,9 @@ from tclora.study.paired import parse_items as parse
 __all__ = [
     "adapter_checks",
     "adapter_storage",
+    "answer_patterns",
     "collect",
+    "one_answer_sets",
     "paired_differences",
     "summarise",
     "timings",
@@ -96,6 +99,49 @@ def timings(sweep: Sweep) -> dict[str, Any]:
     }
 
 
+def answer_patterns(data_dir: Path, manifest: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """The per-item results of always giving one answer, per multiple-choice task and choice.
+
+    Args:
+        data_dir: The splits folder (``<work_dir>/data``: ``test/`` for the training tasks'
+            test splits, ``ood/`` for the unseen tasks).
+        manifest: The splits' manifest (:func:`benchmarks.repro.data.prepare_data`).
+
+    Returns:
+        ``{task: {choice: "0110..."}}`` in the test file's item order (a study row's ``items``
+        order); exact-match tasks are left out.
+    """
+    out: dict[str, dict[str, str]] = {}
+    for task, info in manifest["tasks"].items():
+        if info.get("kind") != "multiple_choice":
+            continue
+        folder = "test" if info.get("group") == "in_domain" else "ood"
+        lines = (data_dir / folder / f"{task}.jsonl").read_text().splitlines()
+        items = [json.loads(line) for line in lines if line.strip()]
+        out[task] = {
+            choice: "".join("1" if item["answer"] == choice else "0" for item in items)
+            for choice in items[0]["choices"]
+        }
+    return out
+
+
+def one_answer_sets(
+    items: Mapping[str, str], patterns: Mapping[str, Mapping[str, str]]
+) -> list[str]:
+    """The multiple-choice sets on which a method's per-item results are exactly those of always
+    giving one answer (:func:`answer_patterns`): a model collapsed to a constant answer there, or
+    indistinguishable from one by its scores.
+
+    Args:
+        items: A method's per-item results per set (``"0110..."``).
+        patterns: :func:`answer_patterns`.
+
+    Returns:
+        The sets, in ``patterns`` order.
+    """
+    return [t for t, per in patterns.items() if t in items and items[t] in per.values()]
+
+
 def collect(sweep: Sweep, manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One record per (variant, seed, method) with its per-task headline scores and per-item
     correctness, from the runs' records (:mod:`benchmarks.repro.records`) alone.
@@ -140,6 +186,7 @@ def summarise(
     records: list[dict[str, Any]],
     manifest: Mapping[str, Any],
     methods: Sequence[str] | None = None,
+    patterns: Mapping[str, Mapping[str, str]] | None = None,
 ) -> dict[str, Any]:
     """Mean +- std over seeds per (variant, method): in-domain, normalised in-domain, unseen.
 
@@ -148,6 +195,9 @@ def summarise(
         manifest: The splits' manifest (:func:`benchmarks.repro.data.prepare_data`).
         methods: Merge methods in table order (default: the default sweep's
             :attr:`tclora.study.StudyConfig.method_names`); the references come first.
+        patterns: :func:`answer_patterns`; with them each row gets ``one_answer_sets`` (mean
+            over seeds of :func:`one_answer_sets`' count) and ``mc_sets`` (the multiple-choice
+            sets it was scored on), ``None`` for the per-task adapters' row.
 
     Returns:
         ``{"rows", "floors", "adapter_checks", "tasks"}``.
@@ -205,6 +255,10 @@ def summarise(
             )
             for a, s in zip(accs, seeds, strict=True)
         ]
+        one_answer, mc_sets = None, None
+        if patterns is not None and method != "single_adapters":
+            one_answer = _mean([len(one_answer_sets(r["items"], patterns)) for r in recs])
+            mc_sets = max(sum(t in r["items"] for t in patterns) for r in recs)
         first = recs[0]
         per_task = {t: _mean([a.get(t, math.nan) for a in accs]) for t in in_domain + ood}
         rows.append(
@@ -236,6 +290,8 @@ def summarise(
                 ),
                 "lora_params": (first["storage"] or {}).get("lora_params"),
                 "cp_params": (first["storage"] or {}).get("cp_params"),
+                "one_answer_sets": one_answer,
+                "mc_sets": mc_sets,
                 "per_task": per_task,
             }
         )

@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import benchmarks.repro
-from benchmarks.repro.aggregate import collect, summarise, timings
+from benchmarks.repro.aggregate import answer_patterns, collect, summarise, timings
 from benchmarks.repro.data import prepare_data
 from benchmarks.repro.report import write_results
 from benchmarks.repro.runs import run_one
@@ -83,7 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not records:
         print("no finished runs to aggregate")
         return 1
-    summary = summarise(records, manifest, study_config(sweep).method_names)
+    patterns = answer_patterns(sweep.work_dir / "data", manifest)
+    summary = summarise(records, manifest, study_config(sweep).method_names, patterns)
     summary["timings"] = timings(sweep)
     summary["sweep"] = {k: _portable(v) for k, v in asdict(sweep).items()}
     write_results(summary, sweep, command.strip())

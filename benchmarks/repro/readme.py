@@ -15,8 +15,9 @@ from typing import Any
 
 from benchmarks.repro.report import main_table
 
-__all__ = ["BEGIN", "END", "findings", "readme_block"]
+__all__ = ["BEGIN", "END", "findings", "floor_findings", "readme_block"]
 
+REFERENCES = ("base", "single_adapters", "single_lora", "routing", "arrow")
 BEGIN, END = "<!-- repro-results:begin -->", "<!-- repro-results:end -->"
 COMMANDS = (
     "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/repro_small.py  # resumes; skips committed runs",
@@ -106,6 +107,58 @@ def findings(paired: Sequence[Mapping[str, Any]]) -> list[str]:
     return out
 
 
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def floor_findings(summary: Mapping[str, Any]) -> list[str]:
+    """Plain sentences on the floors: how many merges (and which references) score below the
+    majority answer in-domain, and on how many multiple-choice sets the methods' results are those
+    of one constant answer."""
+    floors = summary.get("floors") or {}
+    majority, chance = floors.get("majority_in_domain"), floors.get("chance_out_of_domain")
+    rows = [r for r in summary["rows"] if r["in_domain"] == r["in_domain"]]  # not NaN
+    if majority is None or not rows:
+        return []
+    merges = [r for r in rows if r["method"] not in REFERENCES]
+    refs = [r for r in rows if r["method"] in REFERENCES]
+    above = [r for r in merges if r["in_domain"] > majority]
+
+    def label(r: Mapping[str, Any]) -> str:
+        return r["method"] if r["variant"] == r["method"] else f"{r['variant']}/{r['method']}"
+
+    def named(rs: Sequence[Mapping[str, Any]]) -> str:
+        return ", ".join(f"{label(r)} {_pct(r['in_domain'])}" for r in rs) or "none"
+
+    text = (
+        f"Floors: always giving a training task's most frequent training answer scores "
+        f"{_pct(majority)} in-domain"
+        + (f"; a uniform guess scores {_pct(chance)} on the unseen tasks" if chance else "")
+        + f". In-domain, {len(merges) - len(above)} of {len(merges)} merges score at or below "
+        f"the majority floor"
+        + (f" (above it: {named(above)})" if above else "")
+        + f"; references above it: {named([r for r in refs if r['in_domain'] > majority])}; "
+        f"at or below it: {named([r for r in refs if r['in_domain'] <= majority])}."
+    )
+    out = [text]
+    counted = [r for r in rows if r.get("one_answer_sets") is not None and r.get("mc_sets")]
+    if counted:
+        total = max(r["mc_sets"] for r in counted)
+        counts = [r["one_answer_sets"] for r in counted if r["method"] not in REFERENCES]
+        span = f"{min(counts):.2g}–{max(counts):.2g}" if counts else "–"
+        refs_text = ", ".join(
+            f"{label(r)} {r['one_answer_sets']:.2g}" for r in counted if r["method"] in REFERENCES
+        )
+        out.append(
+            f"One-answer sets: of the {total} multiple-choice sets, the merges' per-item results "
+            f"are exactly those of always giving one answer on {span} sets"
+            + (f" ({refs_text})" if refs_text else "")
+            + "; an accuracy near the majority floor can come from answering one choice "
+            "everywhere rather than from the task."
+        )
+    return out
+
+
 def _status(summary: Mapping[str, Any]) -> str:
     sweep = summary.get("sweep", {})
     planned = [f"{v}/seed{s}" for s in sweep.get("seeds", []) for v in sweep.get("variants", [])]
@@ -129,6 +182,7 @@ def readme_block(summary: Mapping[str, Any] | None) -> str:
         lines += ["No run of the sweep has finished yet.", ""]
     else:
         lines += [_status(summary), "", *main_table(summary), ""]
+        lines += [line for text in floor_findings(summary) for line in (text, "")]
         paired = summary.get("paired") or []
         pairs = paired_table(paired)
         if pairs:

@@ -32,6 +32,11 @@ def _num(value: Any, fmt: str) -> str:
     return format(value, fmt)
 
 
+def _one_answer(row: Mapping[str, Any]) -> str:
+    count, total = row.get("one_answer_sets"), row.get("mc_sets")
+    return "–" if count is None or total is None else f"{count:.2g} of {total}"
+
+
 def main_table(summary: Mapping[str, Any]) -> list[str]:
     """The main table's lines (with the paragraph that explains its columns): per clustering
     and method, in-domain, normalised and unseen accuracy, scale, CP diagnostics, merge seconds
@@ -42,11 +47,13 @@ def main_table(summary: Mapping[str, Any]) -> list[str]:
         "unseen: tasks never trained or clustered on. ±SE: one standard error of the mean from "
         "test-item sampling alone. CP shared: the fraction of the CP components' energy (λ²) "
         "whose loadings spread evenly over the adapters (evenness ≥ 0.5; 0 = every component "
-        "belongs to one adapter, a plain top-R truncation).",
+        "belongs to one adapter, a plain top-R truncation). One-answer sets: of the "
+        "multiple-choice sets a method was scored on, those where its per-item results are "
+        "exactly those of always giving one answer (mean over seeds).",
         "",
         "| clustering | method | seeds | in-domain | ±SE | normalised | unseen | ±SE | scale "
-        "| CP fit err | CP shared | merge s | params K adapters | params CP |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| one-answer sets | CP fit err | CP shared | merge s | params K adapters | params CP |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["rows"]:
         lines.append(
@@ -55,7 +62,7 @@ def main_table(summary: Mapping[str, Any]) -> list[str]:
             f"| {_pct(r['normalised'], r['normalised_std'])} "
             f"| {_pct(r['out_of_domain'], r['out_of_domain_std'])} "
             f"| {_pct(r['out_of_domain_se'])} | {_num(r['scale'], '.3g')} "
-            f"| {_num(r['cp_fit_error'], '.3f')} | {_num(r.get('shared_fraction'), '.2f')} "
+            f"| {_one_answer(r)} | {_num(r['cp_fit_error'], '.3f')} | {_num(r.get('shared_fraction'), '.2f')} "
             f"| {_num(r['merge_seconds'], '.2f')} "
             f"| {_num(r['lora_params'], ',')} | {_num(r['cp_params'], ',')} |"
         )
