@@ -381,7 +381,7 @@ def test_method_order_is_the_study_config_of_the_sweep() -> None:
 
 
 def test_records_carry_the_runs_and_collect_reads_only_them(tmp_path: Path) -> None:
-    from benchmarks.repro.records import read_records, record_path, write_record
+    from benchmarks.repro.records import base_scored, read_records, record_path, write_record
     from tclora.study import MethodResult, row_to_dict
 
     sweep = Sweep(
@@ -441,6 +441,12 @@ def test_records_carry_the_runs_and_collect_reads_only_them(tmp_path: Path) -> N
         SystemExit, match=r"kmeans4-seed0\.json was made with other sweep settings "
     ):
         read_records(other)
+    # the base model is scored once per sweep: any record of its settings holding it counts,
+    # picked or not (``--variants per_task`` must not score it a second time)
+    assert base_scored(sweep) and base_scored(Sweep(**{**sweep.__dict__, "variants": ("mbc4",)}))
+    assert not base_scored(other)
+    record_path(sweep, "kmeans4", 0).unlink()
+    assert not base_scored(sweep)
 
 
 def test_paired_differences_against_uniform_and_the_best_non_cp_merge() -> None:

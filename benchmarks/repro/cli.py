@@ -15,6 +15,7 @@ from pathlib import Path
 import benchmarks.repro
 from benchmarks.repro.aggregate import answer_patterns, collect, summarise, timings
 from benchmarks.repro.data import prepare_data
+from benchmarks.repro.records import base_scored
 from benchmarks.repro.report import write_results
 from benchmarks.repro.runs import run_one
 from benchmarks.repro.sweep import ROOT, VARIANTS, Sweep, study_config
@@ -72,13 +73,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.prepare_only:
         return 0
     if not args.aggregate_only:
-        first = True
         for seed in sweep.seeds:
             for variant in sweep.variants:
-                # The base model does not depend on the seed or the clustering: score it once.
-                evaluate_base = first and variant != "single"
+                # The base model does not depend on the seed or the clustering: it is scored
+                # once, by the first run fitted while no record holds it (whatever runs are picked).
+                evaluate_base = variant != "single" and not base_scored(sweep)
                 run_one(sweep, variant, seed, evaluate_base, args.threads)
-                first = first and not evaluate_base
     records = collect(sweep, manifest)
     if not records:
         print("no finished runs to aggregate")

@@ -20,7 +20,14 @@ from typing import Any
 from benchmarks.repro.sweep import Sweep, run_dir
 from tclora._io import atomic_write_text
 
-__all__ = ["RECORD_VERSION", "read_records", "record_path", "sweep_settings", "write_record"]
+__all__ = [
+    "RECORD_VERSION",
+    "base_scored",
+    "read_records",
+    "record_path",
+    "sweep_settings",
+    "write_record",
+]
 
 RECORD_VERSION = 1
 
@@ -79,6 +86,19 @@ def write_record(sweep: Sweep, variant: str, seed: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(record, separators=(",", ":"), sort_keys=True) + "\n")
     return path
+
+
+def base_scored(sweep: Sweep) -> bool:
+    """Whether a record of this sweep's settings -- of any variant and seed, picked or not --
+    already holds the base model's row (the base model is scored once per sweep)."""
+    want = sweep_settings(sweep)
+    for path in sorted((sweep.results_dir / "runs").glob("*.json")):
+        record = json.loads(path.read_text())
+        if record.get("settings") == want and any(
+            row["name"] == "base" for row in record["results"]["rows"]
+        ):
+            return True
+    return False
 
 
 def read_records(sweep: Sweep) -> dict[tuple[str, int], dict[str, Any]]:
