@@ -231,6 +231,24 @@ def test_summary_table_marks_the_kept_merge_and_the_grid_edge() -> None:
         "best single adapter (cluster_1)",
         "centroid routing",
     ]
+    # single adapters scored on their own set only (single_sets): no average compares them, so
+    # they become one row holding each set's own adapter (before: the first adapter, all NaN)
+    rows = _rows()
+    for r in rows:
+        if r.name.startswith("single:"):
+            keep = "food" if r.name.endswith("cluster_0") else "regex"
+            r.scores = {keep: r.scores[keep]}
+    own = summary_table(rows, ["food", "regex"], None, best_single_only=True)
+    assert [r["method"] for r in own][:3] == [
+        "base model",
+        "single adapters (each on its own sets)",
+        "centroid routing",
+    ]
+    singles = {r.name: r for r in rows if r.name.startswith("single:")}
+    food = singles["single:cluster_0"].primary("food")
+    regex = singles["single:cluster_1"].primary("regex")
+    assert (own[1]["food"], own[1]["regex"]) == (f"{food:.3f}", f"{regex:.3f}")
+    assert own[1]["average"] == f"{(food + regex) / 2:.3f}"
 
 
 def test_methods_figure_and_integer_loading_ticks() -> None:

@@ -278,7 +278,9 @@ def summary_table(
         eval_sets: The evaluation sets, in order.
         kept: The kept merge, or ``None``.
         best_single_only: Keep only the single adapter with the best average, as ``best single
-            adapter (<name>)``.
+            adapter (<name>)``. When the single adapters were scored on different sets
+            (``single_sets``), no average compares them: they become one row, ``single adapters
+            (each on its own sets)``, whose cell of a set is the best adapter scored on it.
 
     Returns:
         Rows of strings, every row with the same keys.
@@ -286,13 +288,20 @@ def summary_table(
     grid = _scale_grid(rows)
     singles = [r for r in rows if r.name.startswith("single:")]
     best_single = max(singles, key=lambda r: _finite(r.average(eval_sets)), default=None)
+    if best_single_only and any(es not in r.scores for r in singles for es in eval_sets):
+        best_single = _own_sets_row(singles, eval_sets)
     table = []
     for row in rows:
         name = display_name(row.name)
         if row.name.startswith("single:") and best_single_only:
-            if row is not best_single:
+            if row is not singles[0] or best_single is None:
                 continue
-            name = f"best single adapter ({row.name.split(':', 1)[1]})"
+            row = best_single  # the best adapter's row, where the first single adapter's was
+            name = (
+                f"best single adapter ({row.name.split(':', 1)[1]})"
+                if row.name.startswith("single:")
+                else row.name
+            )
         if row.name == kept:
             name += " (kept)"
         entry = {"method": name}
@@ -309,6 +318,17 @@ def summary_table(
         entry["merge s"] = _num(row.merge_seconds, 1)
         table.append(entry)
     return table
+
+
+def _own_sets_row(singles: Sequence[MethodResult], eval_sets: Sequence[str]) -> MethodResult:
+    """Single adapters scored on different sets as one reference row: per set, the best of the
+    adapters scored on it (its own adapter, for ``single_sets`` of one adapter per set)."""
+    scores = {}
+    for es in eval_sets:
+        scored = [r for r in singles if es in r.scores]
+        if scored:
+            scores[es] = max(scored, key=lambda r: _finite(r.primary(es))).scores[es]
+    return MethodResult("single adapters (each on its own sets)", "reference", scores=scores)
 
 
 def _finite(value: float) -> float:
