@@ -572,3 +572,53 @@ def test_run_records_are_not_git_ignored() -> None:
         assert done.returncode == 1, f"{path} is ignored by git"
     done = subprocess.run(["git", "check-ignore", "-q", "runs/demo"], cwd=ROOT, check=False)
     assert done.returncode == 0  # the working folders stay out of the repository
+
+
+def test_a_killed_run_keeps_its_attempts_seconds_on_the_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session's end kills the run in progress; the resumed run's record says so (its
+    ``seconds`` are the last attempt's, which reused the earlier attempts' finished rows)."""
+    import subprocess
+
+    from benchmarks.repro import runs
+    from benchmarks.repro.records import read_records
+
+    sweep = Sweep(
+        work_dir=tmp_path / "work",
+        results_dir=tmp_path / "results",
+        seeds=(0,),
+        variants=("kmeans4",),
+    )
+    calls: list[list[str]] = []
+
+    def killed(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
+        calls.append(command)
+        raise SystemExit(143)  # what the sweep's SIGTERM handler raises
+
+    def finishes(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
+        calls.append(command)
+        merge = run_dir(sweep, "kmeans4", 0) / "merge"
+        merge.mkdir(parents=True, exist_ok=True)
+        (merge / "results.json").write_text(json.dumps({"rows": [], "cp_fit_error": {}}))
+        return subprocess.CompletedProcess(command, 0)
+
+    import signal
+
+    from benchmarks.repro.cli import _exit_on_signal
+
+    with pytest.raises(SystemExit, match="143"):  # SIGTERM exits through Python's unwinding
+        _exit_on_signal(signal.SIGTERM, None)
+    monkeypatch.setattr(runs.subprocess, "run", killed)
+    with pytest.raises(SystemExit, match="143"):
+        runs.run_one(sweep, "kmeans4", 0, evaluate_base=False)
+    attempts = json.loads((run_dir(sweep, "kmeans4", 0) / "attempts.json").read_text())
+    assert len(attempts) == 1 and attempts[0] >= 0
+    monkeypatch.setattr(runs.subprocess, "run", finishes)
+    seconds = runs.run_one(sweep, "kmeans4", 0, evaluate_base=False)
+    timing = read_records(sweep)[("kmeans4", 0)]["timing"]
+    assert timing["earlier_attempts_seconds"] == attempts
+    assert math.isclose(timing["total_seconds"], seconds + attempts[0])
+    assert len(calls) == 2 and calls[0] == calls[1]
+    # a record exists now: the run is skipped
+    assert runs.run_one(sweep, "kmeans4", 0, evaluate_base=False) == 0.0 and len(calls) == 2

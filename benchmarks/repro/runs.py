@@ -193,18 +193,32 @@ def run_one(
     exe = Path(sys.executable).with_name("tclora")
     command = [str(exe), "fit", "--config", str(BASE_CONFIG), "--config", str(override)]
     print(f"[run ] {variant} seed {seed}: {' '.join(command)}", flush=True)
-    start = time.perf_counter()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if threads is not None:  # on a shared machine, OpenMP spin-waits can slow small kernels a lot
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    with open(folder / "fit.log", "w") as log:
-        done = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-    if done.returncode != 0:
-        raise SystemExit(f"{variant} seed {seed} failed (exit {done.returncode}); see {log.name}")
-    if variant == "single":
-        evaluate_single_lora(sweep, variant, seed)
+    # Earlier attempts that were killed (a session's end): their seconds stay on the record.
+    attempts_file = folder / "attempts.json"
+    earlier = json.loads(attempts_file.read_text()) if attempts_file.is_file() else []
+    start = time.perf_counter()
+    try:
+        with open(folder / "fit.log", "a" if earlier else "w") as log:
+            done = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+        if done.returncode != 0:
+            raise SystemExit(
+                f"{variant} seed {seed} failed (exit {done.returncode}); see {log.name}"
+            )
+        if variant == "single":
+            evaluate_single_lora(sweep, variant, seed)
+    except BaseException:  # killed or failed: keep this attempt's seconds for the record
+        atomic_write_text(
+            attempts_file, json.dumps([*earlier, round(time.perf_counter() - start, 1)])
+        )
+        raise
     seconds = time.perf_counter() - start
-    atomic_write_text(folder / "timing.json", json.dumps({"seconds": seconds}))
+    timing: dict[str, Any] = {"seconds": seconds}
+    if earlier:  # this attempt resumed the finished merge-study rows of the earlier ones
+        timing.update(earlier_attempts_seconds=earlier, total_seconds=seconds + sum(earlier))
+    atomic_write_text(folder / "timing.json", json.dumps(timing))
     path = write_record(sweep, variant, seed)
     print(f"[done] {variant} seed {seed}: {seconds:.0f} s; record {path} (commit it)", flush=True)
     return seconds
