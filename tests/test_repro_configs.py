@@ -622,3 +622,41 @@ def test_a_killed_run_keeps_its_attempts_seconds_on_the_record(
     assert len(calls) == 2 and calls[0] == calls[1]
     # a record exists now: the run is skipped
     assert runs.run_one(sweep, "kmeans4", 0, evaluate_base=False) == 0.0 and len(calls) == 2
+
+
+def test_pilot_fits_per_task_only_and_checks_each_adapter_on_its_own_task(tmp_path: Path) -> None:
+    """``benchmarks/repro_pilot.py``: the sweep's per_task run under another training budget,
+    its study cut to the per-task adapters on the in-domain sets, reported against the floors."""
+    from benchmarks.repro_pilot import pilot_sweep, report
+
+    sweep = pilot_sweep(180, 3, 3e-4, "cosine")
+    assert sweep.work_dir.name == "items180-epochs3-lr0.0003-cosine"
+    assert (sweep.train_items, sweep.seeds, sweep.variants) == (180, (0,), ("per_task",))
+    sweep.work_dir = tmp_path / "work"
+    sweep.overrides["callback"]["eval_sets"] = [
+        str(sweep.work_dir / "data" / "test" / f"{t}.jsonl") for t in sweep.train_tasks
+    ]
+    override = run_overrides(sweep, "per_task", 0, evaluate_base=False)
+    assert override["trainer"]["max_epochs"] == 3
+    assert override["model"]["lr"] == 3e-4 and override["model"]["lr_schedule"] == "cosine"
+    cb = override["trainer"]["callbacks"][0]["init_args"]
+    assert cb["references"] == ["single"] and len(cb["eval_sets"]) == 12
+    assert cb["single_sets"]["cluster_0"] == [sorted(TRAIN_TASKS)[0]]
+    cfg = study_config(sweep, eval_sets=cb["eval_sets"], single_sets=cb["single_sets"])
+    assert cfg.method_names == ["cp4_sum_components", "uniform"] and cfg.scales == [1.0]
+
+    tasks = sorted(sweep.train_tasks)
+    rows = [
+        {"name": f"single:cluster_{i}", "scores": {t: {"acc": 0.9 if i == 0 else 0.5}}}
+        for i, t in enumerate(tasks)
+    ]
+    merge = run_dir(sweep, "per_task", 0) / "merge"
+    merge.mkdir(parents=True)
+    (merge / "merge_progress.json").write_text(json.dumps({"rows": rows}))  # a stopped run
+    manifest = {
+        "tasks": {t: {"n_test": 100, "majority": {"accuracy": 0.5}} for t in sweep.train_tasks}
+    }
+    text = report(sweep, manifest, "tag")
+    assert f"| {tasks[0]} | 90.0 | 50.0 | +8.7 | yes |" in text
+    assert f"| {tasks[1]} | 50.0 | 50.0 | +0.0 | no |" in text
+    assert "Clearly above the majority answer (> 2 SE): 1 of 12 tasks." in text
