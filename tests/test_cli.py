@@ -6,6 +6,7 @@ import argparse
 import inspect
 import json
 import math
+import shutil
 import subprocess
 import sys
 import warnings
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 from helpers import merge_argv
 
@@ -427,3 +429,44 @@ def test_resume_names_every_model_value_the_checkpoint_overrides(
     assert not other.exists()  # as the warning said: the checkpoint's export_dir was used
     again = (tmp_path / "run" / "adapters" / "cluster_0" / "adapter_model.safetensors").read_bytes()
     assert again == first  # resumed at its last step: the same adapters
+
+
+def test_a_fit_resumed_from_its_final_checkpoint_still_ends_the_fit(
+    tmp_path: Path, tiny_model_dir: Path, multitask_jsonl: Path
+) -> None:
+    """The sweep resumes a run killed during its merge study from ``last.ckpt`` (saved at the
+    final step): the resumed fit trains nothing more but still runs every ``on_fit_end`` (here
+    the adapters' export), with the same adapters."""
+    from safetensors.torch import load_file
+
+    config = _small_config(tmp_path, tiny_model_dir, multitask_jsonl)
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    config["trainer"]["callbacks"] = [
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {
+                "dirpath": str(ckpt_dir),
+                "save_top_k": 0,
+                "save_last": True,
+                "every_n_train_steps": 2,
+                "enable_version_counter": False,
+            },
+        }
+    ]
+    path = _write(tmp_path, config)
+    cli_main(["fit", "--config", path])
+    export = tmp_path / "run" / "adapters"
+    first = {
+        p.name: load_file(p / "adapter_model.safetensors") for p in export.iterdir() if p.is_dir()
+    }
+    assert sorted(first) == ["cluster_0", "cluster_1"] and sorted(
+        p.name for p in ckpt_dir.iterdir()
+    ) == ["last.ckpt"]
+    shutil.rmtree(export)
+    cli = cli_main(["fit", "--config", path, "--ckpt_path", str(ckpt_dir / "last.ckpt")])
+    assert cli.trainer.global_step == 4
+    for name, tensors in first.items():
+        again = load_file(export / name / "adapter_model.safetensors")
+        assert again.keys() == tensors.keys()
+        for key in tensors:
+            torch.testing.assert_close(again[key], tensors[key], rtol=0, atol=0)

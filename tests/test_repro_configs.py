@@ -31,7 +31,7 @@ from benchmarks.repro.aggregate import (
 )
 from benchmarks.repro.data import majority_floor, prepare_data
 from benchmarks.repro.report import markdown
-from benchmarks.repro.runs import run_overrides
+from benchmarks.repro.runs import checkpoint_callback, run_overrides
 from benchmarks.repro.sweep import (
     OOD_TASKS,
     TRAIN_TASKS,
@@ -144,7 +144,18 @@ def test_repro_small_config_and_run_overrides(tmp_path: Path) -> None:
     mbc = run_overrides(sweep, "mbc4", 1, evaluate_base=False)
     assert mbc["data"]["clustering"] == "mbc"
     assert mbc["data"]["mbc_assignments"] == str(tmp_path / "runs" / "mbc4" / "seed1" / "mbc.json")
-    assert run_overrides(sweep, "single", 0, False)["trainer"]["callbacks"] == []
+    # every run checkpoints (a killed run goes on from <run>/checkpoints/last.ckpt)
+    single = run_overrides(sweep, "single", 0, False)["trainer"]
+    assert single["enable_checkpointing"] and single["callbacks"] == [
+        checkpoint_callback(tmp_path / "runs" / "single" / "seed0")
+    ]
+    ckpt = kmeans["trainer"]["callbacks"][-1]["init_args"]
+    assert ckpt["dirpath"] == str(tmp_path / "runs" / "kmeans8" / "seed0" / "checkpoints")
+    assert (ckpt["save_top_k"], ckpt["save_last"], ckpt["enable_version_counter"]) == (
+        0,
+        True,
+        False,
+    )
     # Every override, on top of the base config, still parses through the CLI.
     override = tmp_path / "overrides.yaml"
     override.write_text(yaml.safe_dump(kmeans))
@@ -441,10 +452,14 @@ def test_records_carry_the_runs_and_collect_reads_only_them(tmp_path: Path) -> N
         SystemExit, match=r"kmeans4-seed0\.json was made with other sweep settings "
     ):
         read_records(other)
+    # nor one fitted with another training configuration (here another learning rate)
+    retrained = Sweep(**{**sweep.__dict__, "overrides": {"model": {"lr": 1e-4}}})
+    with pytest.raises(SystemExit, match=r"other sweep settings \(training: \['[0-9a-f]{64}'\]"):
+        read_records(retrained)
     # the base model is scored once per sweep: any record of its settings holding it counts,
     # picked or not (``--variants per_task`` must not score it a second time)
     assert base_scored(sweep) and base_scored(Sweep(**{**sweep.__dict__, "variants": ("mbc4",)}))
-    assert not base_scored(other)
+    assert not base_scored(other) and not base_scored(retrained)
     record_path(sweep, "kmeans4", 0).unlink()
     assert not base_scored(sweep)
 
@@ -614,12 +629,15 @@ def test_a_killed_run_keeps_its_attempts_seconds_on_the_record(
         runs.run_one(sweep, "kmeans4", 0, evaluate_base=False)
     attempts = json.loads((run_dir(sweep, "kmeans4", 0) / "attempts.json").read_text())
     assert len(attempts) == 1 and attempts[0] >= 0
+    last = run_dir(sweep, "kmeans4", 0) / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    last.write_bytes(b"")  # what the killed attempt's ModelCheckpoint left
     monkeypatch.setattr(runs.subprocess, "run", finishes)
     seconds = runs.run_one(sweep, "kmeans4", 0, evaluate_base=False)
     timing = read_records(sweep)[("kmeans4", 0)]["timing"]
     assert timing["earlier_attempts_seconds"] == attempts
     assert math.isclose(timing["total_seconds"], seconds + attempts[0])
-    assert len(calls) == 2 and calls[0] == calls[1]
+    assert len(calls) == 2 and calls[1] == [*calls[0], "--ckpt_path", str(last)]
     # a record exists now: the run is skipped
     assert runs.run_one(sweep, "kmeans4", 0, evaluate_base=False) == 0.0 and len(calls) == 2
 
@@ -627,8 +645,12 @@ def test_a_killed_run_keeps_its_attempts_seconds_on_the_record(
 def test_pilot_fits_per_task_only_and_checks_each_adapter_on_its_own_task(tmp_path: Path) -> None:
     """``benchmarks/repro_pilot.py``: the sweep's per_task run under another training budget,
     its study cut to the per-task adapters on the in-domain sets, reported against the floors."""
-    from benchmarks.repro_pilot import pilot_sweep, report
+    from benchmarks.repro.pilot import pilot_sweep, report
 
+    screen = pilot_sweep(120, 2, None, None, ["food", "sarcasm"])
+    assert screen.train_tasks == ("food", "sarcasm")
+    assert screen.work_dir.name.startswith("items120-epochs2-2tasks-")
+    assert screen.overrides["callback"]["eval_sets"][1].endswith("test/sarcasm.jsonl")
     sweep = pilot_sweep(180, 3, 3e-4, "cosine")
     assert sweep.work_dir.name == "items180-epochs3-lr0.0003-cosine"
     assert (sweep.train_items, sweep.seeds, sweep.variants) == (180, (0,), ("per_task",))

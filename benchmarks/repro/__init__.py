@@ -19,7 +19,9 @@ Modules, each using only those above it: :mod:`~benchmarks.repro.sweep` (what th
 top of ``configs/repro_small.yaml``), :mod:`~benchmarks.repro.data` (splits and eval-set files),
 :mod:`~benchmarks.repro.runs` (one run through the CLI; the one-LoRA evaluation),
 :mod:`~benchmarks.repro.aggregate` (records, summary, statistics, timings),
-:mod:`~benchmarks.repro.report` (Markdown, CSV, JSON) and :mod:`~benchmarks.repro.cli` (``main``).
+:mod:`~benchmarks.repro.report` (Markdown, CSV, JSON), :mod:`~benchmarks.repro.cli` (``main``), and
+:mod:`~benchmarks.repro.pilot` (``benchmarks/repro_pilot.py``: the per_task run alone under another
+training budget, to check that the per-task adapters beat their majority answer).
 
 Usage::
 

@@ -7,17 +7,18 @@ and component sharing, the run's timings and parameter counts, MBC's groups, and
 settings that produced it. The sweep skips a run whose record exists, so it resumes on any machine
 from the repository alone; aggregation and figures read these files and nothing else.
 
-A record made under other settings (items per task, tasks) is never mixed in: reading it stops
-with the file and the differing settings named.
+A record made under other settings (items per task, tasks, the training configuration) is never
+mixed in: reading it stops with the file and the differing settings named.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.repro.sweep import Sweep, run_dir
+from benchmarks.repro.sweep import Sweep, base_config, run_dir
 from tclora._io import atomic_write_text
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "read_records",
     "record_path",
     "sweep_settings",
+    "training_digest",
     "write_record",
 ]
 
@@ -37,14 +39,24 @@ def record_path(sweep: Sweep, variant: str, seed: int) -> Path:
     return sweep.results_dir / "runs" / f"{variant}-seed{seed}.json"
 
 
+def training_digest(sweep: Sweep) -> str:
+    """sha256 of what every run is fitted and evaluated with: ``configs/repro_small.yaml`` as
+    parsed (comments aside) and the sweep's overrides. Another budget, learning rate, schedule
+    or study option gives another digest, so its records are never mixed with these."""
+    text = json.dumps({"config": base_config(), "overrides": sweep.overrides}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def sweep_settings(sweep: Sweep) -> dict[str, Any]:
-    """The settings a record must share with the sweep reading it (data and split sizes)."""
+    """The settings a record must share with the sweep reading it: data and split sizes, and
+    the training configuration (:func:`training_digest`)."""
     return {
         "train_tasks": list(sweep.train_tasks),
         "ood_tasks": list(sweep.ood_tasks),
         "train_items": sweep.train_items,
         "test_items": sweep.test_items,
         "ood_items": sweep.ood_items,
+        "training": training_digest(sweep),
     }
 
 

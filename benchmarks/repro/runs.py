@@ -31,7 +31,14 @@ from benchmarks.repro.sweep import (
 )
 from tclora._io import atomic_write_text
 
-__all__ = ["evaluate_single_lora", "mbc_stage2", "run_one", "run_overrides"]
+__all__ = [
+    "CHECKPOINT_EVERY",
+    "checkpoint_callback",
+    "evaluate_single_lora",
+    "mbc_stage2",
+    "run_one",
+    "run_overrides",
+]
 
 
 def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -42,6 +49,25 @@ def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any
         else:
             out[key] = value
     return out
+
+
+CHECKPOINT_EVERY = 25  # training steps between checkpoints (~2 min on 2 cores)
+
+
+def checkpoint_callback(folder: Path) -> dict[str, Any]:
+    """The ``ModelCheckpoint`` of a run: ``<run>/checkpoints/last.ckpt`` every
+    :data:`CHECKPOINT_EVERY` steps, always overwritten (adapters and optimizer state only:
+    :class:`tclora.LoRAModule` leaves the frozen base out of its checkpoints)."""
+    return {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {
+            "dirpath": str(folder / "checkpoints"),
+            "save_top_k": 0,
+            "save_last": True,
+            "every_n_train_steps": CHECKPOINT_EVERY,
+            "enable_version_counter": False,
+        },
+    }
 
 
 def run_overrides(sweep: Sweep, variant: str, seed: int, evaluate_base: bool) -> dict[str, Any]:
@@ -77,8 +103,11 @@ def run_overrides(sweep: Sweep, variant: str, seed: int, evaluate_base: bool) ->
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                 "init_args": {"save_dir": str(folder), "name": "tensorboard", "version": ""},
             },
+            # A run killed mid-way (a session's end) resumes from its last checkpoint.
+            "enable_checkpointing": True,
             # One adapter cannot be merged: the single-LoRA run is evaluated by this script.
-            "callbacks": [] if variant == "single" else [callback],
+            "callbacks": ([] if variant == "single" else [callback])
+            + [checkpoint_callback(folder)],
         },
         # Adapter k of seed s starts from seed 1000 s + k: every adapter has its own init --
         # except per_task, MBC's stage 1, whose adapters share one init so that their
@@ -192,6 +221,9 @@ def run_one(
     )
     exe = Path(sys.executable).with_name("tclora")
     command = [str(exe), "fit", "--config", str(BASE_CONFIG), "--config", str(override)]
+    last = folder / "checkpoints" / "last.ckpt"
+    if last.is_file():  # an earlier attempt was killed: go on from its last checkpoint
+        command += ["--ckpt_path", str(last)]
     print(f"[run ] {variant} seed {seed}: {' '.join(command)}", flush=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if threads is not None:  # on a shared machine, OpenMP spin-waits can slow small kernels a lot

@@ -1,0 +1,152 @@
+"""Pilot of the sweep's training budget: do the per-task adapters beat their majority answer?
+
+Issue 13 asks that every task's own adapter beat the majority-answer floor before any conclusion
+is drawn from the sweep, and to train longer if it does not. This script fits only the sweep's
+``per_task`` run (one seed) under a given budget -- training items per task, epochs, learning
+rate -- scores each adapter on its own task's test split (the same splits, scorer and options as
+the sweep), and prints how far each one is above its floor. The merge study is cut to the
+minimum the callback needs (one uniform and one CP merge at scale 1, in-domain sets only), so a
+pilot costs the fit plus about two evaluation passes.
+
+Usage::
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/repro_pilot.py --train-items 180 --epochs 2 \
+        --lr-schedule cosine
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/repro_pilot.py --train-items 64 --epochs 2 --lr 1e-3
+
+Each budget gets its own work folder (``runs/repro_pilot/<budget>``); the table also goes to
+``benchmarks/results/logs/repro_pilot-<budget>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from benchmarks.repro.aggregate import adapter_checks
+from benchmarks.repro.data import prepare_data
+from benchmarks.repro.runs import run_one
+from benchmarks.repro.sweep import ROOT, Sweep, run_dir
+from tclora._io import atomic_write_text
+
+__all__ = ["main", "pilot_sweep", "report"]
+
+
+def pilot_sweep(
+    train_items: int,
+    epochs: int,
+    lr: float | None,
+    lr_schedule: str | None = None,
+    tasks: Sequence[str] | None = None,
+) -> Sweep:
+    """The one-run sweep of a pilot: per_task, seed 0, in-domain sets only, minimal merges.
+
+    Args:
+        train_items: Training items per task (before the data module's validation split).
+        epochs: Epochs over them.
+        lr: Learning rate (``None``: the config's).
+        lr_schedule: ``constant``, ``linear`` or ``cosine`` (``None``: the config's).
+        tasks: Registry tasks to train on (``None``: the sweep's), e.g. candidates to screen.
+
+    Returns:
+        The sweep, its work folder ``runs/repro_pilot/<budget>`` named after the arguments.
+    """
+    tag = f"items{train_items}-epochs{epochs}" + (f"-lr{lr:g}" if lr is not None else "")
+    tag += f"-{lr_schedule}" if lr_schedule else ""
+    if tasks is not None:
+        digest = hashlib.sha256(json.dumps(sorted(tasks)).encode()).hexdigest()[:8]
+        tag += f"-{len(tasks)}tasks-{digest}"
+    model: dict[str, Any] = {"lr": lr} if lr is not None else {}
+    model.update({"lr_schedule": lr_schedule} if lr_schedule else {})
+    work = ROOT / "runs" / "repro_pilot" / tag
+    sweep = Sweep(work_dir=work, results_dir=work / "results", train_items=train_items)
+    if tasks is not None:
+        sweep.train_tasks = tuple(tasks)
+    sweep.seeds, sweep.variants = (0,), ("per_task",)
+    data = work / "data"
+    sweep.overrides = {
+        "trainer": {"max_epochs": epochs},
+        **({"model": model} if model else {}),
+        "callback": {
+            "eval_sets": [str(data / "test" / f"{t}.jsonl") for t in sweep.train_tasks],
+            "references": ["single"],
+            "cp_ranks": [4],
+            "rules": ["sum_components"],
+            "baselines": ["uniform"],
+            "scales": [1.0],
+            "scale_extensions": 0,
+        },
+    }
+    return sweep
+
+
+def report(sweep: Sweep, manifest: dict[str, Any], tag: str) -> str:
+    """Each task's own adapter against its majority floor, as the sweep's harness checks it."""
+    merge = run_dir(sweep, "per_task", 0) / "merge"
+    # the finished study's results, else the rows its progress file holds (a stopped run)
+    done = merge / "results.json"
+    results = json.loads((done if done.is_file() else merge / "merge_progress.json").read_text())
+    tasks = sorted(sweep.train_tasks)  # per_task numbers its clusters by task name, sorted
+    own = {}
+    for row in results["rows"]:
+        if row["name"].startswith("single:cluster_"):
+            task = tasks[int(row["name"].rsplit("_", 1)[1])]
+            metrics = row["scores"][task]
+            own[(0, task)] = metrics.get("acc", metrics.get("exact_match"))
+    checks = adapter_checks(own, manifest)
+    lines = [
+        f"Pilot {tag}: per_task seed 0, {sweep.train_items} training items per task "
+        f"(`python {' '.join(sys.argv)}`)",
+        "",
+        "| task | own adapter | majority | margin (SE) | clearly above |",
+        "|---|---|---|---|---|",
+    ]
+    for c in checks:
+        lines.append(
+            f"| {c['task']} | {100 * c['adapter']:.1f} | {100 * c['majority']:.1f} "
+            f"| {c['margin_se']:+.1f} | {'yes' if c['clearly_beats'] else 'no'} |"
+        )
+    beaten = sum(c["clearly_beats"] for c in checks)
+    lines += ["", f"Clearly above the majority answer (> 2 SE): {beaten} of {len(checks)} tasks."]
+    timing = run_dir(sweep, "per_task", 0) / "timing.json"
+    if timing.is_file():
+        lines.append(f"Run time: {json.loads(timing.read_text())['seconds']:.0f} s.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--train-items", type=int, default=64, help="items per training task")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs over the training items")
+    parser.add_argument("--lr", type=float, help="learning rate (default: the config's)")
+    parser.add_argument(
+        "--lr-schedule", choices=["constant", "linear", "cosine"], help="default: the config's"
+    )
+    parser.add_argument(
+        "--tasks", nargs="+", help="registry tasks to train on (default: the sweep's 12)"
+    )
+    parser.add_argument(
+        "--report-sweep",
+        action="store_true",
+        help="no fit: report the sweep's own per_task seed-0 run (runs/repro_small), finished "
+        "or stopped after its per-task adapters were scored",
+    )
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.report_sweep:
+        sweep, tag = Sweep(), "sweep"
+        manifest = prepare_data(sweep)
+    else:
+        sweep = pilot_sweep(args.train_items, args.epochs, args.lr, args.lr_schedule, args.tasks)
+        tag = sweep.work_dir.name
+        manifest = prepare_data(sweep)
+        run_one(sweep, "per_task", 0, evaluate_base=False)
+    text = report(sweep, manifest, tag)
+    atomic_write_text(ROOT / "benchmarks" / "results" / "logs" / f"repro_pilot-{tag}.md", text)
+    print(text)
+    return 0
