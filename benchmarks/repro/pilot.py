@@ -80,6 +80,7 @@ def pilot_sweep(
             "baselines": ["uniform"],
             "scales": [1.0],
             "scale_extensions": 0,
+            "val_max_batches": 1,  # the validation loss is not what a pilot checks
         },
     }
     return sweep
