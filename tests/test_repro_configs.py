@@ -620,10 +620,13 @@ def test_a_killed_run_keeps_its_attempts_seconds_on_the_record(
 
     import signal
 
-    from benchmarks.repro.cli import _exit_on_signal
-
-    with pytest.raises(SystemExit, match="143"):  # SIGTERM exits through Python's unwinding
-        _exit_on_signal(signal.SIGTERM, None)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        runs.exit_on_termination()
+        with pytest.raises(SystemExit, match="143"):  # SIGTERM exits through Python's unwinding
+            signal.raise_signal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     monkeypatch.setattr(runs.subprocess, "run", killed)
     with pytest.raises(SystemExit, match="143"):
         runs.run_one(sweep, "kmeans4", 0, evaluate_base=False)

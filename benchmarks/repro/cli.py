@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -18,7 +17,7 @@ from benchmarks.repro.aggregate import answer_patterns, collect, summarise, timi
 from benchmarks.repro.data import prepare_data
 from benchmarks.repro.records import base_scored
 from benchmarks.repro.report import write_results
-from benchmarks.repro.runs import run_one
+from benchmarks.repro.runs import exit_on_termination, run_one
 from benchmarks.repro.sweep import ROOT, VARIANTS, Sweep, study_config
 
 __all__ = ["PROG", "main"]
@@ -51,10 +50,6 @@ def _portable(value: object) -> object:
     return str(value.relative_to(ROOT)) if value.is_relative_to(ROOT) else str(value)
 
 
-def _exit_on_signal(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the sweep as ``python benchmarks/repro_small.py [flags]``; return the exit code."""
     args = _parser().parse_args(argv)
@@ -78,11 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.prepare_only:
         return 0
     if not args.aggregate_only:
-        # A session's end sends SIGTERM (or SIGHUP): exit through Python, so that the run in
-        # progress records its attempt's seconds (benchmarks.repro.runs.run_one) and its fit
-        # process is killed with it.
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, _exit_on_signal)
+        exit_on_termination()
         for seed in sweep.seeds:
             for variant in sweep.variants:
                 # The base model does not depend on the seed or the clustering: it is scored

@@ -30,7 +30,7 @@ from typing import Any
 
 from benchmarks.repro.aggregate import adapter_checks
 from benchmarks.repro.data import prepare_data
-from benchmarks.repro.runs import run_one
+from benchmarks.repro.runs import exit_on_termination, run_one
 from benchmarks.repro.sweep import ROOT, Sweep, run_dir
 from tclora._io import atomic_write_text
 
@@ -146,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sweep = pilot_sweep(args.train_items, args.epochs, args.lr, args.lr_schedule, args.tasks)
         tag = sweep.work_dir.name
         manifest = prepare_data(sweep)
+        exit_on_termination()
         run_one(sweep, "per_task", 0, evaluate_base=False)
     text = report(sweep, manifest, tag)
     atomic_write_text(ROOT / "benchmarks" / "results" / "logs" / f"repro_pilot-{tag}.md", text)

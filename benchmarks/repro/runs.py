@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -35,6 +36,7 @@ __all__ = [
     "CHECKPOINT_EVERY",
     "checkpoint_callback",
     "evaluate_single_lora",
+    "exit_on_termination",
     "mbc_stage2",
     "run_one",
     "run_overrides",
@@ -191,6 +193,17 @@ def mbc_stage2(sweep: Sweep, variant: str, seed: int) -> Path:
         read_adapter_folders({t: stage1 / f"cluster_{i}" for i, t in enumerate(tasks)}), k
     )
     return write_mbc_assignments(run_dir(sweep, variant, seed) / "mbc.json", groups)
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def exit_on_termination() -> None:
+    """Make SIGTERM and SIGHUP (a session's end) exit through Python's unwinding, so that the run
+    in progress records its attempt's seconds (:func:`run_one`) and its fit process is killed."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit_on_signal)
 
 
 def run_one(
