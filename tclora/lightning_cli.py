@@ -138,6 +138,8 @@ class TCLoraCLI(LightningCLI):
             key: (before.get(key), after.get(key))
             for key in sorted(set(before) | set(after))
             if before.get(key) != after.get(key)
+            # num_adapters left unset is linked from data.num_clusters at instantiation
+            and not (key == "num_adapters" and before.get(key) is None)
         }
         if differ:
             listing = "; ".join(
