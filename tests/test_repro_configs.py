@@ -685,3 +685,14 @@ def test_pilot_fits_per_task_only_and_checks_each_adapter_on_its_own_task(tmp_pa
     assert f"| {tasks[0]} | 90.0 | 50.0 | +8.7 | yes |" in text
     assert f"| {tasks[1]} | 50.0 | 50.0 | +0.0 | no |" in text
     assert "Clearly above the majority answer (> 2 SE): 1 of 12 tasks." in text
+
+
+def test_candidate_tasks_describe_registry_tasks_with_enough_items() -> None:
+    from benchmarks.repro.pilot import candidate_tasks
+
+    rows = candidate_tasks(["food", "imperial_date_to_string", "rectangles"], min_items=280)
+    assert [r["task"] for r in rows] == ["food", "imperial_date_to_string"]  # rectangles: < 280
+    food = rows[0]
+    assert (food["kind"], food["items"], food["choices"]) == ("multiple_choice", 761, 2)
+    assert round(food["majority"], 2) == 0.82 and food["prompt_chars"] < rows[1]["prompt_chars"]
+    assert (rows[1]["kind"], rows[1]["choices"]) == ("exact_match", 0)

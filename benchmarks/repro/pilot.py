@@ -34,7 +34,7 @@ from benchmarks.repro.runs import exit_on_termination, run_one
 from benchmarks.repro.sweep import ROOT, Sweep, run_dir
 from tclora._io import atomic_write_text
 
-__all__ = ["main", "pilot_sweep", "report"]
+__all__ = ["candidate_tasks", "main", "pilot_sweep", "report"]
 
 
 def pilot_sweep(
@@ -120,6 +120,52 @@ def report(sweep: Sweep, manifest: dict[str, Any], tag: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def candidate_tasks(
+    tasks: Sequence[str] | None = None, min_items: int = 280
+) -> list[dict[str, Any]]:
+    """Registry tasks a screen could train on: MIT-licensed, with at least ``min_items``
+    distinct prompts (the sweep's 100 test items plus the training items).
+
+    Args:
+        tasks: Registry tasks to describe (``None``: every MIT-licensed one).
+        min_items: Fewest distinct prompts kept.
+
+    Returns:
+        One dict per task, shortest prompts first: ``task``, ``kind``, ``items`` (distinct
+        prompts), ``choices`` (0 for exact match), ``majority`` (share of the most frequent
+        answer), ``prompt_chars`` and ``answer_chars`` (medians over the first 200 items).
+    """
+    import collections
+    import statistics
+
+    from tclora.assets import list_corpus_tasks
+    from tclora.evaluation import EvalSetError, load_eval_set
+
+    rows = []
+    for task in list_corpus_tasks() if tasks is None else tasks:
+        try:
+            eval_set = load_eval_set(f"registry:{task}")
+        except EvalSetError:
+            continue  # no evaluation file in a form the scorer reads
+        examples, kind = eval_set.examples, eval_set.kind
+        distinct = len({json.dumps(e.prompt, sort_keys=True) for e in examples})
+        if distinct < min_items:
+            continue
+        answers = collections.Counter(e.answers[0] for e in examples)
+        rows.append(
+            {
+                "task": task,
+                "kind": kind,
+                "items": distinct,
+                "choices": len(examples[0].choices or ()),
+                "majority": answers.most_common(1)[0][1] / len(examples),
+                "prompt_chars": int(statistics.median(len(str(e.prompt)) for e in examples[:200])),
+                "answer_chars": int(statistics.median(len(e.answers[0]) for e in examples[:200])),
+            }
+        )
+    return sorted(rows, key=lambda r: (r["prompt_chars"], r["task"]))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--train-items", type=int, default=64, help="items per training task")
@@ -132,6 +178,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--tasks", nargs="+", help="registry tasks to train on (default: the sweep's 12)"
     )
     parser.add_argument(
+        "--list-candidates",
+        action="store_true",
+        help="no fit: list the MIT registry tasks with enough items to screen "
+        "(logs/repro_candidates.md)",
+    )
+    parser.add_argument(
         "--report-sweep",
         action="store_true",
         help="no fit: report the sweep's own per_task seed-0 run (runs/repro_small), finished "
@@ -139,6 +191,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.list_candidates:
+        rows = candidate_tasks(min_items=Sweep().test_items + args.train_items)
+        lines = [
+            f"MIT registry tasks with at least {Sweep().test_items + args.train_items} distinct "
+            f"prompts (`python benchmarks/repro_pilot.py --list-candidates --train-items "
+            f"{args.train_items}`), shortest prompts first.",
+            "",
+            "| task | kind | items | choices | majority | prompt chars | answer chars |",
+            "|---|---|---|---|---|---|---|",
+            *(
+                f"| {r['task']} | {r['kind']} | {r['items']} | {r['choices']} "
+                f"| {100 * r['majority']:.0f}% | {r['prompt_chars']} | {r['answer_chars']} |"
+                for r in rows
+            ),
+        ]
+        text = "\n".join(lines) + "\n"
+        atomic_write_text(ROOT / "benchmarks" / "results" / "logs" / "repro_candidates.md", text)
+        print(text)
+        return 0
     if args.report_sweep:
         sweep, tag = Sweep(), "sweep"
         manifest = prepare_data(sweep)
