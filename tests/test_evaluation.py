@@ -18,6 +18,7 @@ from tclora.evaluation import (
     EvalExample,
     EvalSet,
     EvalSetError,
+    answers_beyond_budget,
     choice_predictions,
     encode_pair,
     evaluate,
@@ -253,6 +254,27 @@ def test_normalize_answer_and_exact_match() -> None:
     assert normalize_answer("(a)") == "(a"  # only trailing punctuation goes
     assert is_exact_match("Rome!", ["Paris", " rome "])
     assert not is_exact_match("Rome is", ["rome"])
+
+
+def test_answers_beyond_the_generation_budget_are_named(tokenizer: Any, tmp_path: Path) -> None:
+    """An exact-match item whose every answer needs more than max_new_tokens tokens can never
+    match: evaluate says how many, before scoring (trailing punctuation does not count)."""
+    three = tokenizer.decode(tokenizer("one two three", add_special_tokens=False)["input_ids"])
+    n_three = len(tokenizer(three, add_special_tokens=False)["input_ids"])
+    long = " ".join([three] * 3)
+    answers = [(three + ".",), (long,), (long, three), (long + "!",)]
+    assert answers_beyond_budget(tokenizer, answers, n_three) == [1, 3]
+    assert answers_beyond_budget(tokenizer, answers, 100) == []
+    rows = [{"prompt": f"q{i}", "ideal": list(a)} for i, a in enumerate(answers)]
+    em = load_eval_set(write_jsonl(tmp_path / "em.jsonl", rows))
+    model, _ = build_models(len(tokenizer))
+    with pytest.warns(
+        UserWarning,
+        match=rf"eval set 'em': 2 of 4 examples have no answer that fits in "
+        rf"max_new_tokens={n_three} tokens \(e.g. example 1\), so they can never be an exact "
+        "match; raise max_new_tokens",
+    ):
+        evaluate(model, tokenizer, em, max_new_tokens=n_three, chat_template=False, progress=False)
 
 
 def test_exact_match_generation_batched_equals_unbatched(tokenizer: Any, tmp_path: Path) -> None:

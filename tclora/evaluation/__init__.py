@@ -108,6 +108,7 @@ from tclora.evaluation.harness import (
     write_harness_task,
 )
 from tclora.evaluation.scoring import (
+    answers_beyond_budget,
     choice_predictions,
     encode_pair,
     generate_answers,
@@ -142,6 +143,7 @@ __all__ = [
     "generate_answers",
     "harness_evaluate",
     "harness_installed",
+    "answers_beyond_budget",
     "is_exact_match",
     "load_any_eval_set",
     "load_eval_set",

@@ -8,6 +8,7 @@ per group of examples, then restore the active adapters and ``requires_grad`` fl
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -19,6 +20,7 @@ from tclora._dist import rank_and_world
 from tclora.evaluation.scoring import (
     _check_positive,
     _model_device,
+    answers_beyond_budget,
     choice_predictions,
     generate_answers,
     is_exact_match,
@@ -279,6 +281,18 @@ def evaluate(
                 raise ValueError(f"eval set {eval_set.name!r} example {i} has no choices")
     if adapter_per_example is not None:
         _validate_adapters(model, adapter_per_example, n)
+    if eval_set.kind == "exact_match":
+        beyond = answers_beyond_budget(
+            tokenizer, [ex.answers for ex in eval_set.examples], max_new_tokens
+        )
+        if beyond:
+            warnings.warn(
+                f"eval set {eval_set.name!r}: {len(beyond)} of {n} examples have no answer that "
+                f"fits in max_new_tokens={max_new_tokens} tokens (e.g. example {beyond[0]}), so "
+                "they can never be an exact match; raise max_new_tokens",
+                UserWarning,
+                stacklevel=2,
+            )
 
     rank, world = rank_and_world() if distributed else (0, 1)
     local = list(range(rank, n, world))

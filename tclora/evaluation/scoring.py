@@ -23,6 +23,7 @@ from tclora.data.samples import Prompt, render_prompt
 from tclora.evaluation.sets import EvalExample
 
 __all__ = [
+    "answers_beyond_budget",
     "choice_predictions",
     "encode_pair",
     "generate_answers",
@@ -53,6 +54,38 @@ def normalize_answer(text: str) -> str:
     while end and (out[end - 1].isspace() or unicodedata.category(out[end - 1]).startswith("P")):
         end -= 1
     return out[:end]
+
+
+def answers_beyond_budget(
+    tokenizer: Any, answers: Sequence[Sequence[str]], max_new_tokens: int
+) -> list[int]:
+    """The items none of whose acceptable answers fits in ``max_new_tokens`` generated tokens.
+
+    An answer fits when its text without trailing whitespace and punctuation (which
+    :func:`normalize_answer` drops anyway) takes at most ``max_new_tokens`` tokens: such an item
+    can never be an exact match, whatever the model.
+
+    Args:
+        tokenizer: The model's tokenizer.
+        answers: Each item's acceptable answers.
+        max_new_tokens: The generation budget.
+
+    Returns:
+        Indices of the items that cannot be matched.
+    """
+    out = []
+    for i, options in enumerate(answers):
+        lengths = []
+        for answer in options:
+            end = len(answer)
+            while end and (
+                answer[end - 1].isspace() or unicodedata.category(answer[end - 1]).startswith("P")
+            ):
+                end -= 1
+            lengths.append(len(tokenizer(answer[:end], add_special_tokens=False)["input_ids"]))
+        if lengths and min(lengths) > max_new_tokens:
+            out.append(i)
+    return out
 
 
 def is_exact_match(prediction: str, answers: Sequence[str]) -> bool:
