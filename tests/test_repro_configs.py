@@ -681,9 +681,21 @@ def test_pilot_fits_per_task_only_and_checks_each_adapter_on_its_own_task(tmp_pa
     manifest = {
         "tasks": {t: {"n_test": 100, "majority": {"accuracy": 0.5}} for t in sweep.train_tasks}
     }
+    # task 1 is multiple choice and its adapter answered "Y" to every item
+    manifest["tasks"][tasks[1]].update(kind="multiple_choice", group="in_domain")
+    test_file = sweep.work_dir / "data" / "test" / f"{tasks[1]}.jsonl"
+    test_file.parent.mkdir(parents=True)
+    golds = ["Y", "N"] * 50
+    test_file.write_text(
+        "".join(
+            json.dumps({"prompt": "p", "choices": ["Y", "N"], "answer": g}) + "\n" for g in golds
+        )
+    )
+    rows[1]["items"] = {tasks[1]: "10" * 50}
+    (merge / "merge_progress.json").write_text(json.dumps({"rows": rows}))
     text = report(sweep, manifest, "tag")
-    assert f"| {tasks[0]} | 90.0 | 50.0 | +8.7 | yes |" in text
-    assert f"| {tasks[1]} | 50.0 | 50.0 | +0.0 | no |" in text
+    assert f"| {tasks[0]} | 90.0 | 50.0 | +8.7 | yes | – |" in text
+    assert f"| {tasks[1]} | 50.0 | 50.0 | +0.0 | no | yes |" in text
     assert "Clearly above the majority answer (> 2 SE): 1 of 12 tasks." in text
 
 

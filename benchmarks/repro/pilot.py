@@ -28,7 +28,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from benchmarks.repro.aggregate import adapter_checks
+from benchmarks.repro.aggregate import adapter_checks, answer_patterns, one_answer_sets
 from benchmarks.repro.data import prepare_data
 from benchmarks.repro.runs import exit_on_termination, run_one
 from benchmarks.repro.sweep import ROOT, Sweep, run_dir
@@ -93,24 +93,28 @@ def report(sweep: Sweep, manifest: dict[str, Any], tag: str) -> str:
     done = merge / "results.json"
     results = json.loads((done if done.is_file() else merge / "merge_progress.json").read_text())
     tasks = sorted(sweep.train_tasks)  # per_task numbers its clusters by task name, sorted
-    own = {}
+    patterns = answer_patterns(sweep.work_dir / "data", manifest)
+    own, constant = {}, {}
     for row in results["rows"]:
         if row["name"].startswith("single:cluster_"):
             task = tasks[int(row["name"].rsplit("_", 1)[1])]
             metrics = row["scores"][task]
             own[(0, task)] = metrics.get("acc", metrics.get("exact_match"))
+            if task in patterns:
+                constant[task] = bool(one_answer_sets(row.get("items", {}), patterns))
     checks = adapter_checks(own, manifest)
     lines = [
         f"Pilot {tag}: per_task seed 0, {sweep.train_items} training items per task "
         f"(`python {' '.join(sys.argv)}`)",
         "",
-        "| task | own adapter | majority | margin (SE) | clearly above |",
-        "|---|---|---|---|---|",
+        "| task | own adapter | majority | margin (SE) | clearly above | one constant answer |",
+        "|---|---|---|---|---|---|",
     ]
     for c in checks:
+        one = "–" if c["task"] not in constant else ("yes" if constant[c["task"]] else "no")
         lines.append(
             f"| {c['task']} | {100 * c['adapter']:.1f} | {100 * c['majority']:.1f} "
-            f"| {c['margin_se']:+.1f} | {'yes' if c['clearly_beats'] else 'no'} |"
+            f"| {c['margin_se']:+.1f} | {'yes' if c['clearly_beats'] else 'no'} | {one} |"
         )
     beaten = sum(c["clearly_beats"] for c in checks)
     lines += ["", f"Clearly above the majority answer (> 2 SE): {beaten} of {len(checks)} tasks."]
