@@ -708,3 +708,21 @@ def test_candidate_tasks_describe_registry_tasks_with_enough_items() -> None:
     assert (food["kind"], food["items"], food["choices"]) == ("multiple_choice", 761, 2)
     assert round(food["majority"], 2) == 0.82 and food["prompt_chars"] < rows[1]["prompt_chars"]
     assert (rows[1]["kind"], rows[1]["choices"]) == ("exact_match", 0)
+    assert "over_max_length" not in food  # no tokenizer, no token counts
+
+
+def test_candidate_tasks_say_what_the_sweeps_lengths_would_cut(tokenizer: Any) -> None:
+    """With the SmolLM2 tokenizer: the share of items longer than max_length, and of exact-match
+    items whose answers cannot fit in max_new_tokens (knot-theory's 42-token answers, at 12)."""
+    from benchmarks.repro.pilot import candidate_tasks
+
+    rows = {
+        r["task"]: r
+        for r in candidate_tasks(
+            ["food", "knot-theory"], min_items=280, tokenizer=tokenizer, max_new_tokens=12
+        )
+    }
+    assert rows["knot-theory"]["answers_beyond"] > 0.9 and rows["food"]["answers_beyond"] == 0
+    assert rows["food"]["over_max_length"] == 0
+    short = candidate_tasks(["food"], min_items=280, tokenizer=tokenizer, max_length=8)
+    assert short[0]["over_max_length"] == 1.0

@@ -125,7 +125,11 @@ def report(sweep: Sweep, manifest: dict[str, Any], tag: str) -> str:
 
 
 def candidate_tasks(
-    tasks: Sequence[str] | None = None, min_items: int = 280
+    tasks: Sequence[str] | None = None,
+    min_items: int = 280,
+    tokenizer: Any = None,
+    max_length: int = 256,
+    max_new_tokens: int = 12,
 ) -> list[dict[str, Any]]:
     """Registry tasks a screen could train on: MIT-licensed, with at least ``min_items``
     distinct prompts (the sweep's 100 test items plus the training items).
@@ -133,17 +137,25 @@ def candidate_tasks(
     Args:
         tasks: Registry tasks to describe (``None``: every MIT-licensed one).
         min_items: Fewest distinct prompts kept.
+        tokenizer: The model's tokenizer; with it, each row also says how much of the task the
+            sweep's lengths would cut (``over_max_length``, ``answers_beyond``).
+        max_length: Longest training sample in tokens (the data module's ``max_length``).
+        max_new_tokens: The evaluation's generation budget.
 
     Returns:
         One dict per task, shortest prompts first: ``task``, ``kind``, ``items`` (distinct
         prompts), ``choices`` (0 for exact match), ``majority`` (share of the most frequent
-        answer), ``prompt_chars`` and ``answer_chars`` (medians over the first 200 items).
+        answer), ``prompt_chars`` and ``answer_chars`` (medians over the first 200 items); with
+        a tokenizer, ``over_max_length`` (share of those 200 whose rendered prompt and answer
+        exceed ``max_length`` tokens: the prompt's start is cut) and ``answers_beyond`` (share
+        of exact-match items no answer of which fits in ``max_new_tokens``: never matched).
     """
     import collections
     import statistics
 
     from tclora.assets import list_corpus_tasks
-    from tclora.evaluation import EvalSetError, load_eval_set
+    from tclora.data import render_prompt
+    from tclora.evaluation import EvalSetError, answers_beyond_budget, load_eval_set
 
     rows = []
     for task in list_corpus_tasks() if tasks is None else tasks:
@@ -167,6 +179,24 @@ def candidate_tasks(
                 "answer_chars": int(statistics.median(len(e.answers[0]) for e in examples[:200])),
             }
         )
+        if tokenizer is not None:
+            head = examples[:200]
+
+            def tokens(text: str) -> int:
+                return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+            long = sum(
+                tokens(render_prompt(tokenizer, e.prompt)) + tokens(e.answers[0]) + 1 > max_length
+                for e in head
+            )
+            beyond = (
+                answers_beyond_budget(tokenizer, [e.answers for e in head], max_new_tokens)
+                if kind == "exact_match"
+                else []
+            )
+            rows[-1].update(
+                over_max_length=long / len(head), answers_beyond=len(beyond) / len(head)
+            )
     return sorted(rows, key=lambda r: (r["prompt_chars"], r["task"]))
 
 
@@ -196,17 +226,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.list_candidates:
-        rows = candidate_tasks(min_items=Sweep().test_items + args.train_items)
+        from transformers import AutoTokenizer
+
+        from benchmarks.repro.sweep import base_config, merge_callback
+        from tclora.assets import resolve_model
+
+        config = base_config()
+        max_length = int(config["data"]["max_length"])
+        max_new = int(merge_callback(config)["init_args"]["max_new_tokens"])
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(config["model"]["model"]))
+        rows = candidate_tasks(
+            min_items=Sweep().test_items + args.train_items,
+            tokenizer=tokenizer,
+            max_length=max_length,
+            max_new_tokens=max_new,
+        )
         lines = [
             f"MIT registry tasks with at least {Sweep().test_items + args.train_items} distinct "
             f"prompts (`python benchmarks/repro_pilot.py --list-candidates --train-items "
-            f"{args.train_items}`), shortest prompts first.",
+            f"{args.train_items}`), shortest prompts first. Over max_length: share of the first "
+            f"200 items longer than max_length={max_length} tokens (their prompt's start is "
+            f"cut); unmatchable: share of exact-match items no answer of which fits in "
+            f"max_new_tokens={max_new} (configs/repro_small.yaml's values).",
             "",
-            "| task | kind | items | choices | majority | prompt chars | answer chars |",
-            "|---|---|---|---|---|---|---|",
+            "| task | kind | items | choices | majority | prompt chars | answer chars "
+            "| over max_length | unmatchable |",
+            "|---|---|---|---|---|---|---|---|---|",
             *(
                 f"| {r['task']} | {r['kind']} | {r['items']} | {r['choices']} "
-                f"| {100 * r['majority']:.0f}% | {r['prompt_chars']} | {r['answer_chars']} |"
+                f"| {100 * r['majority']:.0f}% | {r['prompt_chars']} | {r['answer_chars']} "
+                f"| {100 * r['over_max_length']:.0f}% | {100 * r['answers_beyond']:.0f}% |"
                 for r in rows
             ),
         ]
