@@ -633,7 +633,7 @@ def test_a_killed_run_keeps_its_attempts_seconds_on_the_record(
     attempts = json.loads((run_dir(sweep, "kmeans4", 0) / "attempts.json").read_text())
     assert len(attempts) == 1 and attempts[0] >= 0
     last = run_dir(sweep, "kmeans4", 0) / "checkpoints" / "last.ckpt"
-    last.parent.mkdir()
+    assert (last.parent / "made_by.sha256").is_file()  # stamped before the fit started
     last.write_bytes(b"")  # what the killed attempt's ModelCheckpoint left
     monkeypatch.setattr(runs.subprocess, "run", finishes)
     seconds = runs.run_one(sweep, "kmeans4", 0, evaluate_base=False)
@@ -726,3 +726,25 @@ def test_candidate_tasks_say_what_the_sweeps_lengths_would_cut(tokenizer: Any) -
     assert rows["food"]["over_max_length"] == 0
     short = candidate_tasks(["food"], min_items=280, tokenizer=tokenizer, max_length=8)
     assert short[0]["over_max_length"] == 1.0
+
+
+def test_only_a_checkpoint_of_the_same_run_configuration_is_resumed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks.repro.runs import resume_checkpoint
+
+    run = tmp_path / "run"
+    assert not resume_checkpoint(run, "config A")  # nothing yet: stamped, fresh start
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"weights")
+    assert resume_checkpoint(run, "config A")
+    # another configuration (a changed lr, task list, ...): moved aside, never resumed
+    assert not resume_checkpoint(run, "config B")
+    (aside,) = run.glob("checkpoints-stale-*")
+    assert (aside / "last.ckpt").read_bytes() == b"weights"
+    assert "[stale]" in capsys.readouterr().out
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["made_by.sha256"]
+    # a checkpoint without a stamp is not trusted either
+    (run / "checkpoints" / "made_by.sha256").unlink()
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"old")
+    assert not resume_checkpoint(run, "config B")
+    assert len(list(run.glob("checkpoints-stale-*"))) == 2  # both kept, nothing overwritten

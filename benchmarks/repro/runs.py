@@ -5,6 +5,7 @@ run, which has no merge study (one adapter cannot be merged) and is scored here 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ from typing import Any
 
 import yaml  # type: ignore[import-untyped]
 
-from benchmarks.repro.records import record_path, write_record
+from benchmarks.repro.records import record_path, training_digest, write_record
 from benchmarks.repro.sweep import (
     BASE_CONFIG,
     ROOT,
@@ -38,6 +39,7 @@ __all__ = [
     "evaluate_single_lora",
     "exit_on_termination",
     "mbc_stage2",
+    "resume_checkpoint",
     "run_one",
     "run_overrides",
 ]
@@ -195,6 +197,43 @@ def mbc_stage2(sweep: Sweep, variant: str, seed: int) -> Path:
     return write_mbc_assignments(run_dir(sweep, variant, seed) / "mbc.json", groups)
 
 
+def resume_checkpoint(folder: Path, made_by: str) -> bool:
+    """Whether a run goes on from ``<run>/checkpoints/last.ckpt`` (an earlier attempt was killed).
+
+    Only a checkpoint made by the very same run configuration is resumed: ``made_by`` (the
+    run's override text and the sweep's training digest) is stored beside the checkpoints as a
+    sha256. A checkpoint of another configuration is moved aside (``checkpoints-stale-<time>``,
+    nothing deleted) and the run starts afresh, saying so.
+
+    Args:
+        folder: The run folder.
+        made_by: What the checkpoints of this run are made by.
+
+    Returns:
+        ``True`` when ``last.ckpt`` exists and was made by ``made_by``.
+    """
+    checkpoints = folder / "checkpoints"
+    stamp = checkpoints / "made_by.sha256"
+    digest = hashlib.sha256(made_by.encode()).hexdigest()
+    last = checkpoints / "last.ckpt"
+    if last.is_file() and stamp.is_file() and stamp.read_text().strip() == digest:
+        return True
+    if checkpoints.exists() and any(checkpoints.iterdir()):
+        aside = folder / f"checkpoints-stale-{time.strftime('%Y%m%d-%H%M%S')}"
+        n = 1
+        while aside.exists():
+            aside, n = aside.with_name(f"{aside.name.split('.')[0]}.{n}"), n + 1
+        checkpoints.rename(aside)
+        print(
+            f"[stale] {checkpoints} was made by another run configuration (or has no stamp); "
+            f"moved to {aside.name}, starting afresh",
+            flush=True,
+        )
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(stamp, digest + "\n")
+    return False
+
+
 def _exit_on_signal(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
@@ -234,9 +273,8 @@ def run_one(
     )
     exe = Path(sys.executable).with_name("tclora")
     command = [str(exe), "fit", "--config", str(BASE_CONFIG), "--config", str(override)]
-    last = folder / "checkpoints" / "last.ckpt"
-    if last.is_file():  # an earlier attempt was killed: go on from its last checkpoint
-        command += ["--ckpt_path", str(last)]
+    if resume_checkpoint(folder, override.read_text() + training_digest(sweep)):
+        command += ["--ckpt_path", str(folder / "checkpoints" / "last.ckpt")]
     print(f"[run ] {variant} seed {seed}: {' '.join(command)}", flush=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if threads is not None:  # on a shared machine, OpenMP spin-waits can slow small kernels a lot
