@@ -153,8 +153,11 @@ def candidate_tasks(
     import collections
     import statistics
 
+    import numpy as np
+
+    from benchmarks.repro.data import _dedupe
     from tclora.assets import list_corpus_tasks
-    from tclora.data import render_prompt
+    from tclora.data import Sample, TokenizedSamples
     from tclora.evaluation import EvalSetError, answers_beyond_budget, load_eval_set
 
     rows = []
@@ -164,7 +167,7 @@ def candidate_tasks(
         except EvalSetError:
             continue  # no evaluation file in a form the scorer reads
         examples, kind = eval_set.examples, eval_set.kind
-        distinct = len({json.dumps(e.prompt, sort_keys=True) for e in examples})
+        distinct = len(_dedupe(examples))  # what the sweep's splits draw from
         if distinct < min_items:
             continue
         answers = collections.Counter(e.answers[0] for e in examples)
@@ -181,14 +184,10 @@ def candidate_tasks(
         )
         if tokenizer is not None:
             head = examples[:200]
-
-            def tokens(text: str) -> int:
-                return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-            long = sum(
-                tokens(render_prompt(tokenizer, e.prompt)) + tokens(e.answers[0]) + 1 > max_length
-                for e in head
-            )
+            # counted as the data module counts its truncated samples (prompt + response + eos)
+            samples = [Sample(prompt=e.prompt, response=e.answers[0], task=task) for e in head]
+            lengths = TokenizedSamples(samples, np.zeros(len(samples)), tokenizer, max_length)
+            long = int((lengths.token_lengths().sum(axis=1) > max_length).sum())
             beyond = (
                 answers_beyond_budget(tokenizer, [e.answers for e in head], max_new_tokens)
                 if kind == "exact_match"

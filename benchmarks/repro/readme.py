@@ -13,11 +13,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from benchmarks.repro.aggregate import REFERENCE_ORDER
 from benchmarks.repro.report import main_table
 
 __all__ = ["BEGIN", "END", "findings", "floor_findings", "readme_block"]
 
-REFERENCES = ("base", "single_adapters", "single_lora", "routing", "arrow")
+REFERENCES = (*REFERENCE_ORDER, "arrow")  # the rows that are not merges
 BEGIN, END = "<!-- repro-results:begin -->", "<!-- repro-results:end -->"
 COMMANDS = (
     "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/repro_small.py  # resumes; skips committed runs",

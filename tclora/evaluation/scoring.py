@@ -49,11 +49,15 @@ def normalize_answer(text: str) -> str:
     Returns:
         The normalised text.
     """
-    out = " ".join(text.split()).casefold()
-    end = len(out)
-    while end and (out[end - 1].isspace() or unicodedata.category(out[end - 1]).startswith("P")):
+    return _strip_trailing(" ".join(text.split()).casefold())
+
+
+def _strip_trailing(text: str) -> str:
+    """``text`` without trailing whitespace and punctuation (Unicode ``P*`` categories)."""
+    end = len(text)
+    while end and (text[end - 1].isspace() or unicodedata.category(text[end - 1]).startswith("P")):
         end -= 1
-    return out[:end]
+    return text[:end]
 
 
 def answers_beyond_budget(
@@ -75,14 +79,10 @@ def answers_beyond_budget(
     """
     out = []
     for i, options in enumerate(answers):
-        lengths = []
-        for answer in options:
-            end = len(answer)
-            while end and (
-                answer[end - 1].isspace() or unicodedata.category(answer[end - 1]).startswith("P")
-            ):
-                end -= 1
-            lengths.append(len(tokenizer(answer[:end], add_special_tokens=False)["input_ids"]))
+        lengths = [
+            len(tokenizer(_strip_trailing(answer), add_special_tokens=False)["input_ids"])
+            for answer in options
+        ]
         if lengths and min(lengths) > max_new_tokens:
             out.append(i)
     return out
