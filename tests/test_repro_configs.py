@@ -24,6 +24,7 @@ import yaml
 from benchmarks.repro.aggregate import (
     answer_patterns,
     collect,
+    gate_failures,
     one_answer_sets,
     paired_differences,
     summarise,
@@ -329,6 +330,52 @@ def test_summary_normalises_by_each_tasks_own_adapter_scored_on_its_task_only() 
     assert math.isclose(uniform["normalised"], (0.4 / 0.8 + 0.5 / 0.5) / 2)
     checks = {c["task"]: c["adapter"] for c in summary["adapter_checks"]}
     assert checks == {"a": 0.8, "b": 0.5}
+
+
+def test_the_gate_stops_a_seeds_merges_while_an_own_adapter_fails_its_floor(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 13: no merge of a seed runs until every task's own adapter (the seed's per_task
+    run) clearly beats its majority answer; the message names each failing task and its numbers."""
+    from benchmarks.repro import cli
+
+    manifest = _manifest(a=0.5, b=0.6, u=None)
+    records = [
+        _record("per_task", 0, "single:cluster_0", {"a": 0.8}),
+        _record("per_task", 0, "single:cluster_1", {"b": 0.62}),
+        _record("per_task", 1, "single:cluster_0", {"a": 0.9}),
+        _record("per_task", 1, "single:cluster_1", {"b": 0.95}),
+        _record("kmeans4", 2, "single:cluster_0", {"a": 0.1, "b": 0.1}),  # not per_task
+    ]
+    (failure,) = gate_failures(records, manifest, 0)
+    assert (failure["task"], failure["adapter"], failure["majority"]) == ("b", 0.62, 0.6)
+    assert gate_failures(records, manifest, 1) == []
+    assert gate_failures(records, manifest, 2) is None  # no per_task record of seed 2
+    sweep = Sweep(seeds=(0, 1, 2))
+    with mock.patch.object(cli, "collect", return_value=records):
+        assert not cli._gate_passes(sweep, manifest, 0)
+        assert "seed 0: stopped -- 1 task(s)" in capsys.readouterr().err
+        assert cli._gate_passes(sweep, manifest, 1) and cli._gate_passes(sweep, manifest, 2)
+        assert "seed 2: no per_task record yet" in capsys.readouterr().out
+    with (
+        mock.patch.object(cli, "collect", return_value=records),
+        mock.patch.object(cli, "prepare_data", return_value={"settings": {}, **manifest}),
+        mock.patch.object(cli, "run_one") as run_one,
+    ):
+        dirs = ["--work-dir", str(tmp_path / "w"), "--results-dir", str(tmp_path / "r")]
+        assert cli.main([*dirs, "--seeds", "0", "--variants", "per_task", "kmeans4"]) == 3
+        assert [c.args[1:3] for c in run_one.call_args_list] == [("per_task", 0)]
+        err = capsys.readouterr().err
+        assert "b 62.0% vs 60.0%" in err and "--no-gate runs on regardless" in err
+        run_one.reset_mock()
+    with (
+        mock.patch.object(cli, "collect", return_value=[]),  # nothing to aggregate: exit 1
+        mock.patch.object(cli, "prepare_data", return_value={"settings": {}, **manifest}),
+        mock.patch.object(cli, "run_one") as run_one,
+    ):
+        argv = [*dirs, "--seeds", "0", "--variants", "per_task", "kmeans4", "--no-gate"]
+        assert cli.main(argv) == 1
+        assert [c.args[1:3] for c in run_one.call_args_list] == [("per_task", 0), ("kmeans4", 0)]
 
 
 def test_one_answer_sets_are_results_identical_to_a_constant_answer(tmp_path: Path) -> None:

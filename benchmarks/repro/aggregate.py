@@ -21,7 +21,9 @@ __all__ = [
     "adapter_storage",
     "answer_patterns",
     "collect",
+    "gate_failures",
     "one_answer_sets",
+    "own_adapter_scores",
     "paired_differences",
     "summarise",
     "timings",
@@ -182,6 +184,53 @@ def collect(sweep: Sweep, manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
     return records
 
 
+def own_adapter_scores(
+    records: Sequence[Mapping[str, Any]], variant: str = "per_task"
+) -> dict[tuple[int, str], float]:
+    """Per seed and task, ``variant``'s best single adapter on the task. For per_task it is the
+    task's own adapter (the run scores each adapter on its own task only).
+
+    Args:
+        records: :func:`collect`'s records.
+        variant: The run variant whose ``single:`` rows are read.
+
+    Returns:
+        ``{(seed, task): accuracy}``.
+    """
+    best: dict[tuple[int, str], float] = {}
+    for rec in records:
+        if rec["variant"] == variant and rec["method"].startswith("single:"):
+            for t, a in rec["acc"].items():
+                if math.isfinite(a) and a > best.get((rec["seed"], t), -1.0):
+                    best[(rec["seed"], t)] = a
+    return best
+
+
+def gate_failures(
+    records: Sequence[Mapping[str, Any]], manifest: Mapping[str, Any], seed: int
+) -> list[dict[str, Any]] | None:
+    """Issue 13's gate: the training tasks whose own adapter (per_task run, ``seed``) does not
+    clearly beat the majority answer (:func:`adapter_checks`). No conclusion is drawn from the
+    sweep's merges while any task fails it.
+
+    Args:
+        records: :func:`collect`'s records.
+        manifest: The splits' manifest.
+        seed: The run seed to check.
+
+    Returns:
+        The failing checks (empty: the gate passes); ``None`` when no per_task record of
+        ``seed`` exists yet.
+    """
+    in_domain = [t for t, v in manifest["tasks"].items() if v["group"] == "in_domain"]
+    own = {
+        k: a for k, a in own_adapter_scores(records).items() if k[0] == seed and k[1] in in_domain
+    }
+    if not own:
+        return None
+    return [c for c in adapter_checks(own, manifest) if not c["clearly_beats"]]
+
+
 def summarise(
     records: list[dict[str, Any]],
     manifest: Mapping[str, Any],
@@ -207,23 +256,8 @@ def summarise(
     tasks = manifest["tasks"]
     in_domain = [t for t, v in tasks.items() if v["group"] == "in_domain"]
     ood = [t for t, v in tasks.items() if v["group"] == "out_of_domain"]
-    # Per (variant, seed) and task, the best single adapter's accuracy on it -- for per_task, the
-    # task's own adapter (the run scores each adapter on its own task only): each variant's
-    # single_adapters row, and per_task's in-domain values are the normaliser.
-    own_adapter: dict[tuple[str, int], dict[str, float]] = collections.defaultdict(dict)
-    for rec in records:
-        if rec["method"].startswith("single:"):
-            best = own_adapter[(rec["variant"], rec["seed"])]
-            for t, a in rec["acc"].items():
-                if math.isfinite(a) and a > best.get(t, -1.0):
-                    best[t] = a
-    best_single = {
-        (s, t): a
-        for (v, s), accs in own_adapter.items()
-        if v == "per_task"
-        for t, a in accs.items()
-        if t in in_domain
-    }
+    # per_task's in-domain values (each task's own adapter) are the normaliser.
+    best_single = {k: a for k, a in own_adapter_scores(records).items() if k[1] in in_domain}
     base = next((r for r in records if r["method"] == "base"), None)
     groups: dict[tuple[str, str], list[dict[str, Any]]] = collections.defaultdict(list)
     for rec in records:
@@ -238,8 +272,11 @@ def summarise(
     for (variant, method), recs in groups.items():
         if method == "single_adapters":
             # Per seed: each task scored by its own per-task adapter (the upper reference).
-            seeds = sorted(s for v, s in own_adapter if v == variant)
-            accs = [own_adapter[(variant, s)] for s in seeds]
+            by_seed: dict[int, dict[str, float]] = collections.defaultdict(dict)
+            for (s, t), a in own_adapter_scores(recs, variant).items():
+                by_seed[s][t] = a
+            seeds = sorted(by_seed)
+            accs = [by_seed[s] for s in seeds]
         else:
             accs = [r["acc"] for r in recs]
             seeds = [r["seed"] for r in recs]

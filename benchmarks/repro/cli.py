@@ -13,7 +13,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 import benchmarks.repro
-from benchmarks.repro.aggregate import answer_patterns, collect, summarise, timings
+from benchmarks.repro.aggregate import (
+    answer_patterns,
+    collect,
+    gate_failures,
+    summarise,
+    timings,
+)
 from benchmarks.repro.data import prepare_data
 from benchmarks.repro.records import base_scored
 from benchmarks.repro.report import write_results
@@ -40,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--work-dir", type=Path, help="runs and splits (default runs/repro_small)")
     parser.add_argument("--results-dir", type=Path, help="aggregated results folder")
     parser.add_argument("--threads", type=int, help="OMP/MKL threads of each run (default: all)")
+    parser.add_argument(
+        "--no-gate",
+        action="store_true",
+        help="go on past a seed's per_task run even when some task's own adapter does not "
+        "clearly beat its majority answer (by default the sweep stops there: issue 13's gate)",
+    )
     return parser
 
 
@@ -48,6 +60,28 @@ def _portable(value: object) -> object:
     if not isinstance(value, Path):
         return value
     return str(value.relative_to(ROOT)) if value.is_relative_to(ROOT) else str(value)
+
+
+def _gate_passes(sweep: Sweep, manifest: dict[str, object], seed: int) -> bool:
+    """Issue 13's gate before a seed's merges are run: every task's own adapter (the seed's
+    per_task record) clearly beats its majority answer. Says which tasks fail, or that no
+    per_task record exists yet to check (then the runs go on)."""
+    failures = gate_failures(collect(sweep, manifest), manifest, seed)
+    if failures is None:
+        print(f"[gate] seed {seed}: no per_task record yet, so the gate is not checked")
+        return True
+    if not failures:
+        return True
+    print(
+        f"[gate] seed {seed}: stopped -- {len(failures)} task(s) whose own adapter does not clearly "
+        "beat the majority answer (> 2 SE): "
+        + ", ".join(
+            f"{c['task']} {100 * c['adapter']:.1f}% vs {100 * c['majority']:.1f}%" for c in failures
+        )
+        + ". Train longer or change the tasks; --no-gate runs on regardless.",
+        file=sys.stderr,
+    )
+    return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -76,6 +110,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         exit_on_termination()
         for seed in sweep.seeds:
             for variant in sweep.variants:
+                if (
+                    variant != "per_task"
+                    and not args.no_gate
+                    and not _gate_passes(sweep, manifest, seed)
+                ):
+                    return 3
                 # The base model does not depend on the seed or the clustering: it is scored
                 # once, by the first run fitted while no record holds it (whatever runs are picked).
                 evaluate_base = variant != "single" and not base_scored(sweep)
