@@ -222,6 +222,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="no fit: report the sweep's own per_task seed-0 run (runs/repro_small), finished "
         "or stopped after its per-task adapters were scored",
     )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="no fit: report the pilot of these flags as it stands, e.g. stopped once its "
+        "per-task adapters were scored (the minimal merges after them are not needed)",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.list_candidates:
@@ -269,8 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sweep = pilot_sweep(args.train_items, args.epochs, args.lr, args.lr_schedule, args.tasks)
         tag = sweep.work_dir.name
         manifest = prepare_data(sweep)
-        exit_on_termination()
-        run_one(sweep, "per_task", 0, evaluate_base=False)
+        if not args.report_only:
+            exit_on_termination()
+            run_one(sweep, "per_task", 0, evaluate_base=False)
     text = report(sweep, manifest, tag)
     atomic_write_text(ROOT / "benchmarks" / "results" / "logs" / f"repro_pilot-{tag}.md", text)
     print(text)
