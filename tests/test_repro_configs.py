@@ -746,6 +746,25 @@ def test_pilot_fits_per_task_only_and_checks_each_adapter_on_its_own_task(tmp_pa
     assert "Clearly above the majority answer (> 2 SE): 1 of 12 tasks." in text
 
 
+def test_pilot_report_only_reports_without_fitting(tmp_path: Path) -> None:
+    """``--report-only`` reports the pilot of the given flags as it stands and fits nothing."""
+    from benchmarks.repro import pilot
+
+    with (
+        mock.patch.object(pilot, "prepare_data", return_value={"tasks": {}}),
+        mock.patch.object(pilot, "run_one") as run_one,
+        mock.patch.object(pilot, "report", return_value="table\n") as report,
+        mock.patch.object(pilot, "atomic_write_text") as write,
+        mock.patch.object(pilot, "exit_on_termination"),  # keeps pytest's own signal handlers
+    ):
+        argv = ["--train-items", "180", "--epochs", "4", "--tasks", "food", "sarcasm"]
+        assert pilot.main([*argv, "--report-only"]) == 0
+        assert not run_one.called and report.call_args.args[2].startswith("items180-epochs4-")
+        assert write.call_args.args[0].name.startswith("repro_pilot-items180-epochs4-2tasks-")
+        assert pilot.main(argv) == 0
+        assert run_one.call_args.args[1:3] == ("per_task", 0)
+
+
 def test_candidate_tasks_describe_registry_tasks_with_enough_items() -> None:
     from benchmarks.repro.pilot import candidate_tasks
 
