@@ -367,7 +367,12 @@ def test_the_gate_stops_a_seeds_merges_while_an_own_adapter_fails_its_floor(
         assert [c.args[1:3] for c in run_one.call_args_list] == [("per_task", 0)]
         err = capsys.readouterr().err
         assert "b 62.0% vs 60.0%" in err and "--no-gate runs on regardless" in err
+        # checked once per seed, before its first merge run (not again before each variant)
         run_one.reset_mock()
+        with mock.patch.object(cli, "_gate_passes", return_value=True) as gate:
+            argv = [*dirs, "--seeds", "1", "--variants", "per_task", "kmeans4", "kmeans8"]
+            cli.main(argv)
+        assert gate.call_count == 1 and len(run_one.call_args_list) == 3
     with (
         mock.patch.object(cli, "collect", return_value=[]),  # nothing to aggregate: exit 1
         mock.patch.object(cli, "prepare_data", return_value={"settings": {}, **manifest}),

@@ -109,13 +109,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.aggregate_only:
         exit_on_termination()
         for seed in sweep.seeds:
+            gate_checked = args.no_gate
             for variant in sweep.variants:
-                if (
-                    variant != "per_task"
-                    and not args.no_gate
-                    and not _gate_passes(sweep, manifest, seed)
-                ):
-                    return 3
+                if variant != "per_task" and not gate_checked:  # once, before the seed's merges
+                    if not _gate_passes(sweep, manifest, seed):
+                        return 3
+                    gate_checked = True
                 # The base model does not depend on the seed or the clustering: it is scored
                 # once, by the first run fitted while no record holds it (whatever runs are picked).
                 evaluate_base = variant != "single" and not base_scored(sweep)
