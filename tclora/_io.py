@@ -271,6 +271,32 @@ def atomic_dir(target: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextmanager
+def atomic_file(target: Path) -> Iterator[Path]:
+    """Yield a temporary sibling path that replaces file ``target`` only if the block succeeds.
+
+    For large files written by another library's ``save(path)`` (checkpoints): the sibling is
+    named ``.<name>.tmp-<pid>-<hex>`` on the same file system, so the final ``os.replace`` is one
+    step, and the leftovers of earlier killed writes of ``target`` are removed first
+    (:func:`remove_orphans`). On an error the temporary file is removed and ``target`` is left
+    as it was.
+
+    Args:
+        target: The file to write; its folder is created if missing.
+
+    Yields:
+        The temporary path to write.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphans(target)
+    tmp = _sibling(target, "tmp")
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def check_writable(path: str | os.PathLike[str], what: str) -> Path:
     """Check that folder ``path`` can be created (if missing) and written, creating nothing.
 

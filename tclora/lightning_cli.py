@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from tclora._io import check_writable
+from tclora.checkpoint_io import use_atomic_checkpoints
 
 __all__ = ["StepsProgressBar", "TCLoraArgumentParser", "TCLoraCLI", "callback_help", "cli_main"]
 
@@ -117,14 +118,18 @@ class TCLoraCLI(LightningCLI):
         parser.link_arguments("model.model", "data.tokenizer", apply_on="parse")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """Lightning's trainer, with :class:`StepsProgressBar` unless a bar is given or disabled."""
+        """Lightning's trainer, with :class:`StepsProgressBar` unless a bar is given or disabled,
+        and checkpoints saved atomically (:class:`~tclora.checkpoint_io.AtomicCheckpointIO`)
+        unless the config chose a checkpoint IO."""
         config = self._get(self.config_init, "trainer", default={})
         listed = config.get("callbacks") or []
         listed = listed if isinstance(listed, list) else [listed]
         wants_bar = config.get("enable_progress_bar") is not False and "callbacks" not in kwargs
         if wants_bar and _RICH_AVAILABLE and not any(isinstance(c, ProgressBar) for c in listed):
             kwargs["callbacks"] = [*listed, StepsProgressBar()]
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        use_atomic_checkpoints(trainer)
+        return trainer
 
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")

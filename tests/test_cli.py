@@ -19,6 +19,7 @@ import yaml
 from helpers import merge_argv
 
 from tclora.callbacks import CPMergeCallback
+from tclora.checkpoint_io import AtomicCheckpointIO
 from tclora.cli import COMMANDS, TCLoraCLI, cli_main, main
 from tclora.lightning_cli import StepsProgressBar
 
@@ -467,6 +468,7 @@ def test_a_fit_resumed_from_its_final_checkpoint_still_ends_the_fit(
         warnings.simplefilter("always")
         cli = cli_main(["fit", "--config", path, "--ckpt_path", str(ckpt_dir / "last.ckpt")])
     assert cli.trainer.global_step == 4
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     # the same config: nothing to report (num_adapters, unset, is linked from the data module)
     assert not [w for w in caught if "taken from the checkpoint" in str(w.message)]
     for name, tensors in first.items():

@@ -806,16 +806,22 @@ def test_only_a_checkpoint_of_the_same_run_configuration_is_resumed(
 
     run = tmp_path / "run"
     assert not resume_checkpoint(run, "config A")  # nothing yet: stamped, fresh start
-    (run / "checkpoints" / "last.ckpt").write_bytes(b"weights")
+    torch.save({"global_step": 7}, run / "checkpoints" / "last.ckpt")
+    weights = (run / "checkpoints" / "last.ckpt").read_bytes()
     assert resume_checkpoint(run, "config A")
     # another configuration (a changed lr, task list, ...): moved aside, never resumed
     assert not resume_checkpoint(run, "config B")
     (aside,) = run.glob("checkpoints-stale-*")
-    assert (aside / "last.ckpt").read_bytes() == b"weights"
-    assert "[stale]" in capsys.readouterr().out
+    assert (aside / "last.ckpt").read_bytes() == weights
+    assert "was made by another run configuration" in capsys.readouterr().out
+    # the same configuration, but a checkpoint cut short by a kill: moved aside, not resumed
+    (run / "checkpoints" / "last.ckpt").write_bytes(weights[: len(weights) // 2])
+    assert not resume_checkpoint(run, "config B")
+    assert "holds an unreadable last.ckpt (cut short?)" in capsys.readouterr().out
+    assert len(list(run.glob("checkpoints-stale-*"))) == 2
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["made_by.sha256"]
     # a checkpoint without a stamp is not trusted either
     (run / "checkpoints" / "made_by.sha256").unlink()
     (run / "checkpoints" / "last.ckpt").write_bytes(b"old")
     assert not resume_checkpoint(run, "config B")
-    assert len(list(run.glob("checkpoints-stale-*"))) == 2  # both kept, nothing overwritten
+    assert len(list(run.glob("checkpoints-stale-*"))) == 3  # all kept, nothing overwritten

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -202,8 +203,8 @@ def resume_checkpoint(folder: Path, made_by: str) -> bool:
 
     Only a checkpoint made by the very same run configuration is resumed: ``made_by`` (the
     run's override text and the sweep's training digest) is stored beside the checkpoints as a
-    sha256. A checkpoint of another configuration is moved aside (``checkpoints-stale-<time>``,
-    nothing deleted) and the run starts afresh, saying so.
+    sha256. A checkpoint of another configuration, or one that is not a whole archive, is moved
+    aside (``checkpoints-stale-<time>``, nothing deleted) and the run starts afresh, saying so.
 
     Args:
         folder: The run folder.
@@ -216,8 +217,16 @@ def resume_checkpoint(folder: Path, made_by: str) -> bool:
     stamp = checkpoints / "made_by.sha256"
     digest = hashlib.sha256(made_by.encode()).hexdigest()
     last = checkpoints / "last.ckpt"
-    if last.is_file() and stamp.is_file() and stamp.read_text().strip() == digest:
+    stamped = last.is_file() and stamp.is_file() and stamp.read_text().strip() == digest
+    # a checkpoint is a zip archive; one cut short (written before saves were atomic) has no
+    # central directory at its end, and Lightning would fail on it deep inside the resume
+    if stamped and zipfile.is_zipfile(last):
         return True
+    why = (
+        "holds an unreadable last.ckpt (cut short?)"
+        if stamped
+        else "was made by another run configuration (or has no stamp)"
+    )
     if checkpoints.exists() and any(checkpoints.iterdir()):
         aside = folder / f"checkpoints-stale-{time.strftime('%Y%m%d-%H%M%S')}"
         n = 1
@@ -225,8 +234,7 @@ def resume_checkpoint(folder: Path, made_by: str) -> bool:
             aside, n = aside.with_name(f"{aside.name.split('.')[0]}.{n}"), n + 1
         checkpoints.rename(aside)
         print(
-            f"[stale] {checkpoints} was made by another run configuration (or has no stamp); "
-            f"moved to {aside.name}, starting afresh",
+            f"[stale] {checkpoints} {why}; moved to {aside.name}, starting afresh",
             flush=True,
         )
     checkpoints.mkdir(parents=True, exist_ok=True)
