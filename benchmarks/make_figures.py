@@ -26,6 +26,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.repro.aggregate import tasks_in  # noqa: E402
+
 COLORS = {
     "per_task": "#4c72b0",
     "kmeans4": "#dd8452",
@@ -56,8 +61,7 @@ def figure(summary: Mapping[str, Any]) -> Any:
             methods.append(r["method"])
     variants = [v for v in COLORS if any(r["variant"] == v for r in rows)]
     tasks = summary["tasks"]
-    in_domain = [t for t, v in tasks.items() if v["group"] == "in_domain"]
-    unseen = [t for t, v in tasks.items() if v["group"] == "out_of_domain"]
+    in_domain, unseen = tasks_in(tasks, "in_domain"), tasks_in(tasks, "out_of_domain")
     floors = summary["floors"]
     panels = [
         ("in_domain", "In-domain test accuracy (training tasks, held-out items)", in_domain),

@@ -686,7 +686,7 @@ def test_a_killed_run_keeps_its_attempts_seconds_on_the_record(
     assert len(attempts) == 1 and attempts[0] >= 0
     last = run_dir(sweep, "kmeans4", 0) / "checkpoints" / "last.ckpt"
     assert (last.parent / "made_by.sha256").is_file()  # stamped before the fit started
-    last.write_bytes(b"")  # what the killed attempt's ModelCheckpoint left
+    torch.save({"global_step": 3}, last)  # what the killed attempt's ModelCheckpoint left
     monkeypatch.setattr(runs.subprocess, "run", finishes)
     seconds = runs.run_one(sweep, "kmeans4", 0, evaluate_base=False)
     timing = read_records(sweep)[("kmeans4", 0)]["timing"]

@@ -26,6 +26,7 @@ __all__ = [
     "own_adapter_scores",
     "paired_differences",
     "summarise",
+    "tasks_in",
     "timings",
     "train_rate",
 ]
@@ -42,6 +43,12 @@ def _mean(values: Sequence[float]) -> float:
 def _std(values: Sequence[float]) -> float:
     values = [v for v in values if v is not None and math.isfinite(v)]
     return statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def tasks_in(tasks: Mapping[str, Mapping[str, Any]], group: str) -> list[str]:
+    """The names of the manifest's ``tasks`` in ``group`` (``"in_domain"`` or
+    ``"out_of_domain"``), in manifest order."""
+    return [t for t, v in tasks.items() if v.get("group") == group]
 
 
 def _binomial_se(accs: Mapping[str, float], manifest: Mapping[str, Any]) -> float:
@@ -222,7 +229,7 @@ def gate_failures(
         The failing checks (empty: the gate passes); ``None`` when no per_task record of
         ``seed`` exists yet.
     """
-    in_domain = [t for t, v in manifest["tasks"].items() if v["group"] == "in_domain"]
+    in_domain = tasks_in(manifest["tasks"], "in_domain")
     own = {
         k: a for k, a in own_adapter_scores(records).items() if k[0] == seed and k[1] in in_domain
     }
@@ -254,8 +261,7 @@ def summarise(
     if methods is None:
         methods = study_config(Sweep()).method_names
     tasks = manifest["tasks"]
-    in_domain = [t for t, v in tasks.items() if v["group"] == "in_domain"]
-    ood = [t for t, v in tasks.items() if v["group"] == "out_of_domain"]
+    in_domain, ood = tasks_in(tasks, "in_domain"), tasks_in(tasks, "out_of_domain")
     # per_task's in-domain values (each task's own adapter) are the normaliser.
     best_single = {k: a for k, a in own_adapter_scores(records).items() if k[1] in in_domain}
     base = next((r for r in records if r["method"] == "base"), None)
@@ -372,8 +378,8 @@ def paired_differences(
 
     tasks = manifest["tasks"]
     splits = {
-        "in_domain": [t for t, v in tasks.items() if v.get("group") == "in_domain"],
-        "unseen": [t for t, v in tasks.items() if v.get("group") == "out_of_domain"],
+        "in_domain": tasks_in(tasks, "in_domain"),
+        "unseen": tasks_in(tasks, "out_of_domain"),
     }
     items: dict[tuple[str, str], dict[int, dict[str, str]]] = collections.defaultdict(dict)
     kinds: dict[tuple[str, str], str] = {}
