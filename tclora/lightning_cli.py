@@ -173,11 +173,12 @@ class TCLoraCLI(LightningCLI):
         from tclora.callbacks import CPMergeCallback
 
         trainer = self.trainer
+        log_dir = trainer.log_dir  # a collective under DDP: every rank asks, before rank zero
         if not trainer.is_global_zero:
             return
         lines = ["", "tclora: fit finished"]
-        if trainer.log_dir:
-            lines.append(f"  logs:             {trainer.log_dir}")
+        if log_dir:
+            lines.append(f"  logs:             {log_dir}")
         export_dir = self.model.hparams.get("export_dir")
         if export_dir:
             lines.append(f"  adapters:         {export_dir}")

@@ -160,17 +160,25 @@ def mbc_main(argv: Sequence[str] | None = None) -> int:
     tasks = stage1_tasks(stage1.datamodule)
     if args.stop_after == "stage1":
         return 0
+    # Under a multi-process strategy every rank runs this command: rank zero exports stage 1's
+    # adapters at its fit end, every rank then groups them (the same way, so an error stops them
+    # all), rank zero alone writes the stage files, and stage 3 starts once they are written.
+    strategy = stage1.trainer.strategy
+    strategy.barrier("tclora mbc: stage 1 exported")
     folders = {task: adapters / f"cluster_{k}" for k, task in enumerate(tasks)}
     weights = read_adapter_folders(folders)
     groups = mbc_clusters(weights, args.num_clusters, seed=args.seed)
-    names, vectors = mbc_vectors(weights)
-    similarity = {
-        "tasks": names,
-        "cosine": np.round(mbc_similarity(vectors), 6).tolist(),
-        "groups": [groups[t] for t in names],
-    }
-    atomic_write_text(out / "mbc_similarity.json", json.dumps(similarity, indent=1) + "\n")
-    path = write_mbc_assignments(out / "mbc.json", groups)
+    path = out / "mbc.json"
+    if stage1.trainer.is_global_zero:
+        names, vectors = mbc_vectors(weights)
+        similarity = {
+            "tasks": names,
+            "cosine": np.round(mbc_similarity(vectors), 6).tolist(),
+            "groups": [groups[t] for t in names],
+        }
+        atomic_write_text(out / "mbc_similarity.json", json.dumps(similarity, indent=1) + "\n")
+        write_mbc_assignments(path, groups)
+    strategy.barrier("tclora mbc: stage 2 written")
     info(
         f"tclora mbc: stage 2, {len(tasks)} tasks -> {args.num_clusters} groups {groups} -> {path}"
     )

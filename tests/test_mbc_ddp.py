@@ -1,0 +1,76 @@
+"""``tclora mbc`` (and so ``tclora fit`` with its merge callback) under 2-process DDP, gloo on
+CPU: every rank runs the command; rank zero exports stage 1's adapters, writes the stage files
+once and reports; the other rank waits for them instead of reading half-written folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tclora.clustering import mbc_clusters, read_adapter_folders, read_mbc_assignments
+from tests.test_mbc_datamodule import GROUPS, _fit_config
+
+
+@pytest.mark.slow
+def test_mbc_runs_its_three_stages_under_ddp(
+    tmp_path: Path, tiny_model_dir: Path, multitask_jsonl: Path
+) -> None:
+    """Before: rank 1 read stage 1's adapter folders before rank 0 had exported them, and
+    ``tclora fit``'s closing report asked for ``trainer.log_dir`` (a collective) on rank 0 only,
+    so every DDP fit through the CLI ended with a gloo error."""
+    config = _fit_config(tmp_path / "fit", tiny_model_dir, multitask_jsonl, tmp_path / "cache")
+    merge_dir = tmp_path / "merge"
+    config["trainer"]["callbacks"] = [
+        {
+            "class_path": "tclora.callbacks.CPMergeCallback",
+            "init_args": {
+                "cp_ranks": 2,
+                "rules": ["mean_loading"],
+                "baselines": ["uniform"],
+                "references": [],
+                "output_dir": str(merge_dir),
+                "export": False,
+                "progress": False,
+            },
+        }
+    ]
+    path = tmp_path / "fit.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "mbc"
+    argv = ["mbc", "--config", str(path), "--num_clusters", "2", "--stage1_steps", "3"]
+    argv += ["--output_dir", str(out), "--trainer.devices", "2"]
+    argv += ["--trainer.strategy", "ddp_find_unused_parameters_true"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tclora", *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    stage1 = out / "stage1" / "adapters"
+    tasks = sorted(GROUPS)  # per_task numbers the tasks in sorted order
+    folders = {t: stage1 / f"cluster_{k}" for k, t in enumerate(tasks)}
+    assert read_mbc_assignments(out / "mbc.json") == mbc_clusters(read_adapter_folders(folders), 2)
+    assert json.loads((merge_dir / "results.json").read_text())["adapters"] == [
+        "cluster_0",
+        "cluster_1",
+    ]
+    assert sorted(p.name for p in (tmp_path / "fit" / "lora").iterdir()) == [
+        "README.md",
+        "cluster_0",
+        "cluster_1",
+        "tclora_adapters.json",
+    ]
+    # rank zero alone reported, once per fit; stage 2 was announced once
+    assert proc.stdout.count("tclora: fit finished") == 1
+    assert (proc.stdout + proc.stderr).count("tclora mbc: stage 2, 4 tasks -> 2 groups") == 1
