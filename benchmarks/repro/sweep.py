@@ -81,7 +81,7 @@ class Sweep:
     results_dir: Path = ROOT / "benchmarks" / "results"
     train_tasks: tuple[str, ...] = TRAIN_TASKS
     ood_tasks: tuple[str, ...] = OOD_TASKS
-    train_items: int = 180  # 171 train + 9 validation per task (val_fraction 0.05)
+    train_items: int = 180  # per task; the data module holds 5% of the pooled items for validation
     test_items: int = 100  # the floor; see benchmarks/results/README.md for the time
     ood_items: int = 100
     seeds: tuple[int, ...] = (0, 1, 2)
