@@ -15,6 +15,7 @@ import ctypes.util
 import hashlib
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import time
@@ -29,6 +30,21 @@ from typing import IO, Any
 import numpy as np
 
 
+def _create_temp_sibling(path: Path) -> tuple[int, str]:
+    """Create ``.<name>.<8 hex>`` beside ``path`` (exclusively) and return its descriptor and path.
+
+    Unlike ``tempfile.mkstemp`` (always mode 0600), the file gets the mode a plain ``open``
+    would give it (0666 less the umask), so the renamed result is as readable as any other file
+    the process writes.
+    """
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), str(tmp)
+        except FileExistsError:  # pragma: no cover -- a 1 in 4e9 collision
+            continue
+
+
 def atomic_write(path: Path, write: Callable[[IO[Any]], object], binary: bool = False) -> None:
     """Write ``path`` through ``write(handle)`` on a temporary file renamed over ``path``.
 
@@ -38,7 +54,7 @@ def atomic_write(path: Path, write: Callable[[IO[Any]], object], binary: bool = 
         binary: Open the temporary file in binary mode.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = _create_temp_sibling(path)
     try:
         with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8") as handle:
             write(handle)
@@ -127,7 +143,7 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
         ) from err
 
 
-_TEMP_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}$")  # tempfile.mkstemp(prefix=".<name>.")
+_TEMP_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}$")  # .<name>.<8 hex> (_create_temp_sibling)
 
 
 def remove_stale_temp_files(folder: Path, max_age_s: float = 3600.0) -> list[Path]:
