@@ -109,6 +109,22 @@ def stage1_tasks(datamodule: Any) -> list[str]:
     return [next(iter(tasks[k])) for k in sorted(tasks)]
 
 
+def _stage_cli(args: Sequence[str], run: bool = True) -> Any:
+    """``tclora fit``'s CLI on a stage's own arguments.
+
+    Lightning warns when a CLI gets ``args`` while the process has command-line arguments (here
+    always: ``tclora mbc ...``); each stage's arguments are built on purpose, so that one warning
+    is left out.
+    """
+    import warnings
+
+    from tclora.cli import cli_main
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
+        return cli_main(list(args), run=run)
+
+
 def mbc_main(argv: Sequence[str] | None = None) -> int:
     """Run the stages; returns the exit code."""
     import numpy as np
@@ -116,7 +132,6 @@ def mbc_main(argv: Sequence[str] | None = None) -> int:
 
     from tclora._io import atomic_write_text
     from tclora.callbacks import CPMergeCallback
-    from tclora.cli import cli_main
     from tclora.clustering import (
         mbc_clusters,
         mbc_similarity,
@@ -132,7 +147,7 @@ def mbc_main(argv: Sequence[str] | None = None) -> int:
     adapters = out / "stage1" / "adapters"
 
     info(f"tclora mbc: stage 1, one LoRA per task ({args.stage1_steps} steps) -> {adapters}")
-    stage1 = cli_main(
+    stage1 = _stage_cli(
         [
             *configs,
             *extra,
@@ -185,7 +200,7 @@ def mbc_main(argv: Sequence[str] | None = None) -> int:
     if args.stop_after == "stage2":
         return 0
     info("tclora mbc: stage 3, one adapter per group")
-    cli_main(
+    _stage_cli(
         ["fit", *configs, *extra, "--data.clustering", "mbc", "--data.mbc_assignments", str(path)]
     )
     return 0
