@@ -1,6 +1,7 @@
-"""``tclora mbc`` (and so ``tclora fit`` with its merge callback) under 2-process DDP, gloo on
-CPU: every rank runs the command; rank zero exports stage 1's adapters, writes the stage files
-once and reports; the other rank waits for them instead of reading half-written folders."""
+"""``tclora mbc`` (and so ``tclora fit`` with its merge callback, centroid routing and Arrow)
+under 2-process DDP, gloo on CPU: every rank runs the command; rank zero exports stage 1's
+adapters, writes the stage files once and reports; the other rank waits for them instead of
+reading half-written folders; the merge study's evaluations are sharded and gathered."""
 
 from __future__ import annotations
 
@@ -25,6 +26,13 @@ def test_mbc_runs_its_three_stages_under_ddp(
     ``tclora fit``'s closing report asked for ``trainer.log_dir`` (a collective) on rank 0 only,
     so every DDP fit through the CLI ended with a gloo error."""
     config = _fit_config(tmp_path / "fit", tiny_model_dir, multitask_jsonl, tmp_path / "cache")
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text(
+        "".join(
+            json.dumps({"prompt": f"Is {w} a fruit?", "choices": ["yes", "no"], "answer": a}) + "\n"
+            for w, a in [("apple", 0), ("stone", 1), ("pear", 0), ("chair", 1), ("plum", 0)]
+        )
+    )
     merge_dir = tmp_path / "merge"
     config["trainer"]["callbacks"] = [
         {
@@ -33,7 +41,8 @@ def test_mbc_runs_its_three_stages_under_ddp(
                 "cp_ranks": 2,
                 "rules": ["mean_loading"],
                 "baselines": ["uniform"],
-                "references": [],
+                "references": ["base", "routing", "arrow"],
+                "eval_sets": [str(heldout)],
                 "output_dir": str(merge_dir),
                 "export": False,
                 "progress": False,
@@ -61,10 +70,15 @@ def test_mbc_runs_its_three_stages_under_ddp(
     tasks = sorted(GROUPS)  # per_task numbers the tasks in sorted order
     folders = {t: stage1 / f"cluster_{k}" for k, t in enumerate(tasks)}
     assert read_mbc_assignments(out / "mbc.json") == mbc_clusters(read_adapter_folders(folders), 2)
-    assert json.loads((merge_dir / "results.json").read_text())["adapters"] == [
-        "cluster_0",
-        "cluster_1",
-    ]
+    results = json.loads((merge_dir / "results.json").read_text())
+    assert results["adapters"] == ["cluster_0", "cluster_1"]
+    rows = {r["name"]: r for r in results["rows"]}
+    # every reference and merge scored each of the 5 held-out items once (sharded over the 2
+    # ranks, then gathered in set order), and its accuracy is the mean of those items
+    for name in ("base", "routing", "arrow", "uniform", "cp2_mean_loading"):
+        items = rows[name]["items"]["heldout"]
+        assert len(items) == 5 and set(items) <= {"0", "1"}, (name, items)
+        assert rows[name]["scores"]["heldout"]["acc"] == pytest.approx(items.count("1") / 5)
     assert sorted(p.name for p in (tmp_path / "fit" / "lora").iterdir()) == [
         "README.md",
         "cluster_0",
