@@ -158,45 +158,73 @@ def _fit_config(out: Path, model_dir: Path, jsonl: Path, cache: Path, **data: An
     }
 
 
+def write_mbc_config(
+    tmp_path: Path, model_dir: Path, jsonl: Path, **merge_options: Any
+) -> tuple[Path, Path]:
+    """``<tmp_path>/fit.yaml`` for ``tclora mbc``: :func:`_fit_config` with a small
+    ``CPMergeCallback`` (``merge_options`` override its options) writing to
+    ``<tmp_path>/merge``. Returns the config's path and the merge folder."""
+    import yaml
+
+    config = _fit_config(tmp_path / "fit", model_dir, jsonl, tmp_path / "cache")
+    merge_dir = tmp_path / "merge"
+    init_args = {
+        "cp_ranks": 2,
+        "rules": ["mean_loading"],
+        "baselines": ["uniform"],
+        "references": [],
+        "output_dir": str(merge_dir),
+        "export": False,
+        "progress": False,
+        **merge_options,
+    }
+    config["trainer"]["callbacks"] = [
+        {"class_path": "tclora.callbacks.CPMergeCallback", "init_args": init_args}
+    ]
+    path = tmp_path / "fit.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path, merge_dir
+
+
+def check_stage_outputs(tmp_path: Path, out: Path, merge_dir: Path) -> dict[str, int]:
+    """What every ``tclora mbc`` run of :func:`write_mbc_config` leaves: ``mbc.json`` holds the
+    groups of stage 1's exported adapters, the merge study ran once at stage 3's end on the 2
+    group adapters (not on stage 1's 4), and stage 3 exported one adapter per group where the
+    config says. Returns the groups."""
+    from tclora.clustering import mbc_clusters, read_adapter_folders
+
+    stage1 = out / "stage1" / "adapters"
+    tasks = sorted(GROUPS)  # per_task numbers the tasks in sorted order
+    folders = {t: stage1 / f"cluster_{k}" for k, t in enumerate(tasks)}
+    groups = mbc_clusters(read_adapter_folders(folders), 2)
+    assert read_mbc_assignments(out / "mbc.json") == groups
+    results = json.loads((merge_dir / "results.json").read_text())
+    assert results["adapters"] == ["cluster_0", "cluster_1"]
+    assert sorted(p.name for p in (tmp_path / "fit" / "lora").iterdir()) == [
+        "README.md",
+        "cluster_0",
+        "cluster_1",
+        "tclora_adapters.json",
+    ]
+    return groups
+
+
 def test_one_command_runs_the_three_stages(
     tmp_path: Path, tiny_model_dir: Path, multitask_jsonl: Path
 ) -> None:
     """``tclora mbc``: stage 1 (per_task fit, exported) → stage 2 (MBC on those folders, the
     stage file) → stage 3 (the K-adapter fit on the groups), then the same groups by hand."""
-    import yaml
-
     from tclora.cli import main
-    from tclora.clustering import mbc_clusters, read_adapter_folders
 
-    config = _fit_config(tmp_path / "fit", tiny_model_dir, multitask_jsonl, tmp_path / "cache")
-    merge_dir = tmp_path / "merge"
-    config["trainer"]["callbacks"] = [
-        {
-            "class_path": "tclora.callbacks.CPMergeCallback",
-            "init_args": {
-                "cp_ranks": 2,
-                "rules": ["mean_loading"],
-                "baselines": ["uniform"],
-                "references": [],
-                "output_dir": str(merge_dir),
-                "export": False,
-                "progress": False,
-            },
-        }
-    ]
-    path = tmp_path / "fit.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path, merge_dir = write_mbc_config(tmp_path, tiny_model_dir, multitask_jsonl)
     out = tmp_path / "mbc"
     argv = ["mbc", "--config", str(path), "--num_clusters", "2", "--stage1_steps", "3"]
     assert main([*argv, "--output_dir", str(out), "--trainer.logger", "false"]) == 0
 
-    stage1 = out / "stage1" / "adapters"
-    manifest = json.loads((stage1 / "tclora_adapters.json").read_text())
+    groups = check_stage_outputs(tmp_path, out, merge_dir)
+    manifest = json.loads((out / "stage1" / "adapters" / "tclora_adapters.json").read_text())
     assert len(manifest["adapters"]) == 4 and sum(manifest["adapter_steps"]) == 3  # 3 steps in all
-    tasks = sorted(GROUPS)  # per_task numbers the tasks in sorted order
-    folders = {t: stage1 / f"cluster_{k}" for k, t in enumerate(tasks)}
-    groups = mbc_clusters(read_adapter_folders(folders), 2)
-    assert read_mbc_assignments(out / "mbc.json") == groups
+    tasks = sorted(GROUPS)
     similarity = json.loads((out / "mbc_similarity.json").read_text())
     assert similarity["tasks"] == tasks and len(similarity["cosine"]) == 4
     assert similarity["groups"] == [groups[t] for t in tasks]
@@ -204,18 +232,6 @@ def test_one_command_runs_the_three_stages(
     # LoRA parameters are still nearly parallel (independent random inits would give ~0)
     cosine = np.array(similarity["cosine"])
     assert cosine[~np.eye(4, dtype=bool)].min() > 0.9
-    # the merge study ran once, at stage 3's end, on the 2 group adapters (not on stage 1's 4)
-    assert json.loads((merge_dir / "results.json").read_text())["adapters"] == [
-        "cluster_0",
-        "cluster_1",
-    ]
-    # stage 3 exported one adapter per group where the config says
-    assert sorted(p.name for p in (tmp_path / "fit" / "lora").iterdir()) == [
-        "README.md",
-        "cluster_0",
-        "cluster_1",
-        "tclora_adapters.json",
-    ]
 
 
 def test_one_command_refuses_bad_input_before_any_fit(tmp_path: Path) -> None:

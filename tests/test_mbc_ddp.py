@@ -12,10 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tclora.clustering import mbc_clusters, read_adapter_folders, read_mbc_assignments
-from tests.test_mbc_datamodule import GROUPS, _fit_config
+from tests.test_mbc_datamodule import check_stage_outputs, write_mbc_config
 
 
 @pytest.mark.slow
@@ -25,7 +23,6 @@ def test_mbc_runs_its_three_stages_under_ddp(
     """Before: rank 1 read stage 1's adapter folders before rank 0 had exported them, and
     ``tclora fit``'s closing report asked for ``trainer.log_dir`` (a collective) on rank 0 only,
     so every DDP fit through the CLI ended with a gloo error."""
-    config = _fit_config(tmp_path / "fit", tiny_model_dir, multitask_jsonl, tmp_path / "cache")
     heldout = tmp_path / "heldout.jsonl"
     heldout.write_text(
         "".join(
@@ -33,24 +30,13 @@ def test_mbc_runs_its_three_stages_under_ddp(
             for w, a in [("apple", 0), ("stone", 1), ("pear", 0), ("chair", 1), ("plum", 0)]
         )
     )
-    merge_dir = tmp_path / "merge"
-    config["trainer"]["callbacks"] = [
-        {
-            "class_path": "tclora.callbacks.CPMergeCallback",
-            "init_args": {
-                "cp_ranks": 2,
-                "rules": ["mean_loading"],
-                "baselines": ["uniform"],
-                "references": ["base", "routing", "arrow"],
-                "eval_sets": [str(heldout)],
-                "output_dir": str(merge_dir),
-                "export": False,
-                "progress": False,
-            },
-        }
-    ]
-    path = tmp_path / "fit.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path, merge_dir = write_mbc_config(
+        tmp_path,
+        tiny_model_dir,
+        multitask_jsonl,
+        references=["base", "routing", "arrow"],
+        eval_sets=[str(heldout)],
+    )
     out = tmp_path / "mbc"
     argv = ["mbc", "--config", str(path), "--num_clusters", "2", "--stage1_steps", "3"]
     argv += ["--output_dir", str(out), "--trainer.devices", "2"]
@@ -66,12 +52,8 @@ def test_mbc_runs_its_three_stages_under_ddp(
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
 
-    stage1 = out / "stage1" / "adapters"
-    tasks = sorted(GROUPS)  # per_task numbers the tasks in sorted order
-    folders = {t: stage1 / f"cluster_{k}" for k, t in enumerate(tasks)}
-    assert read_mbc_assignments(out / "mbc.json") == mbc_clusters(read_adapter_folders(folders), 2)
+    check_stage_outputs(tmp_path, out, merge_dir)
     results = json.loads((merge_dir / "results.json").read_text())
-    assert results["adapters"] == ["cluster_0", "cluster_1"]
     rows = {r["name"]: r for r in results["rows"]}
     # every reference and merge scored each of the 5 held-out items once (sharded over the 2
     # ranks, then gathered in set order), and its accuracy is the mean of those items
@@ -79,12 +61,6 @@ def test_mbc_runs_its_three_stages_under_ddp(
         items = rows[name]["items"]["heldout"]
         assert len(items) == 5 and set(items) <= {"0", "1"}, (name, items)
         assert rows[name]["scores"]["heldout"]["acc"] == pytest.approx(items.count("1") / 5)
-    assert sorted(p.name for p in (tmp_path / "fit" / "lora").iterdir()) == [
-        "README.md",
-        "cluster_0",
-        "cluster_1",
-        "tclora_adapters.json",
-    ]
     assert "LightningCLI's args parameter" not in proc.stderr  # each stage's args are on purpose
     # rank zero alone reported, once per fit; stage 2 was announced once
     assert proc.stdout.count("tclora: fit finished") == 1
