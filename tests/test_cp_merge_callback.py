@@ -470,3 +470,47 @@ def test_callback_defaults_are_the_study_defaults() -> None:
             checked.append(name)
     assert {"rules", "baselines", "scales", "references", "cp_ranks"} <= set(checked)
     assert CPMergeCallback().config == study
+
+
+def _deepspeed_strategy(stage: int) -> Any:
+    """A DeepSpeedStrategy holding a ZeRO config (built without deepspeed installed)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    strategy = object.__new__(DeepSpeedStrategy)
+    strategy.config = {"zero_optimization": {"stage": stage}}
+    return strategy
+
+
+def test_strategies_that_shard_parameters_are_refused_before_training() -> None:
+    """FSDP and ZeRO-3 shard the parameters: the study, which reads whole adapters and evaluates
+    the whole model, is refused at setup (the H100 run of benchmarks/gpu_strategies.py crashed at
+    fit end instead) with the two-step way named; DDP and ZeRO-2 keep whole parameters."""
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from tclora.callbacks.cp_merge import check_strategy
+
+    with pytest.raises(ValueError, match=r"cannot run under FSDPStrategy.*tclora merge --adapters"):
+        check_strategy(FSDPStrategy())
+    with pytest.raises(ValueError, match=r"cannot run under DeepSpeedStrategy\(stage=3\)"):
+        check_strategy(_deepspeed_strategy(3))
+    check_strategy(_deepspeed_strategy(2))
+    check_strategy(DDPStrategy())
+
+
+def test_study_runs_on_the_strategy_device_and_the_model_goes_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Lightning's teardown moves the module to the CPU before on_fit_end: on_device moves it to
+    the strategy's root device for the study, and back afterwards, also when the study fails."""
+    from tclora.callbacks.cp_merge import on_device
+
+    module = torch.nn.Linear(2, 2)
+    moves: list[str] = []
+    monkeypatch.setattr(module, "to", lambda device: moves.append(str(device)) or module)
+    with on_device(module, torch.device("cpu")):
+        pass
+    assert moves == []  # already there
+    with pytest.raises(RuntimeError, match="study failed"), on_device(module, torch.device("meta")):
+        assert moves == ["meta"]
+        raise RuntimeError("study failed")
+    assert moves == ["meta", "cpu"]

@@ -14,11 +14,13 @@ results through ``trainer.loggers``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -220,7 +222,8 @@ class CPMergeCallback(Callback):
 
     # ------------------------------------------------------------------ hooks
     def check(self, trainer: pl.Trainer, datamodule: Any = None) -> None:
-        """Checks that need no model: evaluation sets load, output folder writable, K >= 2.
+        """Checks that need no model: a strategy that keeps whole parameters on each rank,
+        evaluation sets load, output folder writable, K >= 2.
 
         ``tclora fit`` calls it before the data module embeds anything; :meth:`setup` calls it
         again (it is cheap and idempotent) for projects that use the callback alone.
@@ -230,10 +233,12 @@ class CPMergeCallback(Callback):
             datamodule: The data module, when the trainer does not hold it yet.
 
         Raises:
-            ValueError: A missing or malformed evaluation set (file and line named), or a data
-                module with fewer than 2 clusters.
+            ValueError: A strategy that shards parameters (FSDP, DeepSpeed ZeRO stage 3), a
+                missing or malformed evaluation set (file and line named), or a data module with
+                fewer than 2 clusters.
             PermissionError: The output folder cannot be written.
         """
+        check_strategy(trainer.strategy)
         if len(self.study.eval_sets) != len(self.config.eval_sets):
             self.study.load_eval_sets()
         check_writable(self.resolve_output_dir(trainer), "CPMergeCallback.output_dir")
@@ -269,15 +274,19 @@ class CPMergeCallback(Callback):
             self._tokenizer = self._find_tokenizer(trainer, pl_module, peft_model)
         out_dir = self.resolve_output_dir(trainer)
         self._out_dir = out_dir
-        result = self.study.run(
-            peft_model,
-            self._tokenizer,
-            out_dir=out_dir,
-            val_loaders=self._val_loaders(trainer),
-            router=self._router(trainer, self.study.adapter_names(peft_model)),
-            is_global_zero=trainer.is_global_zero,
-            resumed=self._resumed,
-        )
+        # the strategy's teardown, which runs before on_fit_end, has put the module on the CPU
+        device = trainer.strategy.root_device
+        rank_zero_info(f"CPMergeCallback: merge study on {device}")
+        with on_device(peft_model, device):
+            result = self.study.run(
+                peft_model,
+                self._tokenizer,
+                out_dir=out_dir,
+                val_loaders=self._val_loaders(trainer),
+                router=self._router(trainer, self.study.adapter_names(peft_model)),
+                is_global_zero=trainer.is_global_zero,
+                resumed=self._resumed,
+            )
         self.finished = True
         if trainer.is_global_zero:
             if trainer.loggers:
@@ -382,3 +391,62 @@ class CPMergeCallback(Callback):
             )
             return None
         return datamodule
+
+
+def check_strategy(strategy: Any) -> None:
+    """Refuse a strategy that shards parameters: the merge study reads every adapter's whole
+    weights and evaluates the whole model on each rank.
+
+    Args:
+        strategy: The trainer's strategy.
+
+    Raises:
+        ValueError: ``FSDPStrategy``, or ``DeepSpeedStrategy`` at ZeRO stage 3.
+    """
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    name = None
+    if isinstance(strategy, FSDPStrategy):
+        name = "FSDPStrategy"
+    elif isinstance(strategy, DeepSpeedStrategy):
+        stage = (getattr(strategy, "config", None) or {}).get("zero_optimization", {}).get("stage")
+        if stage == 3:
+            name = "DeepSpeedStrategy(stage=3)"
+    if name is not None:
+        raise ValueError(
+            f"CPMergeCallback cannot run under {name}: it shards the parameters, and the merge "
+            "study needs every adapter's whole weights and the whole model on each rank. Train "
+            "without the callback (LoRAModule still exports the adapters to model.export_dir), "
+            "then merge them with `tclora merge --adapters <export_dir>/cluster_* --model "
+            "<model> --merge <the callback's init_args as YAML>` on one GPU; or train under DDP "
+            "or DeepSpeed stage 2, which keep whole parameters"
+        )
+
+
+@contextmanager
+def on_device(module: torch.nn.Module, device: torch.device) -> Iterator[None]:
+    """Run a block with ``module`` on ``device``, and put it back where it was afterwards.
+
+    Lightning's strategies move the LightningModule to the CPU in ``teardown``, which runs before
+    ``on_fit_end``; without this the merge study of a GPU run would evaluate on the CPU (and a
+    multi-GPU study would hand NCCL CPU tensors).
+
+    Args:
+        module: The model the block uses.
+        device: Where the block runs.
+
+    Yields:
+        Nothing; ``module`` is on ``device`` inside the block.
+    """
+    first = next(module.parameters(), None)
+    original = first.device if first is not None else device
+    if original == device:
+        yield
+        return
+    module.to(device)
+    try:
+        yield
+    finally:
+        module.to(original)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
