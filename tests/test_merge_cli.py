@@ -186,3 +186,14 @@ def test_several_scales_without_validation_data_fail_before_loading(
     with pytest.raises(SystemExit):
         _quick_merge(adapter_folders, tmp_path / "m", "[1.0, 2.0]")
     assert "choosing among several scales needs validation data" in capsys.readouterr().err
+
+
+def test_a_bad_device_or_dtype_is_refused_before_any_model_loads(
+    adapter_folders: list[str], tmp_path: Path
+) -> None:
+    argv = ["--adapters", json.dumps(adapter_folders), "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match=r"--dtype='half': expected one of"):
+        merge_main([*argv, "--dtype", "half"])
+    with pytest.raises(ValueError, match=r"--device='tpu': not a device"):
+        merge_main([*argv, "--device", "tpu"])
+    assert not (tmp_path / "out").exists()

@@ -26,6 +26,7 @@ from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from tclora._checks import resolve_device, resolve_dtype
 from tclora._io import check_writable
 
 __all__ = ["MergeInputError", "adapter_base_models", "build_parser", "merge_main"]
@@ -136,6 +137,19 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_argument("--val_batch_size", type=int, default=8, help="validation batch size")
     parser.add_argument(
+        "--device",
+        type=str,
+        default="auto",
+        help="where the model runs: auto (the first GPU if torch sees one, else cpu), cpu, "
+        "cuda, cuda:<index>",
+    )
+    parser.add_argument(
+        "--dtype",
+        type=str,
+        default="float32",
+        help="dtype of the base model's weights: float32, bfloat16 or float16",
+    )
+    parser.add_argument(
         "--output_dir",
         type=str | None,
         default=None,
@@ -183,6 +197,7 @@ def merge_main(argv: Sequence[str]) -> int:
 
     parser = build_parser()
     cfg = parser.parse_args(list(argv))
+    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
     folders = _adapter_folders(cfg.adapters)
     if len(folders) < 2:
         parser.error(f"--adapters: need 2 or more adapter folders to merge, got {len(folders)}")
@@ -214,11 +229,13 @@ def merge_main(argv: Sequence[str]) -> int:
 
     model_name = resolve_model(cfg.model or next(iter(bases.values())))
     tokenizer = AutoTokenizer.from_pretrained(model_name)
-    base = AutoModelForCausalLM.from_pretrained(model_name)
+    base = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype)
     model = PeftModel.from_pretrained(base, folders[0], adapter_name=names[0])
     for folder, name in zip(folders[1:], names[1:], strict=True):
         model.load_adapter(folder, adapter_name=name)
     model.set_adapter(names[0])
+    model.to(device)
+    print(f"tclora merge: {len(folders)} adapters on {model_name}, {cfg.dtype}, on {device}")
     val_loaders = (
         [_val_loader(list(cfg.val_data), tokenizer, study_config.max_length, cfg.val_batch_size)]
         if cfg.val_data

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tclora._checks import DTYPES, resolve_device, resolve_dtype
 from tclora._io import atomic_write_text, check_writable
 
 __all__ = ["build_parser", "eval_main"]
@@ -65,6 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
         default="tclora",
         help="lm-eval's tokenisation conventions: aligned with tclora's (default) or its own",
     )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="where the model runs: auto (the first GPU if torch sees one, else cpu), cpu, "
+        "cuda, cuda:<index>",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=DTYPES,
+        help="dtype of the base model's weights",
+    )
     parser.add_argument("--max_items", type=int, default=200, help="items per set (seeded)")
     parser.add_argument("--seed", type=int, default=0, help="subsample seed")
     parser.add_argument("--batch_size", type=int, default=8)
@@ -90,6 +103,10 @@ def eval_main(argv: Sequence[str]) -> int:
 
     parser = build_parser()
     args = parser.parse_args(list(argv))
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        parser.error(str(err))
     folders = _adapter_folders(args.adapters)
     if not folders and not args.base:
         parser.error("nothing to score: give --adapters FOLDER ... and/or --base")
@@ -140,13 +157,15 @@ def eval_main(argv: Sequence[str]) -> int:
 
     resolved = resolve_model(model_name)
     tokenizer = AutoTokenizer.from_pretrained(resolved)
-    model: Any = AutoModelForCausalLM.from_pretrained(resolved).eval()
+    model: Any = AutoModelForCausalLM.from_pretrained(resolved, dtype=resolve_dtype(args.dtype))
+    model.eval()
     if folders:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, folders[0], adapter_name=names[0])
         for folder, name in zip(folders[1:], names[1:], strict=True):
             model.load_adapter(folder, adapter_name=name)
+    model.to(device)
     with tempfile.TemporaryDirectory(prefix="tclora-eval-") as tmp:
         per_evaluator = {e: _prepared(sets, e, tokenizer, cfg, Path(tmp)) for e in evaluators}
         scores = _score_variants(model, tokenizer, names, args.base, per_evaluator, cfg, args)
