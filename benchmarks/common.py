@@ -1,10 +1,11 @@
 """Shared by the merge benchmarks: peak-memory measurement, synthetic adapter stacks, and the
-LoRA target shapes of SmolLM2-135M."""
+LoRA target shapes of SmolLM2-135M, and a model with random weights built from a config folder."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -93,3 +94,29 @@ def smollm2_shapes() -> dict[str, tuple[int, int]]:
         for layer in range(cfg["layers"])
         for name, shape in per_layer.items()
     }
+
+
+def build_random_model(config_dir: Path, out: Path, seed: int = 0, encoder: bool = False) -> Path:
+    """Save a model built from ``config_dir/config.json`` with seeded random weights, beside a
+    copy of everything else in ``config_dir`` (tokenizer, chat template, and for a
+    sentence-transformers folder its pooling and normalisation modules).
+
+    Args:
+        config_dir: A model folder without weights.
+        out: The folder to write.
+        seed: Seed of the initialisation.
+        encoder: Build the bare transformer (``AutoModel``: the first module of a
+            sentence-transformers folder) instead of a causal LM.
+
+    Returns:
+        ``out``.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    weights = shutil.ignore_patterns("*.safetensors", "*.bin", "*.onnx", "tclora-*")
+    shutil.copytree(config_dir, out, ignore=weights, dirs_exist_ok=True)
+    torch.manual_seed(seed)
+    auto = AutoModel if encoder else AutoModelForCausalLM
+    auto.from_config(AutoConfig.from_pretrained(config_dir)).save_pretrained(out)
+    return out

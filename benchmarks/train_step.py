@@ -13,6 +13,11 @@ Usage::
     python benchmarks/train_step.py                 # the packaged SmolLM2-135M-Instruct
     python benchmarks/train_step.py --model PATH    # any causal LM folder / alias / hub id
     python benchmarks/train_step.py --quick         # a tiny config model, seconds
+    python benchmarks/train_step.py --accelerator gpu --precision bf16-mixed --dtype bfloat16 \
+        --random-weights-from DIR                   # on a GPU; DIR/config.json, random weights
+
+On a GPU both sides run on ``cuda:0`` and every step is timed after ``torch.cuda.synchronize``;
+``--precision bf16-mixed`` is Lightning's autocast on one side and ``torch.autocast`` on the other.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -33,6 +39,9 @@ import torch  # noqa: E402
 from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_everything  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, for `benchmarks`
+
+from benchmarks.common import build_random_model  # noqa: E402
 from tclora.module import LoRAModule  # noqa: E402
 
 
@@ -57,6 +66,12 @@ class Batches(LightningDataModule):
         return DataLoader(self.batches, batch_size=None)  # type: ignore[arg-type]
 
 
+def sync() -> None:
+    """Wait for queued GPU work, so that a wall-clock reading covers it (no-op on CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 class StepTimer(Callback):
     """Times from one batch end to the next: everything the trainer does per step."""
 
@@ -64,13 +79,17 @@ class StepTimer(Callback):
         self.ends: list[float] = []
 
     def on_train_batch_end(self, *args: Any) -> None:
+        sync()
         self.ends.append(time.perf_counter())
 
 
-def trainer(steps: int, callbacks: list[Callback] | None = None) -> Trainer:
+def trainer(
+    steps: int, args: argparse.Namespace, callbacks: list[Callback] | None = None
+) -> Trainer:
     return Trainer(
-        accelerator="cpu",
+        accelerator=args.accelerator,
         devices=1,
+        precision=args.precision,
         max_epochs=1,
         max_steps=steps,
         logger=False,
@@ -84,7 +103,14 @@ def trainer(steps: int, callbacks: list[Callback] | None = None) -> Trainer:
 
 
 def module_kwargs(model: str, args: argparse.Namespace) -> dict[str, Any]:
-    return dict(model=model, r=args.rank, lora_alpha=2 * args.rank, lr=1e-4, weight_decay=0.01)
+    return dict(
+        model=model,
+        r=args.rank,
+        lora_alpha=2 * args.rank,
+        lr=1e-4,
+        weight_decay=0.01,
+        dtype=args.dtype,
+    )
 
 
 def lightning_step_times(model: str, args: argparse.Namespace, vocab: int) -> list[float]:
@@ -97,7 +123,7 @@ def lightning_step_times(model: str, args: argparse.Namespace, vocab: int) -> li
     seed_everything(0)
     module = LoRAModule(num_adapters=k, **module_kwargs(model, args))
     timer = StepTimer()
-    trainer(steps, [timer]).fit(module, datamodule=Batches(batches, k))
+    trainer(steps, args, [timer]).fit(module, datamodule=Batches(batches, k))
     deltas = [b - a for a, b in zip(timer.ends, timer.ends[1:], strict=False)]
     return deltas[args.warmup - 1 :]
 
@@ -109,29 +135,53 @@ def plain_step_times(model: str, args: argparse.Namespace, vocab: int) -> list[f
     from tclora.module import linear_module_names
 
     seed_everything(0)
-    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    device = torch.device("cuda:0" if args.accelerator == "gpu" else "cpu")
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, args.dtype))
     base.config.use_cache = False
     base.train()
     config = LoraConfig(
         r=args.rank, lora_alpha=2 * args.rank, target_modules=linear_module_names(base)
     )
-    peft_model = get_peft_model(base, config)
+    peft_model = get_peft_model(base, config).to(device)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
     batch = make_batch(0, args.batch_size, args.seq_len, vocab, seed=0)
+    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
+    autocast = torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=args.precision.startswith("bf16-mixed")
+    )
     times = []
     for _ in range(args.warmup + args.steps):
+        sync()
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        loss = peft_model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            labels=batch["labels"],
-        ).loss
+        with autocast:
+            loss = peft_model(**inputs).loss
         loss.backward()
         optimizer.step()
+        sync()
         times.append(time.perf_counter() - start)
+    del peft_model, base, optimizer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return times[args.warmup :]
+
+
+def switch_times(model: str, args: argparse.Namespace) -> tuple[list[float], list[float]]:
+    """Seconds of one adapter switch: peft's ``set_adapter`` against ``LoRAModule.activate``
+    (the cached :class:`tclora.adapter_switch.AdapterSwitch`), on the same K-adapter model."""
+    module = LoRAModule(num_adapters=args.num_adapters, **module_kwargs(model, args))
+    module.configure_model()
+    names = module.adapter_names
+    peft_side, ours = [], []
+    for i in range(2 * args.steps):
+        start = time.perf_counter()
+        module.model.base_model.set_adapter(names[i % len(names)])
+        peft_side.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        module.activate(i % len(names))
+        ours.append(time.perf_counter() - start)
+    return peft_side, ours
 
 
 def fit_wall_times(model: str, args: argparse.Namespace, vocab: int) -> tuple[float, float]:
@@ -142,7 +192,7 @@ def fit_wall_times(model: str, args: argparse.Namespace, vocab: int) -> tuple[fl
     start = time.perf_counter()
     seed_everything(0)
     joint = LoRAModule(**module_kwargs(model, args))
-    trainer(k * s).fit(joint, datamodule=Batches(batches, k))
+    trainer(k * s, args).fit(joint, datamodule=Batches(batches, k))
     joint_time = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -154,7 +204,7 @@ def fit_wall_times(model: str, args: argparse.Namespace, vocab: int) -> tuple[fl
         ]
         seed_everything(0)
         alone = LoRAModule(init_seed=c, **module_kwargs(model, args))
-        trainer(s).fit(alone, datamodule=Batches(own, 1))
+        trainer(s, args).fit(alone, datamodule=Batches(own, 1))
     separate_time = time.perf_counter() - start
     return joint_time, separate_time
 
@@ -190,7 +240,25 @@ def main() -> None:
     parser.add_argument("--fit-steps", type=int, default=None, help="steps per adapter (part 2)")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument(
+        "--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed"
+    )
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument(
+        "--random-weights-from",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a model folder without weights: its config.json with seeded random weights",
+    )
     args = parser.parse_args()
+    if args.precision not in {"32-true", "bf16-mixed", "bf16-true"}:
+        parser.error(
+            f"--precision {args.precision!r}: use one of '32-true', 'bf16-mixed', 'bf16-true'"
+        )
+    if args.accelerator == "gpu" and not torch.cuda.is_available():
+        parser.error("--accelerator 'gpu': torch sees no CUDA device")
     if args.threads:
         torch.set_num_threads(args.threads)
     quick = args.quick
@@ -204,7 +272,10 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
     with tempfile.TemporaryDirectory() as tmp:
-        if quick and args.model is None:
+        if args.random_weights_from is not None:
+            model = str(build_random_model(args.random_weights_from, Path(tmp) / "random"))
+            label = f"{args.random_weights_from} architecture, random weights"
+        elif quick and args.model is None:
             model = tiny_model(Path(tmp) / "tiny")
             label = "tiny Llama (2 layers, hidden 64)"
         else:
@@ -221,12 +292,15 @@ def main() -> None:
         plain += plain_step_times(model, args, vocab)
         ours += lightning_step_times(model, args, vocab)
         joint, separate = fit_wall_times(model, args, vocab)
+        switch_peft, switch_ours = switch_times(model, args)
 
     p_med, o_med = statistics.median(plain), statistics.median(ours)
     print()
     print(
         f"model: {label}; batch {args.batch_size} x {args.seq_len} tokens; LoRA rank {args.rank}; "
-        f"K={args.num_adapters}; threads {torch.get_num_threads()}"
+        f"K={args.num_adapters}; threads {torch.get_num_threads()}; {args.accelerator} "
+        f"({torch.cuda.get_device_name(0) if args.accelerator == 'gpu' else 'cpu'}), "
+        f"precision {args.precision}, dtype {args.dtype}"
     )
     print(f"{'measurement':<52} {'baseline':>12} {'LoRAModule':>12} {'ratio':>8}")
     print("-" * 88)
@@ -241,6 +315,11 @@ def main() -> None:
     print(
         f"{f'fit wall s ({args.num_adapters} separate fits | one K fit)':<52} {separate:>12.2f} "
         f"{joint:>12.2f} {joint / separate:>7.3f}x"
+    )
+    s_peft, s_ours = statistics.median(switch_peft) * 1e3, statistics.median(switch_ours) * 1e3
+    print(
+        f"{'adapter switch, median ms (peft set_adapter | ours)':<52} {s_peft:>12.3f} "
+        f"{s_ours:>12.3f} {s_ours / s_peft:>7.3f}x"
     )
     print(
         f"(goal: step ratio <= 1.05x; {len(plain)} timed steps per side, {args.fit_steps} steps "

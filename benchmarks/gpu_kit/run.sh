@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# On the GPU machine, from the checkout, with the kit of prepare.sh and the sweep's data folder
+# (runs/repro_small/data) beside it: the strategy files and the train-step benchmark.
+#   bash benchmarks/gpu_kit/run.sh [KIT_DIR] [OUT_DIR]     # defaults: .gpu and $OUT (or /tmp/gpu-out)
+set -u
+kit=${1:-.gpu}
+out=${2:-${OUT:-/tmp/gpu-out}}
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site "$kit"/whl/*.whl || exit 9
+export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc
+  python3 -c "import sys,torch,transformers,peft,lightning; print(sys.version.split()[0]); [print(m.__name__, m.__version__) for m in (torch,transformers,peft,lightning)]"
+  python3 -c "import deepspeed; print('deepspeed', deepspeed.__version__)"; } > "$out/env.txt" 2>&1
+cat "$out/env.txt"
+timeout "${T1:-360}" python3 benchmarks/gpu_strategies.py --data runs/repro_small/data \
+  --out /tmp/gpu --random-weights-from "$kit/smollm2-shape" --random-encoder-from "$kit/minilm-shape" \
+  --steps 64 --eval-items 32 > "$out/gpu_strategies.log" 2>&1
+echo "gpu_strategies rc=$?"; tail -8 "$out/gpu_strategies.log"
+cp /tmp/gpu/gpu_strategies.json "$out/" 2>/dev/null
+for s in ddp fsdp; do cp /tmp/gpu/$s/fit.log "$out/fit-$s.log" 2>/dev/null; done
+cp /tmp/gpu/fsdp/merge.log "$out/merge-fsdp.log" 2>/dev/null
+timeout "${T2:-150}" python3 benchmarks/train_step.py --accelerator gpu --precision bf16-mixed \
+  --dtype bfloat16 --random-weights-from "$kit/smollm2-shape" --batch-size 8 --seq-len 256 \
+  --steps 20 --fit-steps 10 --num-adapters 4 > "$out/train_step.log" 2>&1
+echo "train_step rc=$?"; tail -8 "$out/train_step.log"
