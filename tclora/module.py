@@ -35,10 +35,12 @@ Distributed notes:
   ``strategy="ddp_find_unused_parameters_true"`` (checked in :meth:`setup`). The reducer leaves
   the gradients of globally unused parameters untouched (``None``). All ranks must train the same
   cluster at the same step (the cluster data module's sampler guarantees it; checked every step).
-* FSDP: use ``use_orig_params=True`` (adapters have mixed ``requires_grad``) and
-  ``state_dict_type="full"`` so that :meth:`on_save_checkpoint` can drop the frozen base. The
-  export at the end of fit unshards the parameters on rank zero (``summon_full_params``); this
-  path follows the torch FSDP API but is untested here (no GPU; FSDP needs one).
+* FSDP: use ``use_orig_params=True`` (adapters have mixed ``requires_grad``),
+  ``state_dict_type="full"`` so that :meth:`on_save_checkpoint` can drop the frozen base, and
+  ``dtype="float32"`` (FSDP flattens each unit into one dtype; peft keeps LoRA weights in float32).
+  The export at the end of fit unshards the parameters on rank zero (``summon_full_params``).
+  Training ran on one H100 (``benchmarks/results/gpu/``); the export and several GPUs are
+  untested.
 * DeepSpeed: use ``exclude_frozen_parameters=True``; the exact invariant is only guaranteed where
   the optimizer sees the original parameters (single device, DDP, FSDP with
   ``use_orig_params=True``), because DeepSpeed steps flattened partitions. ZeRO stage 3 is not
@@ -69,6 +71,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from tclora._io import atomic_dir, atomic_write_text, check_writable
+from tclora.adapter_switch import AdapterSwitch
 from tclora.assets import base_model_id, resolve_model
 
 __all__ = [
@@ -290,6 +293,7 @@ class LoRAModule(LightningModule):
         self.model_path = resolve_model(model)
         self.model = None
         self.adapter_names: list[str] = []
+        self._switch: AdapterSwitch | Literal[False] | None = None  # built at the first switch
         self.strict_loading = False  # checkpoints hold the adapters only, never the frozen base
         self._adapter_steps: list[int] = []
         self._rng_states: dict[int, tuple[Tensor, Tensor | None]] = {}
@@ -385,6 +389,7 @@ class LoRAModule(LightningModule):
             param.requires_grad_(_is_lora(pname))
         self.model = peft_model
         self.adapter_names = names
+        self._switch = None
         self._recent_losses = deque(maxlen=k)
         self.hparams["num_adapters"] = k
         if len(self._adapter_steps) != k:
@@ -400,8 +405,16 @@ class LoRAModule(LightningModule):
         ]
 
     def activate(self, index: int) -> None:
-        """Route the forward pass through adapter ``index`` only."""
-        self.model.base_model.set_adapter(self.adapter_names[index])
+        """Route the forward pass through adapter ``index`` only (and make only its weights
+        require grad), as peft's ``set_adapter`` does, without walking every module on each
+        step (:class:`tclora.adapter_switch.AdapterSwitch`)."""
+        name = self.adapter_names[index]
+        if self._switch is None:
+            self._switch = AdapterSwitch.build(self.model, self.adapter_names) or False
+        if self._switch is False:
+            self.model.base_model.set_adapter(name)
+        else:
+            self._switch(name)
 
     # -------------------------------------------------------------- optimizer
     def _schedule_lengths_from_trainer(self) -> list[int | None]:
