@@ -1,0 +1,72 @@
+"""benchmarks/gpu_strategies.py, the script a GPU session runs, works end to end: a dry run on the
+CPU (``--accelerator cpu``) of its DDP fit and its two-step merge (``tclora merge`` after the fit,
+the way FSDP runs), on a tiny architecture with random weights, so that the rare GPU session does
+not spend its minutes on a broken script."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import TINY_CONFIG
+
+from benchmarks.gpu_strategies import TASKS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _data(folder: Path) -> Path:
+    for task in TASKS:
+        (folder / "train").mkdir(parents=True, exist_ok=True)
+        (folder / "test").mkdir(parents=True, exist_ok=True)
+        train = [
+            {"prompt": f"{task}: is {i} odd?", "response": str(i % 2), "task": task}
+            for i in range(12)
+        ]
+        test = [
+            {"prompt": f"{task}: is {i} odd?", "choices": ["0", "1"], "answer": str(i % 2)}
+            for i in range(4)
+        ]
+        for split, rows in (("train", train), ("test", test)):
+            text = "".join(json.dumps(r) + "\n" for r in rows)
+            (folder / split / f"{task}.jsonl").write_text(text)
+    return folder
+
+
+def _tiny_shape(smollm2_dir: Path, folder: Path) -> Path:
+    """SmolLM2's tokenizer and config, the config shrunk to the tests' tiny Llama."""
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy2(smollm2_dir / name, folder / name)
+    config = json.loads((smollm2_dir / "config.json").read_text())
+    config.update(TINY_CONFIG, head_dim=TINY_CONFIG["hidden_size"] // 4)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.slow
+def test_gpu_strategies_dry_run_trains_merges_and_checks(tmp_path: Path, smollm2_dir: Path) -> None:
+    out = tmp_path / "out"
+    argv = [sys.executable, str(ROOT / "benchmarks" / "gpu_strategies.py")]
+    argv += ["--data", str(_data(tmp_path / "data")), "--out", str(out)]
+    argv += ["--random-weights-from", str(_tiny_shape(smollm2_dir, tmp_path / "shape"))]
+    argv += ["--accelerator", "cpu", "--strategies", "ddp", "--merge-after"]
+    argv += ["--steps", "4", "--batch-size", "2", "--eval-items", "2"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (record,) = json.loads((out / "gpu_strategies.json").read_text())["records"]
+    assert record["problems"] == []
+    assert (record["strategy"], record["merge"], record["world_size"], record["steps"]) == (
+        "ddp",
+        "tclora merge",
+        1,
+        4,
+    )
+    assert "| ddp | 1 | 4 |" in proc.stdout
+    assert ", on cpu" in (out / "ddp" / "merge.log").read_text()
