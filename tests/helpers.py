@@ -15,6 +15,7 @@ import torch
 __all__ = [
     "TINY_CONFIG",
     "build_tiny_llama",
+    "fit_config",
     "make_multitask_samples",
     "merge_argv",
     "randomize_lora",
@@ -144,3 +145,64 @@ def merge_argv(
     if out is not None:
         args += ["--output_dir", str(out)]
     return args + list(extra)
+
+
+def fit_config(
+    out: Path,
+    model_dir: Path,
+    jsonl: Path,
+    cache: Path,
+    *,
+    r: int = 4,
+    lr: float | None = None,
+    max_length: int = 64,
+    tensorboard: bool = False,
+    **data: Any,
+) -> dict[str, Any]:
+    """A ``tclora fit`` config of 4 CPU steps on the tiny model (no validation, no progress bar).
+
+    Args:
+        out: The run folder (``default_root_dir``; adapters go to ``<out>/adapters``).
+        model_dir: The model folder (``model.model``).
+        jsonl: The training corpus (``data.sources``).
+        cache: ``data.cache_dir``.
+        r: LoRA rank.
+        lr: Learning rate (``None``: the module's default).
+        max_length: ``data.max_length``.
+        tensorboard: Log to ``<out>/tb`` (and checkpoint); otherwise no logger, no checkpoint.
+        **data: More ``data`` options (e.g. ``num_clusters``).
+
+    Returns:
+        The config as a dict (write it with ``yaml.safe_dump``).
+    """
+    trainer: dict[str, Any] = {
+        "accelerator": "cpu",
+        "max_steps": 4,
+        "limit_val_batches": 0,
+        "num_sanity_val_steps": 0,
+        "enable_progress_bar": False,
+        "default_root_dir": str(out),
+    }
+    if tensorboard:
+        trainer["logger"] = {
+            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+            "init_args": {"save_dir": str(out), "name": "tb"},
+        }
+    else:
+        trainer.update(logger=False, enable_checkpointing=False)
+    model: dict[str, Any] = {"model": str(model_dir), "r": r, "export_dir": str(out / "adapters")}
+    if lr is not None:
+        model["lr"] = lr
+    return {
+        "seed_everything": 0,
+        "trainer": trainer,
+        "model": model,
+        "data": {
+            "sources": [str(jsonl)],
+            "batch_size": 4,
+            "max_length": max_length,
+            "progress_bar": False,
+            "cache_dir": str(cache),
+            **data,
+        },
+    }

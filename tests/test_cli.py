@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from helpers import merge_argv
+from helpers import fit_config, merge_argv
 
 from tclora.callbacks import CPMergeCallback
 from tclora.checkpoint_io import AtomicCheckpointIO
@@ -310,31 +310,9 @@ def test_link_leaves_k_to_the_data_when_small_clusters_may_merge() -> None:
 
 
 def _small_config(tmp_path: Path, tiny_model_dir: Path, multitask_jsonl: Path) -> dict[str, Any]:
-    out = tmp_path / "run"
-    return {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "max_steps": 4,
-            "limit_val_batches": 0,
-            "num_sanity_val_steps": 0,
-            "enable_progress_bar": False,
-            "default_root_dir": str(out),
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": str(out), "name": "tb"},
-            },
-        },
-        "model": {"model": str(tiny_model_dir), "r": 4, "export_dir": str(out / "adapters")},
-        "data": {
-            "sources": [str(multitask_jsonl)],
-            "num_clusters": 2,
-            "batch_size": 4,
-            "max_length": 64,
-            "progress_bar": False,
-            "cache_dir": str(tmp_path / "cache"),
-        },
-    }
+    """4 steps, 2 clusters, TensorBoard and checkpoints under ``<tmp_path>/run``."""
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    return fit_config(out, tiny_model_dir, multitask_jsonl, cache, tensorboard=True, num_clusters=2)
 
 
 def test_validate_reports_each_clusters_loss(

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import fit_config
 
 from tclora.clustering import read_mbc_assignments, write_mbc_assignments
 from tclora.datamodules import ClusterDataModule
@@ -133,40 +134,17 @@ def test_the_fit_cli_takes_k_from_the_mbc_file(tmp_path: Path) -> None:
     assert cli.model.hparams.num_adapters == 3
 
 
-def _fit_config(out: Path, model_dir: Path, jsonl: Path, cache: Path, **data: Any) -> dict:
-    return {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "max_steps": 4,
-            "limit_val_batches": 0,
-            "num_sanity_val_steps": 0,
-            "enable_progress_bar": False,
-            "default_root_dir": str(out),
-            "logger": False,
-            "enable_checkpointing": False,
-        },
-        "model": {"model": str(model_dir), "r": 2, "lr": 1e-3, "export_dir": str(out / "lora")},
-        "data": {
-            "sources": [str(jsonl)],
-            "batch_size": 4,
-            "max_length": 48,
-            "progress_bar": False,
-            "cache_dir": str(cache),
-            **data,
-        },
-    }
-
-
 def write_mbc_config(
     tmp_path: Path, model_dir: Path, jsonl: Path, **merge_options: Any
 ) -> tuple[Path, Path]:
-    """``<tmp_path>/fit.yaml`` for ``tclora mbc``: :func:`_fit_config` with a small
+    """``<tmp_path>/fit.yaml`` for ``tclora mbc``: :func:`helpers.fit_config` with a small
     ``CPMergeCallback`` (``merge_options`` override its options) writing to
     ``<tmp_path>/merge``. Returns the config's path and the merge folder."""
     import yaml
 
-    config = _fit_config(tmp_path / "fit", model_dir, jsonl, tmp_path / "cache")
+    config = fit_config(
+        tmp_path / "fit", model_dir, jsonl, tmp_path / "cache", r=2, lr=1e-3, max_length=48
+    )
     merge_dir = tmp_path / "merge"
     init_args = {
         "cp_ranks": 2,
@@ -200,7 +178,7 @@ def check_stage_outputs(tmp_path: Path, out: Path, merge_dir: Path) -> dict[str,
     assert read_mbc_assignments(out / "mbc.json") == groups
     results = json.loads((merge_dir / "results.json").read_text())
     assert results["adapters"] == ["cluster_0", "cluster_1"]
-    assert sorted(p.name for p in (tmp_path / "fit" / "lora").iterdir()) == [
+    assert sorted(p.name for p in (tmp_path / "fit" / "adapters").iterdir()) == [
         "README.md",
         "cluster_0",
         "cluster_1",
