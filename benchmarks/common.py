@@ -1,5 +1,6 @@
 """Shared by the merge benchmarks: peak-memory measurement, synthetic adapter stacks, and the
-LoRA target shapes of SmolLM2-135M, and a model with random weights built from a config folder."""
+LoRA target shapes of SmolLM2-135M, a model with random weights built from a config folder, and
+a GPU sync for wall-clock timings."""
 
 from __future__ import annotations
 
@@ -18,6 +19,21 @@ SMOLLM2 = {
     "head_dim": 64,
     "layers": 30,
 }
+
+
+def cuda_sync(device: Any = None) -> None:
+    """Wait for queued GPU work so that a wall-clock reading covers it (a no-op on the CPU).
+
+    Args:
+        device: The device to wait for (a ``torch.device``, a string or ``None`` for the current
+            CUDA device). A non-CUDA device, or no CUDA, returns at once.
+    """
+    import torch
+
+    if device is not None and torch.device(device).type != "cuda":
+        return
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize(device)
 
 
 def _status_kb(field: str) -> int:

@@ -59,7 +59,7 @@ from lightning.pytorch import Callback
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkout, for `benchmarks`
 
-from benchmarks.common import build_random_model  # noqa: E402
+from benchmarks.common import build_random_model, cuda_sync  # noqa: E402
 
 STRATEGIES = ("ddp", "fsdp", "deepspeed")
 TASKS = ("sarcasm", "naughty_strings", "imperial_date_to_string", "guess_the_singer")
@@ -82,12 +82,6 @@ class GpuStats(Callback):
         self.train_end = 0.0
         self.device = "?"
 
-    def _sync(self, pl_module: Any) -> None:
-        import torch
-
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
-
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         import torch
 
@@ -97,14 +91,14 @@ class GpuStats(Callback):
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, *_: Any
     ) -> None:
-        self._sync(pl_module)
+        cuda_sync(pl_module.device)
         self.ends.append(time.perf_counter())
         self.tokens += int(batch["attention_mask"].sum())
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         import torch
 
-        self._sync(pl_module)
+        cuda_sync(pl_module.device)
         self.train_end = time.perf_counter()
         self.device = str(pl_module.device)
         if pl_module.device.type == "cuda":

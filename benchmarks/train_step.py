@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, for `benchmarks`
 
-from benchmarks.common import build_random_model  # noqa: E402
+from benchmarks.common import build_random_model, cuda_sync  # noqa: E402
 from tclora.module import LoRAModule  # noqa: E402
 
 
@@ -66,12 +66,6 @@ class Batches(LightningDataModule):
         return DataLoader(self.batches, batch_size=None)  # type: ignore[arg-type]
 
 
-def sync() -> None:
-    """Wait for queued GPU work, so that a wall-clock reading covers it (no-op on CPU)."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
 class StepTimer(Callback):
     """Times from one batch end to the next: everything the trainer does per step."""
 
@@ -79,7 +73,7 @@ class StepTimer(Callback):
         self.ends: list[float] = []
 
     def on_train_batch_end(self, *args: Any) -> None:
-        sync()
+        cuda_sync()
         self.ends.append(time.perf_counter())
 
 
@@ -152,14 +146,14 @@ def plain_step_times(model: str, args: argparse.Namespace, vocab: int) -> list[f
     )
     times = []
     for _ in range(args.warmup + args.steps):
-        sync()
+        cuda_sync()
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         with autocast:
             loss = peft_model(**inputs).loss
         loss.backward()
         optimizer.step()
-        sync()
+        cuda_sync()
         times.append(time.perf_counter() - start)
     del peft_model, base, optimizer
     if device.type == "cuda":
