@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["DTYPES", "check_choice", "resolve_device", "resolve_dtype"]
+__all__ = ["DTYPES", "TRAIN_DTYPES", "check_choice", "resolve_device", "resolve_dtype"]
 
 DTYPES = ("float32", "bfloat16", "float16")
+"""Dtypes a base model may be loaded in for merging and evaluation."""
+TRAIN_DTYPES = ("float32", "bfloat16")
+"""Dtypes of a frozen base for training (float16 would need a loss scaler)."""
 
 
 def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
@@ -61,20 +64,21 @@ def resolve_device(name: str, arg: str = "--device") -> Any:
     return device
 
 
-def resolve_dtype(name: str, arg: str = "--dtype") -> Any:
-    """The ``torch.dtype`` named ``name``, one of :data:`DTYPES`.
+def resolve_dtype(name: str, arg: str = "--dtype", allowed: Sequence[str] = DTYPES) -> Any:
+    """The ``torch.dtype`` named ``name``, one of ``allowed``.
 
     Args:
         name: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
         arg: The argument's name, for the error message.
+        allowed: The names accepted (:data:`DTYPES`, or :data:`TRAIN_DTYPES` for training).
 
     Returns:
         The dtype.
 
     Raises:
-        ValueError: ``name`` is not one of :data:`DTYPES`.
+        ValueError: ``name`` is not one of ``allowed``.
     """
     import torch
 
-    check_choice(arg, name, DTYPES)
+    check_choice(arg, name, allowed)
     return getattr(torch, name)

@@ -70,6 +70,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from tclora._checks import TRAIN_DTYPES, resolve_dtype
 from tclora._io import atomic_dir, atomic_write_text, check_writable
 from tclora.adapter_switch import AdapterSwitch
 from tclora.assets import base_model_id, resolve_model
@@ -87,7 +88,6 @@ __all__ = [
 
 DEFAULT_ADAPTER_PREFIX = "cluster_"
 _SCHEDULES = ("constant", "linear", "cosine")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _RNG_SEED_STRIDE = 1_000_003  # separates the dropout streams of different ranks
 EXPORT_MANIFEST = "tclora_adapters.json"
 INTERRUPTED_ADAPTERS = "interrupted_adapters"
@@ -284,7 +284,7 @@ class LoRAModule(LightningModule):
             max_steps_per_adapter,
             "an int > 0 or None",
         )
-        _check(dtype in _DTYPES, "dtype", dtype, str(list(_DTYPES)))
+        _check(dtype in TRAIN_DTYPES, "dtype", dtype, str(list(TRAIN_DTYPES)))
         _check(bool(adapter_prefix), "adapter_prefix", adapter_prefix, "a non-empty string")
         if export_dir is not None:
             check_export_dir(export_dir)  # fails now, not after the whole fit
@@ -344,7 +344,9 @@ class LoRAModule(LightningModule):
         from transformers import AutoModelForCausalLM
 
         hp: Any = self.hparams
-        base = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=_DTYPES[hp.dtype])
+        base = AutoModelForCausalLM.from_pretrained(
+            self.model_path, dtype=resolve_dtype(hp.dtype, "dtype", TRAIN_DTYPES)
+        )
         available = linear_module_names(base)
         targets = list(hp.target_modules) if hp.target_modules is not None else available
         missing = sorted(set(targets) - set(available))

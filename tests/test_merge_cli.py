@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -189,11 +190,19 @@ def test_several_scales_without_validation_data_fail_before_loading(
 
 
 def test_a_bad_device_or_dtype_is_refused_before_any_model_loads(
-    adapter_folders: list[str], tmp_path: Path
+    adapter_folders: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """Both are usage errors (exit 2, like ``tclora eval``'s), named with what is allowed."""
     argv = ["--adapters", json.dumps(adapter_folders), "--output_dir", str(tmp_path / "out")]
-    with pytest.raises(ValueError, match=r"--dtype='half': expected one of"):
+    with pytest.raises(SystemExit) as exit_info:
         merge_main([*argv, "--dtype", "half"])
-    with pytest.raises(ValueError, match=r"--device='tpu': not a device"):
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(
+        r"--dtype: invalid choice: 'half' \(choose from '?float32'?, '?bfloat16'?", err
+    ), err
+    with pytest.raises(SystemExit) as exit_info:
         merge_main([*argv, "--device", "tpu"])
+    assert exit_info.value.code == 2
+    assert "--device='tpu': not a device" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

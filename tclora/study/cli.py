@@ -26,7 +26,7 @@ from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from tclora._checks import resolve_device, resolve_dtype
+from tclora._checks import DTYPES, resolve_device, resolve_dtype
 from tclora._io import check_writable
 
 __all__ = ["MergeInputError", "adapter_base_models", "build_parser", "merge_main"]
@@ -147,7 +147,8 @@ def build_parser() -> ArgumentParser:
         "--dtype",
         type=str,
         default="float32",
-        help="dtype of the base model's weights: float32, bfloat16 or float16",
+        choices=DTYPES,
+        help="dtype of the base model's weights",
     )
     parser.add_argument(
         "--output_dir",
@@ -197,7 +198,11 @@ def merge_main(argv: Sequence[str]) -> int:
 
     parser = build_parser()
     cfg = parser.parse_args(list(argv))
-    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+    try:
+        device = resolve_device(cfg.device)
+    except ValueError as err:
+        parser.error(str(err))
+    dtype = resolve_dtype(cfg.dtype)
     folders = _adapter_folders(cfg.adapters)
     if len(folders) < 2:
         parser.error(f"--adapters: need 2 or more adapter folders to merge, got {len(folders)}")
