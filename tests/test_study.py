@@ -87,6 +87,34 @@ def test_fingerprint_covers_what_decides_the_rows() -> None:
     assert study_fingerprint(_components(other_base, cfg, _set("x"))) != base
 
 
+def test_the_source_digest_is_the_code_imported_not_the_files_now(tmp_path: Path) -> None:
+    """Before: the digest was read from disk when a study started, so a file edited during a
+    long fit stamped rows computed by the old code with the new code's digest."""
+    import shutil
+    import subprocess
+    import sys
+
+    import tclora
+
+    shutil.copytree(Path(tclora.__file__).parent, tmp_path / "tclora")
+    script = (
+        "import tclora\n"
+        "from tclora.study.progress import _code_versions\n"
+        "before = _code_versions()['tclora_source']\n"
+        "assert before == tclora._source_digest() == tclora.SOURCE_DIGEST\n"
+        "with open(tclora.__file__, 'a') as f:\n"
+        "    f.write('# edited while running\\n')\n"
+        "assert _code_versions()['tclora_source'] == before\n"
+        "assert tclora._source_digest() != before\n"
+        "print('ok', tclora.__file__)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"ok {tmp_path / 'tclora' / '__init__.py'}"
+
+
 def test_progress_round_trip_mismatch_and_retirement(tmp_path: Path) -> None:
     model = _peft()
     cfg = StudyConfig(scales=[1.0])

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+import tclora
 from tclora._io import atomic_write_text
 from tclora.evaluation import EvalSet, HarnessTask
 from tclora.merge import AdapterStack
@@ -140,7 +141,8 @@ def _code_versions() -> dict[str, str]:
     """Versions of the packages that compute a row, and a digest of tclora's own source.
 
     The source digest covers every ``.py`` file of the package, so a changed merge rule or
-    scorer (even without a version bump) never reuses rows computed by the old code.
+    scorer (even without a version bump) never reuses rows computed by the old code. It is the
+    source as this process imported it (:data:`tclora.SOURCE_DIGEST`), not as the files read now.
     """
     out = {}
     for package in _PACKAGES:
@@ -148,12 +150,7 @@ def _code_versions() -> dict[str, str]:
             out[package] = version(package)
         except PackageNotFoundError:
             out[package] = "?"
-    root = Path(__file__).resolve().parents[1]
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        digest.update(str(path.relative_to(root)).encode())
-        digest.update(path.read_bytes())
-    out["tclora_source"] = digest.hexdigest()
+    out["tclora_source"] = tclora.SOURCE_DIGEST
     return out
 
 
