@@ -464,16 +464,33 @@ class LoRAModule(LightningModule):
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        self._schedule_lengths = self._schedule_lengths_from_trainer()
+        """One AdamW group per adapter. Each group's learning rate is set from its adapter's own
+        schedule before every step (:meth:`training_step`); the schedule lengths are read in
+        :meth:`on_train_start`, not here: reading the trainer's step estimate here would build the
+        train loader before a checkpoint is restored, and Lightning would then drop the loader's
+        saved position (Lightning issue #20550)."""
         groups = []
         for i, name in enumerate(self.adapter_names):
             params = [p for _, p in self.adapter_parameters(i)]
             if not params:
                 raise RuntimeError(f"adapter {name} has no parameters")
-            groups.append({"params": params, "lr": self.lr_for(i), "adapter": name})
+            groups.append({"params": params, "lr": self.hparams["lr"], "adapter": name})
         return torch.optim.AdamW(
             groups, lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"]
         )
+
+    @override
+    def on_train_start(self) -> None:
+        pending = getattr(self.trainer.fit_loop, "_combined_loader_states_to_load", None)
+        if pending:
+            raise RuntimeError(
+                "the checkpoint's train loader position was not restored: the train loader was "
+                "built before the checkpoint was loaded (something read "
+                "trainer.estimated_stepping_batches or trainer.train_dataloader in setup or "
+                "configure_optimizers; Lightning issue #20550), so this resumed fit would repeat "
+                "the epoch's first batches and skip its last ones. Read them in on_train_start."
+            )
+        self._schedule_lengths = self._schedule_lengths_from_trainer()
 
     @override
     def setup(self, stage: str) -> None:

@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 from helpers import fit_config, merge_argv
+from lightning.pytorch import Callback
 
 from tclora.callbacks import CPMergeCallback
 from tclora.checkpoint_io import AtomicCheckpointIO
@@ -454,3 +455,80 @@ def test_a_fit_resumed_from_its_final_checkpoint_still_ends_the_fit(
         assert again.keys() == tensors.keys()
         for key in tensors:
             torch.testing.assert_close(again[key], tensors[key], rtol=0, atol=0)
+
+
+class KillAtStep(Callback):
+    """Raises :class:`Killed` as step ``step`` starts: a fit killed there (used by class path)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            raise Killed(f"killed at step {self.step}")
+
+
+class Killed(RuntimeError):
+    pass
+
+
+def test_a_fit_killed_mid_epoch_resumes_bit_for_bit(
+    tmp_path: Path, tiny_model_dir: Path, multitask_jsonl: Path
+) -> None:
+    """The sweep's setting: a cosine schedule whose lengths come from the data (no
+    ``max_steps_per_adapter``), validation at epoch end, ``last.ckpt`` every 5 steps, a fit
+    killed in its second epoch and resumed. Before, the resumed fit restarted the epoch's batch
+    order from its first batch (Lightning issue #20550), so its adapters differed."""
+    from safetensors.torch import load_file
+
+    def fit(out: Path, kill_at: int | None = None, ckpt: Path | None = None) -> dict[str, Any]:
+        config = _small_config(out, tiny_model_dir, multitask_jsonl)
+        config["trainer"].update(max_steps=-1, max_epochs=2, limit_val_batches=1)
+        config["model"].update(lr=1e-2, lr_schedule="cosine")
+        config["trainer"]["callbacks"] = [
+            {
+                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {
+                    "dirpath": str(out / "checkpoints"),
+                    "save_top_k": 0,
+                    "save_last": True,
+                    "every_n_train_steps": 5,
+                    "enable_version_counter": False,
+                },
+            }
+        ]
+        if kill_at is not None:
+            config["trainer"]["callbacks"].append(
+                {"class_path": f"{__name__}.KillAtStep", "init_args": {"step": kill_at}}
+            )
+        argv = ["fit", "--config", _write(out, config)]
+        cli = cli_main(argv + (["--ckpt_path", str(ckpt)] if ckpt else []))
+        export = out / "run" / "adapters"
+        loader = cli.trainer.fit_loop._combined_loader.flattened[0]
+        return {
+            "steps": cli.trainer.global_step,
+            "adapters": {
+                p.name: load_file(p / "adapter_model.safetensors")
+                for p in export.iterdir()
+                if p.is_dir()
+            },
+            "loader": loader.state_dict(),
+        }
+
+    (tmp_path / "full").mkdir()
+    (tmp_path / "killed").mkdir()
+    full = fit(tmp_path / "full")
+    per_epoch = full["steps"] // 2
+    stop = 5 * (per_epoch // 5 + 1)  # the first checkpoint inside the second epoch
+    assert per_epoch < stop < 2 * per_epoch - 2, (per_epoch, stop)
+    with pytest.raises(Killed, match=f"killed at step {stop + 2}"):
+        fit(tmp_path / "killed", kill_at=stop + 2)  # 2 steps after the checkpoint
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == stop
+    resumed = fit(tmp_path / "killed", ckpt=last)
+    assert resumed["steps"] == full["steps"]
+    assert resumed["loader"] == full["loader"]  # it ended the epoch where the full fit did
+    assert sorted(resumed["adapters"]) == sorted(full["adapters"]) == ["cluster_0", "cluster_1"]
+    for name, tensors in full["adapters"].items():
+        for key in tensors:
+            torch.testing.assert_close(resumed["adapters"][name][key], tensors[key], rtol=0, atol=0)

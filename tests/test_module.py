@@ -449,7 +449,7 @@ def test_resume_equals_uninterrupted_fit(tiny_model_dir: Path, tmp_path: Path) -
     make_trainer(max_epochs=3).fit(resumed, datamodule=ListDataModule(batches, 2), ckpt_path=path)
     for k in range(2):
         torch.testing.assert_close(
-            adapter_weights(resumed, k), adapter_weights(full, k), rtol=0, atol=1e-6
+            adapter_weights(resumed, k), adapter_weights(full, k), rtol=0, atol=0
         )
         assert not torch.allclose(
             torch.cat([w.flatten() for w in adapter_weights(first, k).values()]),
@@ -600,11 +600,18 @@ def assert_resumes_to(
     assert resumed._adapter_steps == full._adapter_steps == [6, 6]
     for k in range(2):
         torch.testing.assert_close(
-            adapter_weights(resumed, k), adapter_weights(full, k), rtol=0, atol=1e-6
+            adapter_weights(resumed, k), adapter_weights(full, k), rtol=0, atol=0
         )
 
 
-def test_resume_mid_epoch_equals_uninterrupted_fit(tiny_model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("max_steps_per_adapter", [6, None])
+def test_resume_mid_epoch_equals_uninterrupted_fit(
+    tiny_model_dir: Path, tmp_path: Path, max_steps_per_adapter: int | None
+) -> None:
+    """Bit for bit. ``None``: the schedule lengths come from the trainer's estimate of the
+    steps. Before, that estimate was read in ``configure_optimizers``, which built the train
+    loader before the checkpoint was restored, so Lightning dropped the loader's saved position
+    (Lightning issue #20550) and the resumed fit restarted the epoch's batches from the first."""
     order = [0, 1, 1, 0, 1, 0]
     batches = [make_batch(c, seed=i) for i, c in enumerate(order)]
     common: dict[str, Any] = dict(
@@ -615,11 +622,12 @@ def test_resume_mid_epoch_equals_uninterrupted_fit(tiny_model_dir: Path, tmp_pat
         weight_decay=0.1,
         warmup_steps=2,
         lr_schedule="linear",
-        max_steps_per_adapter=6,
+        max_steps_per_adapter=max_steps_per_adapter,
     )
     seed_everything(0)
     full = LoRAModule(**common)
     make_trainer(max_epochs=2).fit(full, datamodule=ResumableDataModule(batches, 2))
+    assert full._schedule_lengths == [6, 6]
     seed_everything(0)
     first = LoRAModule(**common)
     # a checkpoint written by ModelCheckpoint during the epoch (not after fit ended)
@@ -630,6 +638,31 @@ def test_resume_mid_epoch_equals_uninterrupted_fit(tiny_model_dir: Path, tmp_pat
     assert path.is_file(), sorted(tmp_path.iterdir())
     assert first._adapter_steps == [2, 2]
     assert_resumes_to(full, common, batches, path)
+
+
+class _EstimateInSetup(Callback):
+    """Reads the trainer's step estimate in ``setup``: the train loader is then built before
+    a checkpoint is restored, and Lightning drops the loader's saved position (#20550)."""
+
+    def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        assert trainer.estimated_stepping_batches > 0
+
+
+def test_a_resume_that_lost_the_loader_position_is_refused(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    batches = [make_batch(c, seed=i) for i, c in enumerate([0, 1, 1, 0, 1, 0])]
+    common: dict[str, Any] = dict(model=str(tiny_model_dir), r=4, max_steps_per_adapter=6)
+    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1)
+    trainer = make_trainer(max_epochs=2, max_steps=4, enable_checkpointing=True, callbacks=[saver])
+    trainer.fit(LoRAModule(**common), datamodule=ResumableDataModule(batches, 2))
+    resumed = make_trainer(max_epochs=2, callbacks=[_EstimateInSetup()])
+    with pytest.raises(RuntimeError, match=r"train loader position was not restored.*#20550"):
+        resumed.fit(
+            LoRAModule(**common),
+            datamodule=ResumableDataModule(batches, 2),
+            ckpt_path=tmp_path / "epoch=0-step=4.ckpt",
+        )
 
 
 class _CtrlC(Callback):
