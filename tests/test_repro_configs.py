@@ -825,3 +825,47 @@ def test_only_a_checkpoint_of_the_same_run_configuration_is_resumed(
     (run / "checkpoints" / "last.ckpt").write_bytes(b"old")
     assert not resume_checkpoint(run, "config B")
     assert len(list(run.glob("checkpoints-stale-*"))) == 3  # all kept, nothing overwritten
+
+
+def test_commit_record_commits_that_file_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--commit-records``: a landed record is committed by itself; anything else staged or
+    changed in the checkout stays out of the commit; a failure is reported, not raised."""
+    import subprocess
+
+    from benchmarks.repro.runs import commit_record
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True
+        ).stdout
+
+    git("init", "-q")
+    git("config", "user.email", "sweep@example.com")
+    git("config", "user.name", "sweep")
+    (tmp_path / "README.md").write_text("x\n")
+    git("add", "README.md")
+    git("commit", "-q", "-m", "start")
+    (tmp_path / "README.md").write_text("edited, not to be committed\n")
+    (tmp_path / "staged.txt").write_text("staged\n")
+    git("add", "staged.txt")
+    record = tmp_path / "runs" / "per_task-seed0.json"
+    record.parent.mkdir()
+    record.write_text("{}\n")
+    assert commit_record(record, "Sweep record: per_task seed 0", repo=tmp_path)
+    assert git("show", "--name-only", "--format=%s", "HEAD").split() == [
+        "Sweep",
+        "record:",
+        "per_task",
+        "seed",
+        "0",
+        "runs/per_task-seed0.json",
+    ]
+    assert git("status", "--porcelain").splitlines() == [" M README.md", "A  staged.txt"]
+    assert "[git ] committed" in capsys.readouterr().out
+    outside = tmp_path.parent / f"{tmp_path.name}-not-a-repo"
+    outside.mkdir()
+    (outside / "r.json").write_text("{}\n")
+    assert not commit_record(outside / "r.json", "m", repo=outside)
+    assert "could not commit" in capsys.readouterr().err

@@ -47,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--results-dir", type=Path, help="aggregated results folder")
     parser.add_argument("--threads", type=int, help="OMP/MKL threads of each run (default: all)")
     parser.add_argument(
+        "--commit-records",
+        action="store_true",
+        help="git-commit each run's record (that file alone) as it lands, so an unattended sweep "
+        "that spans sessions loses no finished run",
+    )
+    parser.add_argument(
         "--no-gate",
         action="store_true",
         help="go on past a seed's per_task run even when some task's own adapter does not "
@@ -118,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # The base model does not depend on the seed or the clustering: it is scored
                 # once, by the first run fitted while no record holds it (whatever runs are picked).
                 evaluate_base = variant != "single" and not base_scored(sweep)
-                run_one(sweep, variant, seed, evaluate_base, args.threads)
+                run_one(sweep, variant, seed, evaluate_base, args.threads, args.commit_records)
     records = collect(sweep, manifest)
     if not records:
         print("no finished runs to aggregate")

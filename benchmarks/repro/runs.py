@@ -37,6 +37,7 @@ from tclora._io import atomic_write_text
 __all__ = [
     "CHECKPOINT_EVERY",
     "checkpoint_callback",
+    "commit_record",
     "evaluate_single_lora",
     "exit_on_termination",
     "mbc_stage2",
@@ -253,13 +254,50 @@ def exit_on_termination() -> None:
         signal.signal(sig, _exit_on_signal)
 
 
+def commit_record(path: Path, message: str, repo: Path = ROOT) -> bool:
+    """``git commit`` the record at ``path`` alone (nothing else staged or changed is included).
+
+    For unattended sweeps that span sessions: a record committed as it lands survives a session
+    cut off before anyone commits it by hand. A failure (not a checkout, a lock held, no identity)
+    is printed and leaves the file for a manual commit.
+
+    Args:
+        path: The record file, inside ``repo``.
+        message: The commit message.
+        repo: The checkout.
+
+    Returns:
+        Whether the commit was made.
+    """
+    for command in (
+        ["git", "add", "--", str(path)],
+        ["git", "commit", "-q", "-m", message, "--", str(path)],
+    ):
+        done = subprocess.run(command, cwd=repo, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(
+                f"[git ] could not commit {path} ({' '.join(command[:2])}: "
+                f"{(done.stderr or done.stdout).strip()}); commit it by hand",
+                file=sys.stderr,
+            )
+            return False
+    print(f"[git ] committed {path}", flush=True)
+    return True
+
+
 def run_one(
-    sweep: Sweep, variant: str, seed: int, evaluate_base: bool, threads: int | None = None
+    sweep: Sweep,
+    variant: str,
+    seed: int,
+    evaluate_base: bool,
+    threads: int | None = None,
+    commit: bool = False,
 ) -> float:
     """Fit (and evaluate) one run through the CLI unless its record exists; return seconds.
 
-    A finished run leaves its record in ``<results_dir>/runs/`` (commit it); a run folder that
-    finished before records existed gets its record written and is skipped.
+    A finished run leaves its record in ``<results_dir>/runs/`` (committed here when ``commit``,
+    else commit it by hand); a run folder that finished before records existed gets its record
+    written and is skipped.
     """
     folder = run_dir(sweep, variant, seed)
     record = record_path(sweep, variant, seed)
@@ -267,9 +305,10 @@ def run_one(
         print(f"[skip] {variant} seed {seed}: {record} exists")
         return 0.0
     if (folder / "merge" / "results.json").is_file():  # finished here before records existed
-        print(
-            f"[skip] {variant} seed {seed}: finished in {folder}; record -> {write_record(sweep, variant, seed)}"
-        )
+        path = write_record(sweep, variant, seed)
+        print(f"[skip] {variant} seed {seed}: finished in {folder}; record -> {path}")
+        if commit:
+            commit_record(path, f"Sweep record: {variant} seed {seed} (written from its folder)")
         return 0.0
     folder.mkdir(parents=True, exist_ok=True)
     if variant.startswith("mbc"):
@@ -311,5 +350,9 @@ def run_one(
         timing.update(earlier_attempts_seconds=earlier, total_seconds=seconds + sum(earlier))
     atomic_write_text(folder / "timing.json", json.dumps(timing))
     path = write_record(sweep, variant, seed)
-    print(f"[done] {variant} seed {seed}: {seconds:.0f} s; record {path} (commit it)", flush=True)
+    print(f"[done] {variant} seed {seed}: {seconds:.0f} s; record {path}", flush=True)
+    if commit:
+        commit_record(
+            path, f"Sweep record: {variant} seed {seed} ({seconds / 3600:.1f} h this attempt)"
+        )
     return seconds
