@@ -869,3 +869,30 @@ def test_commit_record_commits_that_file_alone(
     (outside / "r.json").write_text("{}\n")
     assert not commit_record(outside / "r.json", "m", repo=outside)
     assert "could not commit" in capsys.readouterr().err
+
+
+def test_resume_check_compares_the_steps_both_processes_trained(tmp_path: Path) -> None:
+    """A killed fit and its resumed continuation both log the steps between the checkpoint and
+    the kill: equal adapter and loss there is an exact resume; anything else is named."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from benchmarks.repro.aggregate import resume_check
+
+    def process(run: Path, name: str, steps: range, changed: int | None = None) -> None:
+        writer = SummaryWriter(str(run / "tensorboard"), filename_suffix=f".{name}")
+        for step in steps:
+            cluster = (step + (step == changed)) % 3
+            writer.add_scalar(f"train/loss_cluster_{cluster}", 1.0 / (step + 1), step)
+        writer.add_scalar("train/tokens_per_s", 100.0, steps[-1])
+        writer.close()
+
+    exact, wrong = tmp_path / "exact", tmp_path / "wrong"
+    for run in (exact, wrong):
+        process(run, "killed", range(0, 8))
+    process(exact, "resumed", range(5, 12))
+    process(wrong, "resumed", range(5, 12), changed=6)
+    assert resume_check(exact) == {"processes": 2, "overlapping_steps": 3, "mismatched_steps": []}
+    assert resume_check(wrong) == {"processes": 2, "overlapping_steps": 3, "mismatched_steps": [6]}
+    fresh = tmp_path / "fresh"
+    process(fresh, "only", range(0, 4))
+    assert resume_check(fresh) == {"processes": 1, "overlapping_steps": 0, "mismatched_steps": []}

@@ -96,6 +96,49 @@ def train_rate(folder: Path) -> dict[str, float]:
     return {"tokens_per_s": _mean(rates), "logged_steps": len(rates)}
 
 
+def resume_check(folder: Path) -> dict[str, Any]:
+    """Whether a fit that was killed and resumed trained what an uninterrupted one would have.
+
+    Every process of a resumed fit writes its own TensorBoard event file, and the steps between
+    the last checkpoint and the kill are trained (and logged) twice: once by the killed process,
+    once by the resumed one. An exact resume gives the same adapter (``train/loss_cluster_<k>``
+    tag) and the bit-identical loss at each of those steps.
+
+    Args:
+        folder: The run folder (its ``tensorboard/`` is read).
+
+    Returns:
+        ``{"processes": files with training losses, "overlapping_steps": steps logged by more
+        than one, "mismatched_steps": those whose adapter or loss differ}``.
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs: list[dict[int, tuple[str, float]]] = []
+    for path in sorted((folder / "tensorboard").rglob("events.out.tfevents.*")):
+        events = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        events.Reload()
+        steps = {
+            e.step: (tag, e.value)
+            for tag in events.Tags()["scalars"]
+            if tag.startswith("train/loss_cluster_")
+            for e in events.Scalars(tag)
+        }
+        if steps:
+            logs.append(steps)
+    overlapping, mismatched = set(), set()
+    for i, first in enumerate(logs):
+        for later in logs[i + 1 :]:
+            for step in first.keys() & later.keys():
+                overlapping.add(step)
+                if first[step] != later[step]:
+                    mismatched.add(step)
+    return {
+        "processes": len(logs),
+        "overlapping_steps": len(overlapping),
+        "mismatched_steps": sorted(mismatched),
+    }
+
+
 def timings(sweep: Sweep) -> dict[str, Any]:
     """Wall time per run, training throughput and the seconds of one full evaluation pass, from
     the runs' records."""

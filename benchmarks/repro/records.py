@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,7 @@ def write_record(sweep: Sweep, variant: str, seed: int) -> Path:
     Raises:
         SystemExit: the run has no ``merge/results.json`` (not finished).
     """
-    from benchmarks.repro.aggregate import adapter_storage, train_rate
+    from benchmarks.repro.aggregate import adapter_storage, resume_check, train_rate
 
     folder = run_dir(sweep, variant, seed)
     results_file = folder / "merge" / "results.json"
@@ -75,8 +76,17 @@ def write_record(sweep: Sweep, variant: str, seed: int) -> Path:
     results = json.loads(results_file.read_text())
     timing_file = folder / "timing.json"
     timing: dict[str, Any] = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
+    resumed: dict[str, Any] | None = None
     if (folder / "tensorboard").is_dir():
         timing.update(train_rate(folder))
+        resumed = resume_check(folder)
+        if resumed["mismatched_steps"]:
+            print(
+                f"[warn] {variant} seed {seed}: the resumed fit did not repeat the killed one at "
+                f"steps {resumed['mismatched_steps'][:10]} (other adapter or loss in TensorBoard): "
+                "its adapters are not those of an uninterrupted fit",
+                file=sys.stderr,
+            )
     if "eval_pass_seconds" in results:
         timing["eval_pass_seconds"] = results.pop("eval_pass_seconds")
     storage = {}
@@ -93,6 +103,7 @@ def write_record(sweep: Sweep, variant: str, seed: int) -> Path:
         "timing": timing,
         "storage": storage,
         "mbc_groups": json.loads(mbc.read_text())["groups"] if mbc.is_file() else None,
+        "resume_check": resumed,
     }
     path = record_path(sweep, variant, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
