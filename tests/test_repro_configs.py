@@ -896,3 +896,20 @@ def test_resume_check_compares_the_steps_both_processes_trained(tmp_path: Path) 
     fresh = tmp_path / "fresh"
     process(fresh, "only", range(0, 4))
     assert resume_check(fresh) == {"processes": 1, "overlapping_steps": 0, "mismatched_steps": []}
+
+
+def test_the_report_says_which_resumed_fits_were_exact() -> None:
+    from benchmarks.repro.report import resume_lines
+
+    exact = {"processes": 2, "overlapping_steps": 7, "mismatched_steps": []}
+    fresh = {"processes": 1, "overlapping_steps": 0, "mismatched_steps": []}
+    assert resume_lines({"kmeans4/seed0": fresh, "single/seed0": None}) == []
+    assert resume_lines({"per_task/seed0": exact, "kmeans4/seed0": fresh}) == [
+        "",
+        "Resumed fits: 1 run(s) were killed and resumed from a checkpoint; 7 step(s) were "
+        "trained by both processes, with the same adapter and bit-identical loss at every one.",
+    ]
+    wrong = {"processes": 3, "overlapping_steps": 4, "mismatched_steps": [275, 525]}
+    (line,) = resume_lines({"per_task/seed0": exact, "per_task/seed1": wrong})[1:]
+    assert line.startswith("Resumed fits: 2 run(s) were killed and resumed from a checkpoint; 11")
+    assert "**Not exact**: per_task/seed1 at steps [275, 525]" in line

@@ -21,7 +21,7 @@ from benchmarks.repro.aggregate import (
     timings,
 )
 from benchmarks.repro.data import prepare_data
-from benchmarks.repro.records import base_scored
+from benchmarks.repro.records import base_scored, read_records
 from benchmarks.repro.report import write_results
 from benchmarks.repro.runs import exit_on_termination, run_one
 from benchmarks.repro.sweep import ROOT, VARIANTS, Sweep, study_config
@@ -132,6 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     patterns = answer_patterns(sweep.work_dir / "data", manifest)
     summary = summarise(records, manifest, study_config(sweep).method_names, patterns)
     summary["timings"] = timings(sweep)
+    summary["resume_checks"] = {
+        f"{variant}/seed{seed}": record.get("resume_check")
+        for (variant, seed), record in read_records(sweep).items()
+    }
     summary["sweep"] = {k: _portable(v) for k, v in asdict(sweep).items()}
     write_results(summary, sweep, command.strip())
     for run, entry in summary["timings"].items():

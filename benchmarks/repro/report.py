@@ -69,6 +69,25 @@ def main_table(summary: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def resume_lines(checks: Mapping[str, Any]) -> list[str]:
+    """One sentence on the runs whose fit was killed and resumed (``summary["resume_checks"]``:
+    each record's :func:`benchmarks.repro.aggregate.resume_check`, by run), naming any whose
+    resumed process did not repeat the killed one's steps."""
+    resumed = {run: c for run, c in checks.items() if c and c["processes"] > 1}
+    if not resumed:
+        return []
+    steps = sum(c["overlapping_steps"] for c in resumed.values())
+    wrong = {run: c["mismatched_steps"] for run, c in resumed.items() if c["mismatched_steps"]}
+    line = (
+        f"Resumed fits: {len(resumed)} run(s) were killed and resumed from a checkpoint; "
+        f"{steps} step(s) were trained by both processes"
+    )
+    if not wrong:
+        return ["", line + ", with the same adapter and bit-identical loss at every one."]
+    named = "; ".join(f"{run} at steps {s[:5]}" for run, s in wrong.items())
+    return ["", line + f". **Not exact**: {named} (their adapters are not an uninterrupted fit's)."]
+
+
 def markdown(summary: Mapping[str, Any], command: str) -> str:
     """The results as Markdown: main table, per-task table, floors and adapter checks."""
     floors = summary["floors"]
@@ -133,6 +152,7 @@ def markdown(summary: Mapping[str, Any], command: str) -> str:
                 )
                 + "."
             )
+    lines += resume_lines(summary.get("resume_checks") or {})
     return "\n".join(lines) + "\n"
 
 
