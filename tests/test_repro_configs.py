@@ -494,7 +494,7 @@ def test_records_carry_the_runs_and_collect_reads_only_them(tmp_path: Path) -> N
     assert (cp["scale"], cp["merge_seconds"], cp["cp_fit_error"]) == (2.0, 1.5, 0.3)
     assert cp["run_seconds"] == 12.0 and cp["shared_fraction"] == 0.25
     assert (lora["method"], lora["acc"], lora["run_seconds"]) == ("single_lora", {"u": 0.4}, None)
-    assert timings(sweep) == {
+    assert timings(read_records(sweep)) == {
         "kmeans4/seed0": {"seconds": 12.0},
         "single/seed0": {"eval_pass_seconds": 7.0},
     }
@@ -876,7 +876,7 @@ def test_resume_check_compares_the_steps_both_processes_trained(tmp_path: Path) 
     the kill: equal adapter and loss there is an exact resume; anything else is named."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from benchmarks.repro.aggregate import resume_check
+    from benchmarks.repro.aggregate import load_events, resume_check
 
     def process(run: Path, name: str, steps: range, changed: int | None = None) -> None:
         writer = SummaryWriter(str(run / "tensorboard"), filename_suffix=f".{name}")
@@ -891,11 +891,23 @@ def test_resume_check_compares_the_steps_both_processes_trained(tmp_path: Path) 
         process(run, "killed", range(0, 8))
     process(exact, "resumed", range(5, 12))
     process(wrong, "resumed", range(5, 12), changed=6)
-    assert resume_check(exact) == {"processes": 2, "overlapping_steps": 3, "mismatched_steps": []}
-    assert resume_check(wrong) == {"processes": 2, "overlapping_steps": 3, "mismatched_steps": [6]}
+    assert resume_check(load_events(exact)) == {
+        "processes": 2,
+        "overlapping_steps": 3,
+        "mismatched_steps": [],
+    }
+    assert resume_check(load_events(wrong)) == {
+        "processes": 2,
+        "overlapping_steps": 3,
+        "mismatched_steps": [6],
+    }
     fresh = tmp_path / "fresh"
     process(fresh, "only", range(0, 4))
-    assert resume_check(fresh) == {"processes": 1, "overlapping_steps": 0, "mismatched_steps": []}
+    assert resume_check(load_events(fresh)) == {
+        "processes": 1,
+        "overlapping_steps": 0,
+        "mismatched_steps": [],
+    }
 
 
 def test_the_report_says_which_resumed_fits_were_exact() -> None:

@@ -22,9 +22,11 @@ __all__ = [
     "answer_patterns",
     "collect",
     "gate_failures",
+    "load_events",
     "one_answer_sets",
     "own_adapter_scores",
     "paired_differences",
+    "resume_check",
     "summarise",
     "tasks_in",
     "timings",
@@ -83,20 +85,30 @@ def adapter_storage(adapter_dir: Path, cp_rank: int) -> dict[str, int]:
     return {"adapters": k, "lora_params": k * lora, "cp_params": cp}
 
 
-def train_rate(folder: Path) -> dict[str, float]:
-    """Training throughput logged by ``LoRAModule`` (``train/tokens_per_s``) in a run's events."""
+def load_events(folder: Path) -> list[Any]:
+    """A run's TensorBoard event files (``<folder>/tensorboard``, one per process), each read
+    once, in path order, for :func:`train_rate` and :func:`resume_check`."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    rates: list[float] = []
+    out = []
     for path in sorted((folder / "tensorboard").rglob("events.out.tfevents.*")):
         events = EventAccumulator(str(path), size_guidance={"scalars": 0})
         events.Reload()
-        if "train/tokens_per_s" in events.Tags()["scalars"]:
-            rates += [e.value for e in events.Scalars("train/tokens_per_s")]
+        out.append(events)
+    return out
+
+
+def train_rate(events: Sequence[Any]) -> dict[str, float]:
+    """Training throughput logged by ``LoRAModule`` (``train/tokens_per_s``) in a run's events
+    (:func:`load_events`)."""
+    rates: list[float] = []
+    for log in events:
+        if "train/tokens_per_s" in log.Tags()["scalars"]:
+            rates += [e.value for e in log.Scalars("train/tokens_per_s")]
     return {"tokens_per_s": _mean(rates), "logged_steps": len(rates)}
 
 
-def resume_check(folder: Path) -> dict[str, Any]:
+def resume_check(events: Sequence[Any]) -> dict[str, Any]:
     """Whether a fit that was killed and resumed trained what an uninterrupted one would have.
 
     Every process of a resumed fit writes its own TensorBoard event file, and the steps between
@@ -105,23 +117,19 @@ def resume_check(folder: Path) -> dict[str, Any]:
     tag) and the bit-identical loss at each of those steps.
 
     Args:
-        folder: The run folder (its ``tensorboard/`` is read).
+        events: The run's event files (:func:`load_events`).
 
     Returns:
         ``{"processes": files with training losses, "overlapping_steps": steps logged by more
         than one, "mismatched_steps": those whose adapter or loss differ}``.
     """
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     logs: list[dict[int, tuple[str, float]]] = []
-    for path in sorted((folder / "tensorboard").rglob("events.out.tfevents.*")):
-        events = EventAccumulator(str(path), size_guidance={"scalars": 0})
-        events.Reload()
+    for log in events:
         steps = {
             e.step: (tag, e.value)
-            for tag in events.Tags()["scalars"]
+            for tag in log.Tags()["scalars"]
             if tag.startswith("train/loss_cluster_")
-            for e in events.Scalars(tag)
+            for e in log.Scalars(tag)
         }
         if steps:
             logs.append(steps)
@@ -139,14 +147,12 @@ def resume_check(folder: Path) -> dict[str, Any]:
     }
 
 
-def timings(sweep: Sweep) -> dict[str, Any]:
+def timings(runs: Mapping[tuple[str, int], Mapping[str, Any]]) -> dict[str, Any]:
     """Wall time per run, training throughput and the seconds of one full evaluation pass, from
-    the runs' records."""
-    from benchmarks.repro.records import read_records
-
+    the runs' records (:func:`benchmarks.repro.records.read_records`)."""
     return {
         f"{variant}/seed{seed}": record["timing"]
-        for (variant, seed), record in read_records(sweep).items()
+        for (variant, seed), record in runs.items()
         if record["timing"]
     }
 

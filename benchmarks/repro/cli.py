@@ -131,10 +131,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     patterns = answer_patterns(sweep.work_dir / "data", manifest)
     summary = summarise(records, manifest, study_config(sweep).method_names, patterns)
-    summary["timings"] = timings(sweep)
+    runs = read_records(sweep)
+    summary["timings"] = timings(runs)
     summary["resume_checks"] = {
         f"{variant}/seed{seed}": record.get("resume_check")
-        for (variant, seed), record in read_records(sweep).items()
+        for (variant, seed), record in runs.items()
     }
     summary["sweep"] = {k: _portable(v) for k, v in asdict(sweep).items()}
     write_results(summary, sweep, command.strip())

@@ -67,7 +67,7 @@ def write_record(sweep: Sweep, variant: str, seed: int) -> Path:
     Raises:
         SystemExit: the run has no ``merge/results.json`` (not finished).
     """
-    from benchmarks.repro.aggregate import adapter_storage, resume_check, train_rate
+    from benchmarks.repro.aggregate import adapter_storage, load_events, resume_check, train_rate
 
     folder = run_dir(sweep, variant, seed)
     results_file = folder / "merge" / "results.json"
@@ -78,8 +78,9 @@ def write_record(sweep: Sweep, variant: str, seed: int) -> Path:
     timing: dict[str, Any] = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
     resumed: dict[str, Any] | None = None
     if (folder / "tensorboard").is_dir():
-        timing.update(train_rate(folder))
-        resumed = resume_check(folder)
+        events = load_events(folder)
+        timing.update(train_rate(events))
+        resumed = resume_check(events)
         if resumed["mismatched_steps"]:
             print(
                 f"[warn] {variant} seed {seed}: the resumed fit did not repeat the killed one at "
