@@ -482,7 +482,10 @@ def test_a_fit_killed_mid_epoch_resumes_bit_for_bit(
     from safetensors.torch import load_file
 
     def fit(out: Path, kill_at: int | None = None, ckpt: Path | None = None) -> dict[str, Any]:
-        config = _small_config(out, tiny_model_dir, multitask_jsonl)
+        cache = tmp_path / "cache"  # both fits embed the same corpus: once
+        config = fit_config(
+            out / "run", tiny_model_dir, multitask_jsonl, cache, tensorboard=True, num_clusters=2
+        )
         config["trainer"].update(max_steps=-1, max_epochs=2, limit_val_batches=1)
         config["model"].update(lr=1e-2, lr_schedule="cosine")
         config["trainer"]["callbacks"] = [
