@@ -19,6 +19,15 @@ from typing import Any
 
 import yaml  # type: ignore[import-untyped]
 
+from benchmarks.repro.pieces import (
+    TRAINED,
+    Piece,
+    PieceKeeper,
+    commit_paths,
+    retire_pieces,
+    study_only_overrides,
+    training_identity,
+)
 from benchmarks.repro.records import record_path, training_digest, write_record
 from benchmarks.repro.sweep import (
     BASE_CONFIG,
@@ -186,6 +195,9 @@ def mbc_stage2(sweep: Sweep, variant: str, seed: int) -> Path:
     k = variant_clusters(variant)
     assert k is not None and variant.startswith("mbc"), variant
     stage1 = run_dir(sweep, "per_task", seed) / "adapters"
+    kept = Piece(sweep, "per_task", seed)
+    if not (stage1 / "tclora_adapters.json").is_file() and kept.has_adapters():
+        stage1 = kept.adapters  # a new machine: the adapters the per_task run committed
     if not (stage1 / "tclora_adapters.json").is_file():
         raise SystemExit(
             f"{variant} seed {seed}: MBC groups the tasks by the per_task run's adapters, and "
@@ -254,35 +266,14 @@ def exit_on_termination() -> None:
         signal.signal(sig, _exit_on_signal)
 
 
-def commit_record(path: Path, message: str, repo: Path = ROOT) -> bool:
-    """``git commit`` the record at ``path`` alone (nothing else staged or changed is included).
+def commit_record(path: Path, message: str, repo: Path | None = None) -> bool:
+    """``git commit`` the record at ``path`` alone (:func:`~benchmarks.repro.pieces.commit_paths`:
+    nothing else staged or changed is included; a failure is printed, not raised).
 
     For unattended sweeps that span sessions: a record committed as it lands survives a session
-    cut off before anyone commits it by hand. A failure (not a checkout, a lock held, no identity)
-    is printed and leaves the file for a manual commit.
-
-    Args:
-        path: The record file, inside ``repo``.
-        message: The commit message.
-        repo: The checkout.
-
-    Returns:
-        Whether the commit was made.
+    cut off before anyone commits it by hand.
     """
-    for command in (
-        ["git", "add", "--", str(path)],
-        ["git", "commit", "-q", "-m", message, "--", str(path)],
-    ):
-        done = subprocess.run(command, cwd=repo, capture_output=True, text=True)
-        if done.returncode != 0:
-            print(
-                f"[git ] could not commit {path} ({' '.join(command[:2])}: "
-                f"{(done.stderr or done.stdout).strip()}); commit it by hand",
-                file=sys.stderr,
-            )
-            return False
-    print(f"[git ] committed {path}", flush=True)
-    return True
+    return commit_paths([path], message, repo)
 
 
 def run_one(
@@ -313,25 +304,39 @@ def run_one(
     folder.mkdir(parents=True, exist_ok=True)
     if variant.startswith("mbc"):
         print(f"[mbc ] {variant} seed {seed}: groups {mbc_stage2(sweep, variant, seed)}")
+    overrides = run_overrides(sweep, variant, seed, evaluate_base)
+    identity = training_identity(overrides, training_digest(sweep))
+    piece = Piece(sweep, variant, seed)
+    study_only = _use_piece(piece, identity, commit)
+    if study_only:  # trained in an earlier session: the merge study alone, on those adapters
+        overrides = study_only_overrides(overrides, piece)
+    else:
+        overrides["trainer"]["callbacks"].append(
+            {
+                "class_path": "benchmarks.repro.pieces.SaveTrainedAdapters",
+                "init_args": {"folder": str(folder / TRAINED)},
+            }
+        )
     override = folder / "overrides.yaml"
-    atomic_write_text(
-        override,
-        yaml.safe_dump(run_overrides(sweep, variant, seed, evaluate_base), sort_keys=False),
-    )
+    atomic_write_text(override, yaml.safe_dump(overrides, sort_keys=False))
     exe = Path(sys.executable).with_name("tclora")
     command = [str(exe), "fit", "--config", str(BASE_CONFIG), "--config", str(override)]
-    if resume_checkpoint(folder, override.read_text() + training_digest(sweep)):
+    if not study_only and resume_checkpoint(folder, override.read_text() + training_digest(sweep)):
         command += ["--ckpt_path", str(folder / "checkpoints" / "last.ckpt")]
     print(f"[run ] {variant} seed {seed}: {' '.join(command)}", flush=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if threads is not None:  # on a shared machine, OpenMP spin-waits can slow small kernels a lot
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    # Earlier attempts that were killed (a session's end): their seconds stay on the record.
+    # Earlier attempts that were killed (a session's end): their seconds stay on the record
+    # (from a kept piece on a new machine: as last committed).
     attempts_file = folder / "attempts.json"
     earlier = json.loads(attempts_file.read_text()) if attempts_file.is_file() else []
     start = time.perf_counter()
     try:
-        with open(folder / "fit.log", "a" if earlier else "w") as log:
+        with (
+            PieceKeeper(piece, identity, earlier, commit),
+            open(folder / "fit.log", "a" if earlier else "w") as log,
+        ):
             done = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
         if done.returncode != 0:
             raise SystemExit(
@@ -348,11 +353,44 @@ def run_one(
     timing: dict[str, Any] = {"seconds": seconds}
     if earlier:  # this attempt resumed the finished merge-study rows of the earlier ones
         timing.update(earlier_attempts_seconds=earlier, total_seconds=seconds + sum(earlier))
+    if study_only:
+        timing["study_only"] = True  # trained in an earlier session (its piece)
     atomic_write_text(folder / "timing.json", json.dumps(timing))
     path = write_record(sweep, variant, seed)
     print(f"[done] {variant} seed {seed}: {seconds:.0f} s; record {path}", flush=True)
+    retired = retire_pieces(sweep, variant, seed)
     if commit:
-        commit_record(
-            path, f"Sweep record: {variant} seed {seed} ({seconds / 3600:.1f} h this attempt)"
+        commit_paths(
+            [path, *retired],
+            f"Sweep record: {variant} seed {seed} ({seconds / 3600:.1f} h this attempt)"
+            + (f"; its finished pieces removed ({len(retired)})" if retired else ""),
         )
     return seconds
+
+
+def _use_piece(piece: Piece, identity: dict[str, Any], commit: bool) -> bool:
+    """Whether the run goes on from its kept adapters (restored into the run folder here).
+
+    A piece made by another training identity, or whose files changed, is removed (and the run
+    fitted afresh), saying which part differs.
+    """
+    if not piece.folder.exists():
+        return False
+    if not piece.has_adapters():
+        piece.discard("no whole set of trained adapters in it", commit)
+        return False
+    differ = piece.mismatch(identity)
+    why = f"its adapters were made by another {', '.join(differ)}" if differ else piece.verify()
+    if why is not None:
+        piece.discard(why + "; fitting afresh", commit)
+        return False
+    piece.restore()
+    rows = 0
+    if piece.progress.is_file():
+        rows = len(json.loads(piece.progress.read_text()).get("rows", []))
+    print(
+        f"[piece] {piece}: trained in an earlier session; its merge study goes on from "
+        f"{piece.folder} ({rows} rows committed)",
+        flush=True,
+    )
+    return True

@@ -1,0 +1,293 @@
+"""The sweep's pieces (``benchmarks/repro/pieces.py``): a run longer than a session goes on, on a
+new machine, from the adapters and study rows it committed."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from helpers import fit_config
+
+from benchmarks.repro.pieces import (
+    LoadTrainedAdapters,
+    Piece,
+    PieceKeeper,
+    commit_paths,
+    retire_pieces,
+    study_only_overrides,
+    training_identity,
+)
+from benchmarks.repro.sweep import Sweep
+from tclora.cli import cli_main
+
+
+def _heldout(path: Path) -> Path:
+    path.write_text(
+        "".join(
+            json.dumps({"prompt": f"Is {w} a fruit?", "choices": ["yes", "no"], "answer": a}) + "\n"
+            for w, a in [("apple", 0), ("stone", 1), ("pear", 0), ("chair", 1), ("plum", 0)]
+        )
+    )
+    return path
+
+
+def _adapters(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    return {
+        p.name: load_file(p / "adapter_model.safetensors")
+        for p in sorted(folder.iterdir())
+        if p.is_dir()
+    }
+
+
+def test_a_study_goes_on_from_committed_adapters_and_rows_bit_for_bit(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    multitask_jsonl: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Session 1 trains (SaveTrainedAdapters exports the adapters as training ends) and its
+    study finishes 2 rows; session 2, on a machine with none of session 1's folders, loads the
+    kept adapters into a fit of 0 steps: the study's fingerprint is the same, so it takes the 2
+    rows and computes the rest, and every row equals the uninterrupted study's."""
+    heldout = _heldout(tmp_path / "heldout.jsonl")
+
+    def config(out: Path, callbacks: list[dict[str, Any]]) -> str:
+        cfg = fit_config(out, tiny_model_dir, multitask_jsonl, tmp_path / "cache", tensorboard=True)
+        cfg["data"]["num_clusters"] = 2
+        cfg["trainer"]["callbacks"] = [
+            *callbacks,
+            {
+                "class_path": "tclora.callbacks.CPMergeCallback",
+                "init_args": {
+                    "cp_ranks": [2],
+                    "rules": ["mean_loading"],
+                    "baselines": ["uniform", "ties"],
+                    "scales": [1.0, 2.0],
+                    "references": ["base", "routing"],
+                    "eval_sets": [str(heldout)],
+                    "output_dir": str(out / "merge"),
+                    "max_length": 64,
+                    "progress": False,
+                },
+            },
+        ]
+        path = out.with_suffix(".yaml")
+        path.write_text(yaml.safe_dump(cfg))
+        return str(path)
+
+    first = tmp_path / "first"
+    save = {
+        "class_path": "benchmarks.repro.pieces.SaveTrainedAdapters",
+        "init_args": {"folder": str(first / "trained")},
+    }
+    cli_main(["fit", "--config", config(first, [save])])
+    full = json.loads((first / "merge" / "results.json").read_text())["rows"]
+    assert [r["name"] for r in full] == ["base", "routing", "cp2_mean_loading", "uniform", "ties"]
+    trained = _adapters(first / "trained")
+    exported = _adapters(first / "adapters")  # LoRAModule's export, after the study
+    assert sorted(trained) == ["cluster_0", "cluster_1"]
+    for name, tensors in exported.items():
+        for key, value in tensors.items():
+            torch.testing.assert_close(trained[name][key], value, rtol=0, atol=0)
+
+    # "session 2": only the kept adapters and the first 2 rows of the progress survive
+    second = tmp_path / "second"
+    (second / "merge").mkdir(parents=True)
+    progress = json.loads((first / "merge" / "merge_progress.json").read_text())
+    progress["rows"] = progress["rows"][:2]
+    (second / "merge" / "merge_progress.json").write_text(json.dumps(progress))
+    kept = tmp_path / "kept"
+    shutil.copytree(first / "trained", kept)
+    shutil.rmtree(first)
+    load = {
+        "class_path": "benchmarks.repro.pieces.LoadTrainedAdapters",
+        "init_args": {"folder": str(kept)},
+    }
+    argv = ["fit", "--config", config(second, [load]), "--trainer.max_steps", "0"]
+    with caplog.at_level(logging.INFO):
+        cli = cli_main(argv)
+    assert cli.trainer.global_step == 0
+    assert "resuming, 2 rows of this very study already done" in caplog.text
+    again = json.loads((second / "merge" / "results.json").read_text())["rows"]
+    for row in again + full:
+        row.pop("merge_seconds")  # the one field that is a timing
+    assert again == full
+    for name, tensors in _adapters(second / "adapters").items():
+        for key, value in tensors.items():
+            torch.testing.assert_close(trained[name][key], value, rtol=0, atol=0)
+
+
+def test_load_trained_adapters_refuses_what_would_train_or_does_not_fit(
+    tmp_path: Path, tiny_model_dir: Path, multitask_jsonl: Path
+) -> None:
+    with pytest.raises(ValueError, match=r"folder='.*nope' is not an adapter export"):
+        LoadTrainedAdapters(str(tmp_path / "nope"))
+    cfg = fit_config(tmp_path / "run", tiny_model_dir, multitask_jsonl, tmp_path / "cache")
+    cfg["data"]["num_clusters"] = 2
+    export = tmp_path / "run" / "adapters"
+    cli_main(["fit", "--config", _write(tmp_path / "a.yaml", cfg)])
+    load = {
+        "class_path": "benchmarks.repro.pieces.LoadTrainedAdapters",
+        "init_args": {"folder": str(export)},
+    }
+    cfg["model"]["export_dir"] = str(tmp_path / "other")
+    cfg["trainer"]["callbacks"] = [load]
+    with pytest.raises(ValueError, match=r"trainer.max_steps=4; .* so max_steps must be 0"):
+        cli_main(["fit", "--config", _write(tmp_path / "b.yaml", cfg)])
+    cfg["data"]["num_clusters"] = 3
+    with pytest.raises(ValueError, match=r"holds adapters \['cluster_0', 'cluster_1'\], the mod"):
+        cli_main(["fit", "--config", _write(tmp_path / "c.yaml", cfg), "--trainer.max_steps", "0"])
+    cfg["data"]["num_clusters"] = 2
+    cfg["model"]["r"] = 2  # another rank: the kept tensors do not fit
+    with pytest.raises(ValueError, match=r"does not fit adapter 'cluster_0' of the module"):
+        cli_main(["fit", "--config", _write(tmp_path / "d.yaml", cfg), "--trainer.max_steps", "0"])
+
+
+def _write(path: Path, cfg: dict[str, Any]) -> str:
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=repo, check=True, capture_output=True, text=True
+    ).stdout
+
+
+def _repo(path: Path) -> Path:
+    _git(path, "init", "-q")
+    _git(path, "config", "user.email", "sweep@example.com")
+    _git(path, "config", "user.name", "sweep")
+    (path / "README.md").write_text("x\n")
+    _git(path, "add", "README.md")
+    _git(path, "commit", "-q", "-m", "start")
+    return path
+
+
+def _fake_export(folder: Path, names: list[str]) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    for i, name in enumerate(names):
+        (folder / name).mkdir()
+        save_file({"w": torch.full((2,), float(i))}, folder / name / "adapter_model.safetensors")
+    (folder / "tclora_adapters.json").write_text(json.dumps({"adapters": names}))
+
+
+def test_the_keeper_commits_adapters_then_progress_and_a_new_machine_restores_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import benchmarks.repro.pieces as pieces
+
+    repo = _repo(tmp_path)
+    monkeypatch.setattr(pieces, "ROOT", repo)
+    sweep = Sweep(work_dir=repo / "work", results_dir=repo / "results")
+    piece = Piece(sweep, "kmeans4", 0)
+    identity = training_identity({"trainer": {"max_epochs": 2, "callbacks": []}}, "digest")
+    (piece.run / "tensorboard").mkdir(parents=True)
+    (piece.run / "tensorboard" / "events.out").write_text("train steps")
+    keeper = PieceKeeper(piece, identity, earlier=[10.0], commit=True, progress_every=0.0)
+    keeper.poll()
+    assert not piece.folder.exists()  # nothing finished yet
+    _fake_export(piece.run / "trained_adapters", ["cluster_0", "cluster_1"])
+    keeper.poll()
+    assert piece.has_adapters() and piece.mismatch(identity) == [] and piece.verify() is None
+    assert (piece.folder / "tensorboard" / "events.out").read_text() == "train steps"
+    log = _git(repo, "log", "--format=%s", "-1", "--name-only").split("\n")
+    assert log[0] == "Sweep piece: kmeans4 seed 0, trained adapters (the study goes on)"
+    assert "results/pieces/kmeans4-seed0/adapters/cluster_1/adapter_model.safetensors" in log
+    (piece.run / "merge").mkdir()
+    (piece.run / "merge" / "merge_progress.json").write_text(json.dumps({"rows": [{}, {}]}))
+    keeper.poll()
+    assert (
+        _git(repo, "log", "--format=%s", "-1") == "Sweep piece: kmeans4 seed 0, 2 study rows done\n"
+    )
+    keeper.poll()  # unchanged: no new commit
+    assert (
+        _git(repo, "log", "--format=%s", "-1") == "Sweep piece: kmeans4 seed 0, 2 study rows done\n"
+    )
+    assert piece.attempts()[0] == 10.0 and len(piece.attempts()) == 2
+    assert _git(repo, "status", "--porcelain", "results") == ""
+
+    # a new machine: the run folder is gone; restore puts back the progress, events, attempts
+    shutil.rmtree(sweep.work_dir)
+    piece.restore()
+    assert json.loads((piece.run / "merge" / "merge_progress.json").read_text()) == {
+        "rows": [{}, {}]
+    }
+    assert (piece.run / "tensorboard" / "events.out").is_file()
+    assert json.loads((piece.run / "attempts.json").read_text()) == piece.attempts()
+    overrides = {
+        "trainer": {
+            "max_epochs": 2,
+            "callbacks": [
+                {"class_path": "tclora.callbacks.CPMergeCallback"},
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint"},
+            ],
+        }
+    }
+    study = study_only_overrides(overrides, piece)["trainer"]
+    assert study["max_steps"] == 0 and study["enable_checkpointing"] is False
+    assert [c["class_path"] for c in study["callbacks"]] == [
+        "benchmarks.repro.pieces.LoadTrainedAdapters",
+        "tclora.callbacks.CPMergeCallback",
+    ]
+
+    # another training identity (here: the tclora source) is named and never used
+    changed = {**identity, "tclora_source": "edited"}
+    assert piece.mismatch(changed) == ["tclora_source"]
+    (piece.adapters / "cluster_0" / "adapter_model.safetensors").write_bytes(b"changed")
+    assert "does not hold the files piece.json names" in str(piece.verify())
+
+
+def test_use_piece_fits_afresh_when_the_piece_was_made_otherwise(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import benchmarks.repro.pieces as pieces
+    from benchmarks.repro.runs import _use_piece
+
+    repo = _repo(tmp_path)
+    monkeypatch.setattr(pieces, "ROOT", repo)
+    sweep = Sweep(work_dir=repo / "work", results_dir=repo / "results")
+    piece = Piece(sweep, "per_task", 1)
+    identity = training_identity({"trainer": {}}, "digest")
+    _fake_export(repo / "trained", ["cluster_0"])
+    piece.save_adapters(repo / "trained", identity, [5.0])
+    commit_paths([piece.folder], "kept")
+    assert _use_piece(piece, identity, commit=True)
+    assert "trained in an earlier session; its merge study goes on" in capsys.readouterr().out
+    assert not _use_piece(piece, training_identity({"trainer": {}}, "other"), commit=True)
+    assert "its adapters were made by another sweep; fitting afresh" in capsys.readouterr().out
+    assert not piece.folder.exists()
+    assert _git(repo, "ls-files", "results") == ""  # committed as removed
+    assert not _use_piece(piece, identity, commit=True)  # nothing left: a plain fit
+
+
+def test_pieces_are_retired_when_the_records_hold_the_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """per_task's adapters are MBC's stage 1: kept until the seed's mbc runs are recorded."""
+    sweep = Sweep(work_dir=tmp_path / "work", results_dir=tmp_path / "results")
+    for variant in ("per_task", "kmeans4", "mbc4"):
+        _fake_export(Piece(sweep, variant, 0).adapters, ["cluster_0"])
+    records = sweep.results_dir / "runs"
+    records.mkdir(parents=True)
+    (records / "kmeans4-seed0.json").write_text("{}")
+    assert retire_pieces(sweep, "kmeans4", 0) == [Piece(sweep, "kmeans4", 0).folder]
+    (records / "per_task-seed0.json").write_text("{}")
+    assert retire_pieces(sweep, "per_task", 0) == []  # mbc4 seed 0 still needs them
+    (records / "mbc4-seed0.json").write_text("{}")
+    assert retire_pieces(sweep, "mbc4", 0) == [
+        Piece(sweep, "mbc4", 0).folder,
+        Piece(sweep, "per_task", 0).folder,
+    ]
+    assert list((sweep.results_dir / "pieces").iterdir()) == []
