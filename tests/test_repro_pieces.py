@@ -291,3 +291,41 @@ def test_pieces_are_retired_when_the_records_hold_the_runs(
         Piece(sweep, "per_task", 0).folder,
     ]
     assert list((sweep.results_dir / "pieces").iterdir()) == []
+
+
+def test_the_runs_fit_process_can_import_the_pieces_callbacks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The override names ``benchmarks.repro.pieces.SaveTrainedAdapters`` by class path, so the
+    ``tclora fit`` process must import ``benchmarks`` (before, it failed with exit 2: "No module
+    named 'benchmarks'", which the in-process tests could not see)."""
+    import sys
+
+    from benchmarks.repro import runs
+
+    sweep = Sweep(work_dir=tmp_path / "work", results_dir=tmp_path / "results", seeds=(0,))
+    seen: dict[str, Any] = {}
+
+    def capture(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
+        seen.update(command=command, env=kwargs["env"])
+        raise SystemExit(143)
+
+    monkeypatch.setattr(runs.subprocess, "run", capture)
+    with pytest.raises(SystemExit, match="143"):
+        runs.run_one(sweep, "kmeans4", 0, evaluate_base=False)
+    override = yaml.safe_load(Path(seen["command"][-1]).read_text())
+    (save,) = [
+        c
+        for c in override["trainer"]["callbacks"]
+        if c["class_path"].endswith("SaveTrainedAdapters")
+    ]
+    module, _, name = save["class_path"].rpartition(".")
+    monkeypatch.undo()
+    done = subprocess.run(
+        [sys.executable, "-c", f"from {module} import {name}"],
+        cwd=tmp_path,  # not the checkout: only PYTHONPATH can make it importable
+        env=seen["env"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr

@@ -325,6 +325,8 @@ def run_one(
         command += ["--ckpt_path", str(folder / "checkpoints" / "last.ckpt")]
     print(f"[run ] {variant} seed {seed}: {' '.join(command)}", flush=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # the pieces' callbacks are named by class path: the CLI must import ``benchmarks``
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     if threads is not None:  # on a shared machine, OpenMP spin-waits can slow small kernels a lot
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     # Earlier attempts that were killed (a session's end): their seconds stay on the record
