@@ -17,6 +17,8 @@ Every run goes through the real command line (``tclora fit --config configs/repr
 
 Modules, each using only those above it: :mod:`~benchmarks.repro.sweep` (what the sweep runs, on
 top of ``configs/repro_small.yaml``), :mod:`~benchmarks.repro.data` (splits and eval-set files),
+:mod:`~benchmarks.repro.pieces` (the committed pieces of a run in progress: trained adapters and
+study rows, so that a run goes on from the repository on a new machine),
 :mod:`~benchmarks.repro.runs` (one run through the CLI; the one-LoRA evaluation),
 :mod:`~benchmarks.repro.aggregate` (records, summary, statistics, timings),
 :mod:`~benchmarks.repro.report` (Markdown, CSV, JSON), :mod:`~benchmarks.repro.cli` (``main``), and
