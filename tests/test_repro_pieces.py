@@ -242,6 +242,16 @@ def test_the_keeper_commits_adapters_then_progress_and_a_new_machine_restores_th
         "tclora.callbacks.CPMergeCallback",
     ]
 
+    # the same run from a checkout laid at another path has the same identity
+    here = {"data": {"path": str(repo / "work" / "data" / "x.jsonl")}, "trainer": {}}
+    there = {"data": {"path": "/elsewhere/work/data/x.jsonl"}, "trainer": {}}
+    assert training_identity(here, "d", {"work_dir": repo / "work"}) == training_identity(
+        there, "d", {"work_dir": Path("/elsewhere/work")}
+    )
+    assert training_identity(here, "d", {"work_dir": repo / "work"})["run"] == {
+        "data": {"path": "<work_dir>/data/x.jsonl"},
+        "trainer": {},
+    }
     # another training identity (here: the tclora source) is named and never used
     changed = {**identity, "tclora_source": "edited"}
     assert piece.mismatch(changed) == ["tclora_source"]

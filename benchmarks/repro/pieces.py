@@ -31,7 +31,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -89,7 +89,9 @@ def commit_paths(paths: Sequence[Path], message: str, repo: Path | None = None) 
     return True
 
 
-def training_identity(overrides: dict[str, Any], training_digest: str) -> dict[str, Any]:
+def training_identity(
+    overrides: dict[str, Any], training_digest: str, roots: Mapping[str, Path] | None = None
+) -> dict[str, Any]:
     """What a run's adapters are made by, one entry per part (so a mismatch can say which).
 
     Args:
@@ -97,6 +99,8 @@ def training_identity(overrides: dict[str, Any], training_digest: str) -> dict[s
             trainer callbacks (the merge study's options, checkpoints) do not train and are left
             out.
         training_digest: The sweep's :func:`benchmarks.repro.records.training_digest`.
+        roots: Folders written as ``<label>`` in the identity, in this order (the sweep's work
+            folder, the checkout): a checkout laid at another path trains the same adapters.
 
     Returns:
         ``{"run", "sweep", "tclora_source", "packages"}``.
@@ -104,8 +108,11 @@ def training_identity(overrides: dict[str, Any], training_digest: str) -> dict[s
     import tclora
 
     trainer = {k: v for k, v in overrides.get("trainer", {}).items() if k != "callbacks"}
+    text = json.dumps({**overrides, "trainer": trainer}, sort_keys=True)
+    for label, root in (roots or {}).items():
+        text = text.replace(str(root), f"<{label}>")
     return {
-        "run": json.loads(json.dumps({**overrides, "trainer": trainer}, sort_keys=True)),
+        "run": json.loads(text),
         "sweep": training_digest,
         "tclora_source": tclora.SOURCE_DIGEST,
         "packages": {p: version(p) for p in _PACKAGES},

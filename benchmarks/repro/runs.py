@@ -305,7 +305,8 @@ def run_one(
     if variant.startswith("mbc"):
         print(f"[mbc ] {variant} seed {seed}: groups {mbc_stage2(sweep, variant, seed)}")
     overrides = run_overrides(sweep, variant, seed, evaluate_base)
-    identity = training_identity(overrides, training_digest(sweep))
+    roots = {"work_dir": sweep.work_dir, "checkout": ROOT}
+    identity = training_identity(overrides, training_digest(sweep), roots)
     piece = Piece(sweep, variant, seed)
     study_only = _use_piece(piece, identity, commit)
     if study_only:  # trained in an earlier session: the merge study alone, on those adapters
