@@ -16,6 +16,7 @@ import yaml
 from helpers import fit_config
 
 from benchmarks.repro.pieces import (
+    DATAMODULE_STATE,
     LoadTrainedAdapters,
     Piece,
     PieceKeeper,
@@ -107,12 +108,23 @@ def test_a_study_goes_on_from_committed_adapters_and_rows_bit_for_bit(
     (second / "merge" / "merge_progress.json").write_text(json.dumps(progress))
     kept = tmp_path / "kept"
     shutil.copytree(first / "trained", kept)
+    shutil.copy2(first / DATAMODULE_STATE, tmp_path / DATAMODULE_STATE)
     shutil.rmtree(first)
     load = {
         "class_path": "benchmarks.repro.pieces.LoadTrainedAdapters",
-        "init_args": {"folder": str(kept)},
+        "init_args": {"folder": str(kept), "datamodule_state": str(tmp_path / DATAMODULE_STATE)},
     }
-    argv = ["fit", "--config", config(second, [load]), "--trainer.max_steps", "0"]
+    # another data seed: the data module alone would split and cluster differently; the kept
+    # state gives the study the clusters and validation split the adapters were trained with
+    argv = [
+        "fit",
+        "--config",
+        config(second, [load]),
+        "--trainer.max_steps",
+        "0",
+        "--data.seed",
+        "7",
+    ]
     with caplog.at_level(logging.INFO):
         cli = cli_main(argv)
     assert cli.trainer.global_step == 0
@@ -135,6 +147,8 @@ def test_load_trained_adapters_refuses_what_would_train_or_does_not_fit(
     cfg["data"]["num_clusters"] = 2
     export = tmp_path / "run" / "adapters"
     cli_main(["fit", "--config", _write(tmp_path / "a.yaml", cfg)])
+    with pytest.raises(ValueError, match=r"datamodule_state='.*gone' does not exist"):
+        LoadTrainedAdapters(str(export), datamodule_state=str(tmp_path / "gone"))
     load = {
         "class_path": "benchmarks.repro.pieces.LoadTrainedAdapters",
         "init_args": {"folder": str(export)},

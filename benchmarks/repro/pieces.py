@@ -43,13 +43,16 @@ from benchmarks.repro.sweep import ROOT, Sweep, run_dir
 from tclora._io import atomic_write_text, sha256_file
 
 __all__ = [
+    "DATAMODULE_STATE",
     "PROGRESS_EVERY",
     "LoadTrainedAdapters",
     "Piece",
     "PieceKeeper",
     "SaveTrainedAdapters",
     "commit_paths",
+    "load_datamodule_state",
     "retire_pieces",
+    "save_datamodule_state",
     "study_only_overrides",
     "training_identity",
 ]
@@ -57,6 +60,7 @@ __all__ = [
 PROGRESS_EVERY = 600.0  # seconds between commits of a study's progress (a row takes 2-10 min)
 _PACKAGES = ("torch", "transformers", "peft", "lightning")
 TRAINED = "trained_adapters"  # in the run folder: where SaveTrainedAdapters exports
+DATAMODULE_STATE = "datamodule_state.safetensors"  # beside it: the clusters the adapters learnt
 
 
 def commit_paths(paths: Sequence[Path], message: str, repo: Path | None = None) -> bool:
@@ -137,6 +141,28 @@ def _copy_dir(src: Path, dst: Path) -> None:
     tmp.rename(dst)
 
 
+def save_datamodule_state(state: Mapping[str, Any], path: Path) -> None:
+    """Write a data module's ``state_dict`` (its clusters) as safetensors, atomically: tensors
+    as tensors, every other entry as JSON in the file's metadata."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    scalars = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"scalars": json.dumps(scalars, sort_keys=True)})
+    tmp.replace(path)
+
+
+def load_datamodule_state(path: Path) -> dict[str, Any]:
+    """Read what :func:`save_datamodule_state` wrote."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        scalars = json.loads((handle.metadata() or {})["scalars"])
+        return {**scalars, **{k: handle.get_tensor(k) for k in handle.keys()}}  # noqa: SIM118
+
+
 class Piece:
     """The committed pieces of one run: ``<results_dir>/pieces/<variant>-seed<seed>/``."""
 
@@ -146,6 +172,7 @@ class Piece:
         self.adapters = self.folder / "adapters"
         self.progress = self.folder / "merge_progress.json"
         self.meta = self.folder / "piece.json"
+        self.datamodule = self.folder / DATAMODULE_STATE
         self.run = run_dir(sweep, variant, seed)
 
     def __repr__(self) -> str:
@@ -176,6 +203,9 @@ class Piece:
         """Keep the adapters exported to ``trained`` (and the run's TensorBoard events)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         _copy_dir(trained, self.adapters)
+        state = trained.parent / DATAMODULE_STATE  # written before the adapters
+        if state.is_file():
+            shutil.copy2(state, self.datamodule)
         events = self.run / "tensorboard"
         if events.is_dir():
             _copy_dir(events, self.folder / "tensorboard")
@@ -259,7 +289,10 @@ def study_only_overrides(overrides: dict[str, Any], piece: Piece) -> dict[str, A
     callbacks = [c for c in trainer["callbacks"] if not c["class_path"].endswith("ModelCheckpoint")]
     load = {
         "class_path": f"{__name__}.LoadTrainedAdapters",
-        "init_args": {"folder": str(piece.adapters)},
+        "init_args": {
+            "folder": str(piece.adapters),
+            "datamodule_state": str(piece.datamodule) if piece.datamodule.is_file() else None,
+        },
     }
     trainer.update(max_steps=0, enable_checkpointing=False, callbacks=[load, *callbacks])
     return {**overrides, "trainer": trainer}
@@ -267,7 +300,9 @@ def study_only_overrides(overrides: dict[str, Any], piece: Piece) -> dict[str, A
 
 class SaveTrainedAdapters(Callback):
     """Export every adapter as a peft folder when training ends, before any ``on_fit_end`` (the
-    merge study runs there, and ``LoRAModule`` exports only after it).
+    merge study runs there, and ``LoRAModule`` exports only after it). The data module's state
+    (the clusters the adapters learnt from) is written first, beside the folder
+    (:data:`DATAMODULE_STATE`).
 
     Args:
         folder: The export folder (absent, empty or an earlier export; replaced at once).
@@ -286,6 +321,12 @@ class SaveTrainedAdapters(Callback):
                 f"SaveTrainedAdapters: {type(pl_module).__name__} has no export_adapters(); "
                 "it works on tclora.LoRAModule"
             )
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None and datamodule.state_dict():
+            Path(self.folder).parent.mkdir(parents=True, exist_ok=True)
+            save_datamodule_state(
+                datamodule.state_dict(), Path(self.folder).parent / DATAMODULE_STATE
+            )
         export(self.folder, note={"step": trainer.global_step})
 
 
@@ -297,10 +338,20 @@ class LoadTrainedAdapters(Callback):
     Args:
         folder: An export of the same module configuration (``tclora_adapters.json`` and one
             peft folder per adapter).
+        datamodule_state: The data module's state when the adapters were trained
+            (:func:`save_datamodule_state`), restored into the data module as a checkpoint's
+            would be: the study validates and routes on the very clusters the adapters learnt,
+            not on clusters computed again. ``None``: the data module's own (fine where they do
+            not depend on the machine, e.g. one cluster per task).
     """
 
-    def __init__(self, folder: str) -> None:
+    def __init__(self, folder: str, datamodule_state: str | None = None) -> None:
         self.folder = Path(folder)
+        self.datamodule_state = Path(datamodule_state) if datamodule_state else None
+        if self.datamodule_state is not None and not self.datamodule_state.is_file():
+            raise ValueError(
+                f"LoadTrainedAdapters: datamodule_state={datamodule_state!r} does not exist"
+            )
         if not (self.folder / "tclora_adapters.json").is_file():
             raise ValueError(
                 f"LoadTrainedAdapters: folder={folder!r} is not an adapter export "
@@ -342,6 +393,13 @@ class LoadTrainedAdapters(Callback):
                 raise ValueError(misfit)
         if hasattr(pl_module, "_adapter_steps") and "adapter_steps" in manifest:
             pl_module._adapter_steps = [int(s) for s in manifest["adapter_steps"]]
+        if self.datamodule_state is not None:
+            datamodule = getattr(trainer, "datamodule", None)
+            if datamodule is None:
+                raise ValueError(
+                    "LoadTrainedAdapters: datamodule_state is given but the fit has no data module"
+                )
+            datamodule.load_state_dict(load_datamodule_state(self.datamodule_state))
 
 
 class PieceKeeper:
