@@ -353,3 +353,30 @@ def test_the_runs_fit_process_can_import_the_pieces_callbacks(
         text=True,
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_status_says_what_each_run_has(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.repro.cli import main
+
+    sweep = Sweep(
+        work_dir=tmp_path / "work",
+        results_dir=tmp_path / "results",
+        seeds=(0,),
+        variants=("per_task", "kmeans4", "kmeans8", "single"),
+    )
+    (sweep.results_dir / "runs").mkdir(parents=True)
+    (sweep.results_dir / "runs" / "per_task-seed0.json").write_text("{}")
+    piece = Piece(sweep, "kmeans4", 0)
+    _fake_export(tmp_path / "trained", ["cluster_0"])
+    piece.save_adapters(tmp_path / "trained", training_identity({"trainer": {}}, "d"), [1.0])
+    piece.progress.write_text(json.dumps({"rows": [{}, {}, {}]}))
+    (piece.run.parent.parent / "kmeans8" / "seed0" / "checkpoints").mkdir(parents=True)
+    (piece.run.parent.parent / "kmeans8" / "seed0" / "checkpoints" / "last.ckpt").write_text("")
+    argv = ["--status", "--work-dir", str(sweep.work_dir), "--results-dir", str(sweep.results_dir)]
+    assert main([*argv, "--seeds", "0", "--variants", *sweep.variants]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "per_task seed 0: recorded",
+        "kmeans4 seed 0: trained; adapters and 3 study rows committed (the study goes on)",
+        "kmeans8 seed 0: training on this machine (checkpoint, nothing committed yet)",
+        "single seed 0: not started",
+    ]

@@ -21,6 +21,7 @@ from benchmarks.repro.aggregate import (
     timings,
 )
 from benchmarks.repro.data import prepare_data
+from benchmarks.repro.pieces import status_lines
 from benchmarks.repro.records import base_scored, read_records
 from benchmarks.repro.report import write_results
 from benchmarks.repro.runs import exit_on_termination, run_one
@@ -37,6 +38,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="smoke run of the harness")
     parser.add_argument("--prepare-only", action="store_true", help="write the splits and stop")
     parser.add_argument("--aggregate-only", action="store_true", help="only aggregate results")
+    parser.add_argument(
+        "--status",
+        action="store_true",
+        help="say which runs are recorded, trained (pieces committed) or not started, and stop",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1 2)")
     parser.add_argument(
         "--variants", nargs="+", choices=VARIANTS, help=f"subset of {' '.join(VARIANTS)} to run"
@@ -108,6 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.results_dir:
         sweep.results_dir = args.results_dir.resolve()
     command = f"{PROG} " + " ".join(argv or sys.argv[1:])
+    if args.status:
+        print("\n".join(status_lines(sweep)))
+        return 0
     manifest = prepare_data(sweep)
     print(f"splits in {sweep.work_dir / 'data'}: {json.dumps(manifest['settings'])}")
     if args.prepare_only:

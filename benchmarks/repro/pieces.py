@@ -53,6 +53,7 @@ __all__ = [
     "load_datamodule_state",
     "retire_pieces",
     "save_datamodule_state",
+    "status_lines",
     "study_only_overrides",
     "training_identity",
 ]
@@ -280,6 +281,30 @@ def retire_pieces(sweep: Sweep, variant: str, seed: int) -> list[Path]:
             removed.append(piece.folder)
             print(f"[piece] {piece}: its record holds the run; removed {piece.folder}", flush=True)
     return removed
+
+
+def status_lines(sweep: Sweep) -> list[str]:
+    """One line per run of the sweep, in run order: recorded, trained (with its committed study
+    rows), started on this machine, or not started."""
+    from benchmarks.repro.records import record_path
+
+    lines = []
+    for seed in sweep.seeds:
+        for variant in sweep.variants:
+            piece = Piece(sweep, variant, seed)
+            if record_path(sweep, variant, seed).is_file():
+                state = "recorded"
+            elif piece.has_adapters():
+                rows = 0
+                if piece.progress.is_file():
+                    rows = len(json.loads(piece.progress.read_text()).get("rows", []))
+                state = f"trained; adapters and {rows} study rows committed (the study goes on)"
+            elif (piece.run / "checkpoints" / "last.ckpt").is_file():
+                state = "training on this machine (checkpoint, nothing committed yet)"
+            else:
+                state = "not started"
+            lines.append(f"{variant} seed {seed}: {state}")
+    return lines
 
 
 def study_only_overrides(overrides: dict[str, Any], piece: Piece) -> dict[str, Any]:
