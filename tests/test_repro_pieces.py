@@ -335,9 +335,15 @@ def test_the_runs_fit_process_can_import_the_pieces_callbacks(
         raise SystemExit(143)
 
     monkeypatch.setattr(runs.subprocess, "run", capture)
+    stale = Piece(sweep, "kmeans4", 0).run / "trained_adapters"
+    stale.mkdir(parents=True)  # an earlier attempt's export: never taken for this attempt's
+    (stale.parent / DATAMODULE_STATE).write_text("old")
     with pytest.raises(SystemExit, match="143"):
         runs.run_one(sweep, "kmeans4", 0, evaluate_base=False)
+    assert not stale.exists() and not (stale.parent / DATAMODULE_STATE).exists()
     override = yaml.safe_load(Path(seen["command"][-1]).read_text())
+    callbacks = [c["class_path"].rpartition(".")[2] for c in override["trainer"]["callbacks"]]
+    assert callbacks == ["SaveTrainedAdapters", "CPMergeCallback", "ModelCheckpoint"]
     (save,) = [
         c
         for c in override["trainer"]["callbacks"]
@@ -380,3 +386,42 @@ def test_status_says_what_each_run_has(tmp_path: Path, capsys: pytest.CaptureFix
         "kmeans8 seed 0: training on this machine (checkpoint, nothing committed yet)",
         "single seed 0: not started",
     ]
+
+
+def test_a_fit_resumed_at_its_final_step_still_keeps_its_adapters(
+    tmp_path: Path, tiny_model_dir: Path, multitask_jsonl: Path
+) -> None:
+    """Resumed from a checkpoint of its last step, a fit trains nothing and Lightning skips
+    ``on_train_end``: SaveTrainedAdapters exports in ``on_fit_end`` then, the same adapters."""
+    cfg = fit_config(tmp_path / "run", tiny_model_dir, multitask_jsonl, tmp_path / "cache")
+    cfg["data"]["num_clusters"] = 2
+    ckpt = tmp_path / "ckpt"
+    cfg["trainer"].update(enable_checkpointing=True)
+    cfg["trainer"]["callbacks"] = [
+        {
+            "class_path": "benchmarks.repro.pieces.SaveTrainedAdapters",
+            "init_args": {"folder": str(tmp_path / "trained")},
+        },
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {
+                "dirpath": str(ckpt),
+                "save_top_k": 0,
+                "save_last": True,
+                "every_n_train_steps": 2,
+            },
+        },
+    ]
+    path = _write(tmp_path / "fit.yaml", cfg)
+    cli_main(["fit", "--config", path])
+    first = _adapters(tmp_path / "trained")
+    shutil.rmtree(tmp_path / "trained")
+    (tmp_path / DATAMODULE_STATE).unlink()
+    cli = cli_main(["fit", "--config", path, "--ckpt_path", str(ckpt / "last.ckpt")])
+    assert cli.trainer.global_step == 4
+    again = _adapters(tmp_path / "trained")
+    assert sorted(again) == sorted(first) == ["cluster_0", "cluster_1"]
+    for name, tensors in first.items():
+        for key, value in tensors.items():
+            torch.testing.assert_close(again[name][key], value, rtol=0, atol=0)
+    assert (tmp_path / DATAMODULE_STATE).is_file()

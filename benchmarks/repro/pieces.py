@@ -324,10 +324,13 @@ def study_only_overrides(overrides: dict[str, Any], piece: Piece) -> dict[str, A
 
 
 class SaveTrainedAdapters(Callback):
-    """Export every adapter as a peft folder when training ends, before any ``on_fit_end`` (the
-    merge study runs there, and ``LoRAModule`` exports only after it). The data module's state
-    (the clusters the adapters learnt from) is written first, beside the folder
-    (:data:`DATAMODULE_STATE`).
+    """Export every adapter as a peft folder when training ends, before the merge study (put this
+    callback before ``CPMergeCallback``: the study runs in ``on_fit_end``, and ``LoRAModule``
+    exports only after it). The data module's state (the clusters the adapters learnt from) is
+    written first, beside the folder (:data:`DATAMODULE_STATE`).
+
+    Exports in ``on_train_end``; a fit resumed from a checkpoint of its final step trains nothing
+    and never calls it, so ``on_fit_end`` exports then. A fit of no step exports nothing.
 
     Args:
         folder: The export folder (absent, empty or an earlier export; replaced at once).
@@ -335,9 +338,18 @@ class SaveTrainedAdapters(Callback):
 
     def __init__(self, folder: str) -> None:
         self.folder = folder
+        self._saved = False
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._save(trainer, pl_module)
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._saved:
+            self._save(trainer, pl_module)
+
+    def _save(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.global_step == 0 or not trainer.is_global_zero:
             return
         export = getattr(pl_module, "export_adapters", None)
@@ -353,6 +365,7 @@ class SaveTrainedAdapters(Callback):
                 datamodule.state_dict(), Path(self.folder).parent / DATAMODULE_STATE
             )
         export(self.folder, note={"step": trainer.global_step})
+        self._saved = True
 
 
 class LoadTrainedAdapters(Callback):

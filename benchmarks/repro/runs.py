@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from typing import Any
 import yaml  # type: ignore[import-untyped]
 
 from benchmarks.repro.pieces import (
+    DATAMODULE_STATE,
     TRAINED,
     Piece,
     PieceKeeper,
@@ -311,13 +313,14 @@ def run_one(
     study_only = _use_piece(piece, identity, commit)
     if study_only:  # trained in an earlier session: the merge study alone, on those adapters
         overrides = study_only_overrides(overrides, piece)
-    else:
-        overrides["trainer"]["callbacks"].append(
-            {
-                "class_path": "benchmarks.repro.pieces.SaveTrainedAdapters",
-                "init_args": {"folder": str(folder / TRAINED)},
-            }
-        )
+    else:  # adapters exported as training ends (before the study) are kept as this run's piece
+        for stale in (folder / TRAINED, folder / DATAMODULE_STATE):  # an earlier attempt's
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+        save = {
+            "class_path": "benchmarks.repro.pieces.SaveTrainedAdapters",
+            "init_args": {"folder": str(folder / TRAINED)},
+        }
+        overrides["trainer"]["callbacks"].insert(0, save)
     override = folder / "overrides.yaml"
     atomic_write_text(override, yaml.safe_dump(overrides, sort_keys=False))
     exe = Path(sys.executable).with_name("tclora")
