@@ -176,7 +176,10 @@ def test_mbc_variant_groups_the_per_task_runs_adapters(tmp_path: Path) -> None:
     from benchmarks.repro.runs import mbc_stage2
     from tclora.clustering import read_mbc_assignments
 
-    sweep = Sweep(work_dir=tmp_path, train_tasks=("d", "b", "a", "c"))
+    # results_dir apart from the repository's, which may hold a committed per_task piece
+    sweep = Sweep(
+        work_dir=tmp_path, results_dir=tmp_path / "results", train_tasks=("d", "b", "a", "c")
+    )
     with pytest.raises(SystemExit, match=r"mbc2 seed 0: MBC groups the tasks by the per_task"):
         mbc_stage2(sweep, "mbc2", 0)
     stage1 = tmp_path / "runs" / "per_task" / "seed0" / "adapters"
@@ -194,6 +197,16 @@ def test_mbc_variant_groups_the_per_task_runs_adapters(tmp_path: Path) -> None:
     (stage1 / "tclora_adapters.json").write_text("{}")
     path = mbc_stage2(sweep, "mbc2", 0)
     assert path == tmp_path / "runs" / "mbc2" / "seed0" / "mbc.json"
+    assert read_mbc_assignments(path) == {"a": 0, "b": 1, "c": 0, "d": 1}
+    # a new machine: no per_task run folder, but its committed piece (benchmarks/repro/pieces.py)
+    from benchmarks.repro.pieces import Piece
+
+    piece = Piece(sweep, "per_task", 0)
+    piece.folder.mkdir(parents=True)
+    stage1.rename(piece.adapters)
+    piece.meta.write_text("{}")
+    path.unlink()
+    assert mbc_stage2(sweep, "mbc2", 0) == path
     assert read_mbc_assignments(path) == {"a": 0, "b": 1, "c": 0, "d": 1}
 
 
