@@ -196,6 +196,12 @@ class Piece:
         current = json.loads(json.dumps(identity, sort_keys=True))
         return sorted(k for k in set(made_by) | set(current) if made_by.get(k) != current.get(k))
 
+    def committed_rows(self) -> int:
+        """How many merge-study rows the kept ``merge_progress.json`` holds (0 without one)."""
+        if not self.progress.is_file():
+            return 0
+        return len(json.loads(self.progress.read_text()).get("rows", []))
+
     def attempts(self) -> list[float]:
         """Seconds of this run's attempts in earlier sessions, as last committed."""
         return [float(s) for s in self.read_meta().get("attempts_seconds", [])]
@@ -295,9 +301,7 @@ def status_lines(sweep: Sweep) -> list[str]:
             if record_path(sweep, variant, seed).is_file():
                 state = "recorded"
             elif piece.has_adapters():
-                rows = 0
-                if piece.progress.is_file():
-                    rows = len(json.loads(piece.progress.read_text()).get("rows", []))
+                rows = piece.committed_rows()
                 state = f"trained; adapters and {rows} study rows committed (the study goes on)"
             elif (piece.run / "checkpoints" / "last.ckpt").is_file():
                 state = "training on this machine (checkpoint, nothing committed yet)"

@@ -391,12 +391,9 @@ def _use_piece(piece: Piece, identity: dict[str, Any], commit: bool) -> bool:
         piece.discard(why + "; fitting afresh", commit)
         return False
     piece.restore()
-    rows = 0
-    if piece.progress.is_file():
-        rows = len(json.loads(piece.progress.read_text()).get("rows", []))
     print(
         f"[piece] {piece}: trained in an earlier session; its merge study goes on from "
-        f"{piece.folder} ({rows} rows committed)",
+        f"{piece.folder} ({piece.committed_rows()} rows committed)",
         flush=True,
     )
     return True
