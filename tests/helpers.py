@@ -206,3 +206,36 @@ def fit_config(
             **data,
         },
     }
+
+
+FRUITS = [("apple", 0), ("stone", 1), ("pear", 0), ("chair", 1), ("plum", 0)]
+
+
+def fruit_eval_set(path: Path, items: int = len(FRUITS)) -> Path:
+    """A tiny two-choice eval set ("Is apple a fruit?" yes/no) of the first ``items`` questions."""
+    path.write_text(
+        "".join(
+            json.dumps({"prompt": f"Is {w} a fruit?", "choices": ["yes", "no"], "answer": a}) + "\n"
+            for w, a in FRUITS[:items]
+        )
+    )
+    return path
+
+
+def tiny_study_callback(eval_set: Path, out: Path, baselines: list[str]) -> dict[str, Any]:
+    """A ``CPMergeCallback`` config entry of a tiny study (CP rank 2, one rule, ``baselines``,
+    scales 1 and 2, base and routing references) on ``eval_set``, written to ``<out>/merge``."""
+    return {
+        "class_path": "tclora.callbacks.CPMergeCallback",
+        "init_args": {
+            "cp_ranks": [2],
+            "rules": ["mean_loading"],
+            "baselines": baselines,
+            "scales": [1.0, 2.0],
+            "references": ["base", "routing"],
+            "eval_sets": [str(eval_set)],
+            "output_dir": str(out / "merge"),
+            "max_length": 64,
+            "progress": False,
+        },
+    }

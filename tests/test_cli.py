@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from helpers import fit_config, merge_argv
+from helpers import fit_config, fruit_eval_set, merge_argv, tiny_study_callback
 from lightning.pytorch import Callback
 
 from tclora.callbacks import CPMergeCallback
@@ -217,13 +217,7 @@ def test_fit_through_the_cli_with_a_tiny_model(
     tmp_path: Path, tiny_model_dir: Path, multitask_jsonl: Path
 ) -> None:
     """tclora fit --config on tclora's own module: clusters, adapters, CP merge, exports."""
-    heldout = tmp_path / "heldout.jsonl"
-    heldout.write_text(
-        "".join(
-            json.dumps({"prompt": f"Is {w} a fruit?", "choices": ["yes", "no"], "answer": a}) + "\n"
-            for w, a in [("apple", 0), ("stone", 1), ("pear", 0), ("chair", 1)]
-        )
-    )
+    heldout = fruit_eval_set(tmp_path / "heldout.jsonl", items=4)
     out = tmp_path / "run"
     config = {
         "seed_everything": 0,
@@ -239,22 +233,7 @@ def test_fit_through_the_cli_with_a_tiny_model(
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                 "init_args": {"save_dir": str(out), "name": "tb"},
             },
-            "callbacks": [
-                {
-                    "class_path": "tclora.callbacks.CPMergeCallback",
-                    "init_args": {
-                        "cp_ranks": [2],
-                        "rules": ["mean_loading"],
-                        "baselines": ["uniform"],
-                        "scales": [1.0, 2.0],
-                        "references": ["base", "routing"],
-                        "eval_sets": [str(heldout)],
-                        "output_dir": str(out / "merge"),
-                        "max_length": 64,
-                        "progress": False,
-                    },
-                }
-            ],
+            "callbacks": [tiny_study_callback(heldout, out, ["uniform"])],
         },
         "model": {
             "model": str(tiny_model_dir),

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from helpers import fit_config
+from helpers import fit_config, fruit_eval_set, tiny_study_callback
 
 from benchmarks.repro.pieces import (
     DATAMODULE_STATE,
@@ -27,16 +27,6 @@ from benchmarks.repro.pieces import (
 )
 from benchmarks.repro.sweep import Sweep
 from tclora.cli import cli_main
-
-
-def _heldout(path: Path) -> Path:
-    path.write_text(
-        "".join(
-            json.dumps({"prompt": f"Is {w} a fruit?", "choices": ["yes", "no"], "answer": a}) + "\n"
-            for w, a in [("apple", 0), ("stone", 1), ("pear", 0), ("chair", 1), ("plum", 0)]
-        )
-    )
-    return path
 
 
 def _adapters(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -59,27 +49,14 @@ def test_a_study_goes_on_from_committed_adapters_and_rows_bit_for_bit(
     study finishes 2 rows; session 2, on a machine with none of session 1's folders, loads the
     kept adapters into a fit of 0 steps: the study's fingerprint is the same, so it takes the 2
     rows and computes the rest, and every row equals the uninterrupted study's."""
-    heldout = _heldout(tmp_path / "heldout.jsonl")
+    heldout = fruit_eval_set(tmp_path / "heldout.jsonl")
 
     def config(out: Path, callbacks: list[dict[str, Any]]) -> str:
         cfg = fit_config(out, tiny_model_dir, multitask_jsonl, tmp_path / "cache", tensorboard=True)
         cfg["data"]["num_clusters"] = 2
         cfg["trainer"]["callbacks"] = [
             *callbacks,
-            {
-                "class_path": "tclora.callbacks.CPMergeCallback",
-                "init_args": {
-                    "cp_ranks": [2],
-                    "rules": ["mean_loading"],
-                    "baselines": ["uniform", "ties"],
-                    "scales": [1.0, 2.0],
-                    "references": ["base", "routing"],
-                    "eval_sets": [str(heldout)],
-                    "output_dir": str(out / "merge"),
-                    "max_length": 64,
-                    "progress": False,
-                },
-            },
+            tiny_study_callback(heldout, out, ["uniform", "ties"]),
         ]
         path = out.with_suffix(".yaml")
         path.write_text(yaml.safe_dump(cfg))
@@ -187,6 +164,15 @@ def _repo(path: Path) -> Path:
     return path
 
 
+def _sweep_in_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Sweep]:
+    """A throwaway git repository holding the sweep's folders; pieces commit there."""
+    import benchmarks.repro.pieces as pieces
+
+    repo = _repo(tmp_path)
+    monkeypatch.setattr(pieces, "ROOT", repo)
+    return repo, Sweep(work_dir=repo / "work", results_dir=repo / "results")
+
+
 def _fake_export(folder: Path, names: list[str]) -> None:
     from safetensors.torch import save_file
 
@@ -200,11 +186,7 @@ def _fake_export(folder: Path, names: list[str]) -> None:
 def test_the_keeper_commits_adapters_then_progress_and_a_new_machine_restores_them(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import benchmarks.repro.pieces as pieces
-
-    repo = _repo(tmp_path)
-    monkeypatch.setattr(pieces, "ROOT", repo)
-    sweep = Sweep(work_dir=repo / "work", results_dir=repo / "results")
+    repo, sweep = _sweep_in_repo(tmp_path, monkeypatch)
     piece = Piece(sweep, "kmeans4", 0)
     identity = training_identity({"trainer": {"max_epochs": 2, "callbacks": []}}, "digest")
     (piece.run / "tensorboard").mkdir(parents=True)
@@ -276,12 +258,9 @@ def test_the_keeper_commits_adapters_then_progress_and_a_new_machine_restores_th
 def test_use_piece_fits_afresh_when_the_piece_was_made_otherwise(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import benchmarks.repro.pieces as pieces
     from benchmarks.repro.runs import _use_piece
 
-    repo = _repo(tmp_path)
-    monkeypatch.setattr(pieces, "ROOT", repo)
-    sweep = Sweep(work_dir=repo / "work", results_dir=repo / "results")
+    repo, sweep = _sweep_in_repo(tmp_path, monkeypatch)
     piece = Piece(sweep, "per_task", 1)
     identity = training_identity({"trainer": {}}, "digest")
     _fake_export(repo / "trained", ["cluster_0"])
