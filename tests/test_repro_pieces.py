@@ -173,14 +173,18 @@ def _sweep_in_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Pat
     return repo, Sweep(work_dir=repo / "work", results_dir=repo / "results")
 
 
-def _fake_export(folder: Path, names: list[str]) -> None:
+def _fake_export(folder: Path, names: list[str], source: str | None = None) -> None:
+    """What SaveTrainedAdapters exports (by default from this process's tclora source)."""
     from safetensors.torch import save_file
+
+    import tclora
 
     folder.mkdir(parents=True)
     for i, name in enumerate(names):
         (folder / name).mkdir()
         save_file({"w": torch.full((2,), float(i))}, folder / name / "adapter_model.safetensors")
-    (folder / "tclora_adapters.json").write_text(json.dumps({"adapters": names}))
+    meta = {"adapters": names, "tclora_source": source or tclora.SOURCE_DIGEST}
+    (folder / "tclora_adapters.json").write_text(json.dumps(meta))
 
 
 def test_the_keeper_commits_adapters_then_progress_and_a_new_machine_restores_them(
@@ -253,6 +257,40 @@ def test_the_keeper_commits_adapters_then_progress_and_a_new_machine_restores_th
     assert piece.mismatch(changed) == ["tclora_source"]
     (piece.adapters / "cluster_0" / "adapter_model.safetensors").write_bytes(b"changed")
     assert "does not hold the files piece.json names" in str(piece.verify())
+
+
+def test_adapters_fitted_by_an_edited_tclora_are_not_kept_and_no_run_starts_after_an_edit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: the sweep stamped a piece with the tclora source it had imported, while the
+    run's fit process imported the files as they were at its start: after an edit of tclora/
+    mid-sweep, the piece named code that did not train it."""
+    import tclora
+    from benchmarks.repro import runs
+
+    repo, sweep = _sweep_in_repo(tmp_path, monkeypatch)
+    piece = Piece(sweep, "kmeans4", 0)
+    identity = training_identity({"trainer": {}}, "digest")
+    keeper = PieceKeeper(piece, identity, earlier=[], commit=True)
+    _fake_export(piece.run / "trained_adapters", ["cluster_0"], source="f" * 64)
+    keeper.poll()
+    keeper.poll()  # said once
+    err = capsys.readouterr().err
+    assert err.count("adapters not kept") == 1
+    assert (
+        f"the fit ran tclora source ffffffffffff, not the {tclora.SOURCE_DIGEST[:12]} this "
+        "sweep started with (tclora/ edited while it ran)"
+    ) in err
+    assert not piece.folder.exists() and _git(repo, "ls-files", "results") == ""
+
+    monkeypatch.setattr(tclora, "_source_digest", lambda: "e" * 64)
+    with pytest.raises(
+        SystemExit,
+        match=rf"tclora/ changed since this sweep started \(source {tclora.SOURCE_DIGEST[:12]} "
+        r"then, eeeeeeeeeeee now\).*restart the sweep",
+    ):
+        runs.run_one(sweep, "kmeans4", 1, evaluate_base=False, commit=False)
+    assert not runs.run_dir(sweep, "kmeans4", 1).exists()  # refused before any work
 
 
 def test_use_piece_fits_afresh_when_the_piece_was_made_otherwise(

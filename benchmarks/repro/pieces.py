@@ -49,6 +49,7 @@ __all__ = [
     "Piece",
     "PieceKeeper",
     "SaveTrainedAdapters",
+    "check_tclora_source",
     "commit_paths",
     "load_datamodule_state",
     "retire_pieces",
@@ -122,6 +123,27 @@ def training_identity(
         "tclora_source": tclora.SOURCE_DIGEST,
         "packages": {p: version(p) for p in _PACKAGES},
     }
+
+
+def check_tclora_source() -> None:
+    """Refuse to start a run when ``tclora/`` on disk is not the source this sweep imported.
+
+    A run's identity (:func:`training_identity`) names the source the sweep imported
+    (``tclora.SOURCE_DIGEST``), but its fit runs in a new process that imports the files as they
+    are now: after an edit, the piece would name code that did not train it.
+
+    Raises:
+        SystemExit: The source changed since the sweep started (restart the sweep).
+    """
+    import tclora
+
+    now = tclora._source_digest()
+    if now != tclora.SOURCE_DIGEST:
+        raise SystemExit(
+            f"tclora/ changed since this sweep started (source {tclora.SOURCE_DIGEST[:12]} then, "
+            f"{now[:12]} now): a run fitted now would be stamped with code that did not train "
+            "it; restart the sweep (finished runs and committed pieces are kept)"
+        )
 
 
 def _folder_digest(folder: Path) -> str:
@@ -368,7 +390,13 @@ class SaveTrainedAdapters(Callback):
             save_datamodule_state(
                 datamodule.state_dict(), Path(self.folder).parent / DATAMODULE_STATE
             )
-        export(self.folder, note={"step": trainer.global_step})
+        import tclora
+
+        # the source this fit process runs: the sweep keeps the piece only when it is the one
+        # the run's identity names (PieceKeeper)
+        export(
+            self.folder, note={"step": trainer.global_step, "tclora_source": tclora.SOURCE_DIGEST}
+        )
         self._saved = True
 
 
@@ -467,6 +495,7 @@ class PieceKeeper:
         self.start = time.perf_counter()
         self._adapters_kept = piece.has_adapters()
         self._adapters_committed = self._adapters_kept
+        self._refused = False  # exported by another tclora source than the identity names
         self._progress_sha = sha256_file(piece.progress) if piece.progress.is_file() else None
         self._progress_at = 0.0
         self._stop = threading.Event()
@@ -495,7 +524,20 @@ class PieceKeeper:
         """Keep (and commit) whatever finished since the last poll."""
         piece = self.piece
         trained = piece.run / TRAINED
-        if not self._adapters_kept and (trained / "tclora_adapters.json").is_file():
+        exported = trained / "tclora_adapters.json"
+        if not self._adapters_kept and not self._refused and exported.is_file():
+            made_by = json.loads(exported.read_text()).get("tclora_source")
+            if made_by != self.identity["tclora_source"]:
+                self._refused = True
+                print(
+                    f"[piece] {piece}: adapters not kept: the fit ran tclora source "
+                    f"{str(made_by)[:12]}, not the {self.identity['tclora_source'][:12]} this "
+                    "sweep started with (tclora/ edited while it ran); this session's record "
+                    "still lands if the run ends, but a later session would fit it afresh",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                return
             piece.save_adapters(trained, self.identity, self._attempts())
             self._adapters_kept = True
             print(f"[piece] {piece}: adapters kept in {piece.folder}", flush=True)

@@ -25,6 +25,7 @@ from benchmarks.repro.pieces import (
     TRAINED,
     Piece,
     PieceKeeper,
+    check_tclora_source,
     commit_paths,
     retire_pieces,
     study_only_overrides,
@@ -303,6 +304,7 @@ def run_one(
         if commit:
             commit_record(path, f"Sweep record: {variant} seed {seed} (written from its folder)")
         return 0.0
+    check_tclora_source()  # before any work: the fit must run the code its piece names
     folder.mkdir(parents=True, exist_ok=True)
     if variant.startswith("mbc"):
         print(f"[mbc ] {variant} seed {seed}: groups {mbc_stage2(sweep, variant, seed)}")
