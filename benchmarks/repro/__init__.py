@@ -19,6 +19,8 @@ Modules, each using only those above it: :mod:`~benchmarks.repro.sweep` (what th
 top of ``configs/repro_small.yaml``), :mod:`~benchmarks.repro.data` (splits and eval-set files),
 :mod:`~benchmarks.repro.pieces` (the committed pieces of a run in progress: trained adapters and
 study rows, so that a run goes on from the repository on a new machine),
+:mod:`~benchmarks.repro.code_pin` (every run of the sweep runs one pinned commit's code, from a
+worktree of it, while the checkout moves on),
 :mod:`~benchmarks.repro.runs` (one run through the CLI; the one-LoRA evaluation),
 :mod:`~benchmarks.repro.aggregate` (records, summary, statistics, timings),
 :mod:`~benchmarks.repro.report` (Markdown, CSV, JSON), :mod:`~benchmarks.repro.cli` (``main``), and

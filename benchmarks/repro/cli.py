@@ -20,6 +20,7 @@ from benchmarks.repro.aggregate import (
     summarise,
     timings,
 )
+from benchmarks.repro.code_pin import PIN_FILE, pinned_checkout, write_pin
 from benchmarks.repro.data import prepare_data
 from benchmarks.repro.pieces import status_lines
 from benchmarks.repro.records import base_scored, read_records
@@ -59,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
         "that spans sessions loses no finished run",
     )
     parser.add_argument(
+        "--pin-code",
+        metavar="WHY",
+        help="run every later run of the sweep from this checkout's HEAD (benchmarks/repro/"
+        "code_pin.py), saying why in the pin, and stop",
+    )
+    parser.add_argument(
         "--no-gate",
         action="store_true",
         help="go on past a seed's per_task run even when some task's own adapter does not "
@@ -96,6 +103,15 @@ def _gate_passes(sweep: Sweep, manifest: dict[str, object], seed: int) -> bool:
     return False
 
 
+def _run_pinned(checkout: Path, argv: list[str]) -> int:
+    """Re-execute this command from the pinned ``checkout`` (same interpreter, same process: a
+    signal sent to this process reaches the sweep)."""
+    script = checkout / "benchmarks" / "repro_small.py"
+    print(f"[pin ] the sweep is pinned to {checkout.name}: running {script}", flush=True)
+    os.execv(sys.executable, [sys.executable, str(script), *argv])
+    return 0  # not reached
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the sweep as ``python benchmarks/repro_small.py [flags]``; return the exit code."""
     args = _parser().parse_args(argv)
@@ -117,6 +133,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.status:
         print("\n".join(status_lines(sweep)))
         return 0
+    if args.pin_code:
+        pin = write_pin(ROOT, sweep.results_dir, args.pin_code)
+        print(f"[pin ] the sweep runs commit {pin['commit']} from now on ({PIN_FILE} written)")
+        return 0
+    if not (args.quick or args.prepare_only or args.aggregate_only):
+        pinned = pinned_checkout(ROOT, sweep.results_dir)
+        if pinned is not None:  # the folders stay this checkout's: records are committed here
+            folders = ["--work-dir", str(sweep.work_dir), "--results-dir", str(sweep.results_dir)]
+            return _run_pinned(pinned, [*(argv if argv is not None else sys.argv[1:]), *folders])
     manifest = prepare_data(sweep)
     print(f"splits in {sweep.work_dir / 'data'}: {json.dumps(manifest['settings'])}")
     if args.prepare_only:

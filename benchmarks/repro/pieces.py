@@ -73,12 +73,14 @@ def commit_paths(paths: Sequence[Path], message: str, repo: Path | None = None) 
     Args:
         paths: Files or folders inside ``repo`` (a removed one is committed as removed).
         message: The commit message.
-        repo: The checkout (default: this one).
+        repo: The checkout (default: the one that holds ``paths[0]``).
 
     Returns:
         Whether the commit was made.
     """
     names = [str(p) for p in paths]
+    if repo is None and paths:
+        repo = _checkout_of(Path(paths[0]))
     for command in (
         ["git", "add", "-A", "--", *names],
         ["git", "commit", "-q", "-m", message, "--", *names],
@@ -93,6 +95,18 @@ def commit_paths(paths: Sequence[Path], message: str, repo: Path | None = None) 
             return False
     print(f"[git ] committed {', '.join(names)}", flush=True)
     return True
+
+
+def _checkout_of(path: Path) -> Path:
+    """The git checkout that holds ``path`` (which may be gone: a removed piece): the records of a
+    sweep run from its pinned worktree are committed in the checkout it was started from."""
+    folder = path if path.is_dir() else path.parent
+    while not folder.is_dir():
+        folder = folder.parent
+    done = subprocess.run(
+        ["git", "rev-parse", "--show-toplevel"], cwd=folder, capture_output=True, text=True
+    )
+    return Path(done.stdout.strip()) if done.returncode == 0 else ROOT
 
 
 def training_identity(
