@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
-__all__ = ["DTYPES", "TRAIN_DTYPES", "check_choice", "resolve_device", "resolve_dtype"]
+__all__ = [
+    "DTYPES",
+    "TRAIN_DTYPES",
+    "TrainDtype",
+    "check_choice",
+    "resolve_device",
+    "resolve_dtype",
+]
 
 DTYPES = ("float32", "bfloat16", "float16")
 """Dtypes a base model may be loaded in for merging and evaluation."""
-TRAIN_DTYPES = ("float32", "bfloat16")
-"""Dtypes of a frozen base for training (float16 would need a loss scaler)."""
+TrainDtype = Literal["float32", "bfloat16"]
+"""Dtypes of a frozen base for training (float16 would need a loss scaler); the type the
+training classes annotate, so LightningCLI lists the same values :data:`TRAIN_DTYPES` checks."""
+TRAIN_DTYPES: tuple[str, ...] = get_args(TrainDtype)
+"""The names of :data:`TrainDtype`."""
 
 
 def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:

@@ -70,7 +70,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from tclora._checks import TRAIN_DTYPES, resolve_dtype
+from tclora._checks import TRAIN_DTYPES, TrainDtype
 from tclora._io import atomic_dir, atomic_write_text, check_writable
 from tclora.adapter_switch import AdapterSwitch
 from tclora.assets import base_model_id, resolve_model
@@ -251,7 +251,7 @@ class LoRAModule(LightningModule):
         warmup_steps: int = 0,
         lr_schedule: Literal["constant", "linear", "cosine"] = "constant",
         max_steps_per_adapter: int | None = None,
-        dtype: Literal["float32", "bfloat16"] = "float32",
+        dtype: TrainDtype = "float32",
         gradient_checkpointing: bool = False,
         adapter_prefix: str = DEFAULT_ADAPTER_PREFIX,
         init_seed: int = 0,
@@ -344,9 +344,8 @@ class LoRAModule(LightningModule):
         from transformers import AutoModelForCausalLM
 
         hp: Any = self.hparams
-        base = AutoModelForCausalLM.from_pretrained(
-            self.model_path, dtype=resolve_dtype(hp.dtype, "dtype", TRAIN_DTYPES)
-        )
+        # hp.dtype is one of TRAIN_DTYPES: checked in __init__
+        base = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=getattr(torch, hp.dtype))
         available = linear_module_names(base)
         targets = list(hp.target_modules) if hp.target_modules is not None else available
         missing = sorted(set(targets) - set(available))

@@ -39,6 +39,18 @@ def test_dtypes() -> None:
         resolve_dtype("bf16")
 
 
+def test_the_training_dtypes_are_spelled_once() -> None:
+    """LoRAModule's annotation (what LightningCLI checks and lists in --help) is the type whose
+    names its __init__ checks: before, the two were written out separately."""
+    from typing import get_type_hints
+
+    from tclora._checks import TRAIN_DTYPES, TrainDtype
+    from tclora.module import LoRAModule
+
+    assert get_type_hints(LoRAModule.__init__)["dtype"] == TrainDtype
+    assert TRAIN_DTYPES == ("float32", "bfloat16")
+
+
 def test_tclora_eval_refuses_a_bad_device_first(capsys: pytest.CaptureFixture[str]) -> None:
     from tclora.study.eval_cli import eval_main
 

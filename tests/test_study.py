@@ -73,6 +73,11 @@ def test_fingerprint_covers_what_decides_the_rows() -> None:
     # options that change no number leave it as it is
     quiet = StudyConfig(scales=[1.0], progress=False, export=False, keep="uniform")
     assert study_fingerprint(_components(model, quiet, _set("x"))) == base
+    # nor does where the sets' files lie (their content is fingerprinted): before, a checkout
+    # moved to another folder redid every row of a study that spans sessions
+    for folder in ("/work/main/data", "/elsewhere/data"):
+        moved = StudyConfig(scales=[1.0], eval_sets=[f"{folder}/s.jsonl"])
+        assert study_fingerprint(_components(model, moved, _set("x"))) == base
     # each of these is a different study
     assert study_fingerprint(_components(model, cfg, _set("y"))) != base  # eval content
     assert study_fingerprint(_components(model, StudyConfig(scales=[2.0]), _set("x"))) != base

@@ -167,11 +167,14 @@ class StudyConfig:
     def outcome_fields(self) -> dict[str, Any]:
         """The options that decide the study's rows (for its fingerprint).
 
-        Left out: ``progress`` and ``export`` (they change no number), and ``keep`` (the kept
-        merge is chosen from the finished rows).
+        Left out: ``progress`` and ``export`` (they change no number), ``keep`` (the kept
+        merge is chosen from the finished rows), and ``eval_sets``: where the sets' files lie is
+        not what the rows depend on, their content is, and the fingerprint holds that
+        (:func:`~tclora.study.progress.eval_sets_digest`: each set's name, kind and items, in
+        order), so a checkout moved to another folder goes on with its rows.
         """
         values = asdict(self)
-        for name in ("progress", "export", "keep"):
+        for name in ("progress", "export", "keep", "eval_sets"):
             values.pop(name)
         return values
 
