@@ -112,7 +112,7 @@ def test_a_pin_that_cannot_be_honoured_is_refused(checkout: Path) -> None:
 
 
 def test_the_sweep_command_reruns_itself_from_the_pinned_checkout(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Fitting runs re-execute from the pin with this checkout's folders; aggregation and the
     status run here (they read records, which any commit's code reads the same)."""
@@ -130,6 +130,15 @@ def test_the_sweep_command_reruns_itself_from_the_pinned_checkout(
     calls.clear()
     assert cli.main(["--status", *folders]) == 0
     assert calls == []
+    assert capsys.readouterr().out.splitlines()[0] == "per_task seed 0: not started"
+    pin = {"commit": "a" * 40, "tclora_source": "b" * 64, "why": "first pin"}
+    results.mkdir(exist_ok=True)
+    (results / PIN_FILE).write_text(json.dumps(pin))
+    assert cli.main(["--status", *folders]) == 0
+    assert capsys.readouterr().out.splitlines()[:2] == [
+        "code: pinned to aaaaaaaaaaaa (first pin)",
+        "per_task seed 0: not started",
+    ]
 
 
 def test_records_are_committed_in_the_checkout_that_holds_them(tmp_path: Path) -> None:

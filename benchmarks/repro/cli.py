@@ -20,7 +20,7 @@ from benchmarks.repro.aggregate import (
     summarise,
     timings,
 )
-from benchmarks.repro.code_pin import PIN_FILE, pinned_checkout, write_pin
+from benchmarks.repro.code_pin import PIN_FILE, pinned_checkout, read_pin, write_pin
 from benchmarks.repro.data import prepare_data
 from benchmarks.repro.pieces import status_lines
 from benchmarks.repro.records import base_scored, read_records
@@ -131,6 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sweep.results_dir = args.results_dir.resolve()
     command = f"{PROG} " + " ".join(argv or sys.argv[1:])
     if args.status:
+        pin = read_pin(sweep.results_dir)
+        if pin is not None:
+            print(f"code: pinned to {pin['commit'][:12]} ({pin['why']})")
         print("\n".join(status_lines(sweep)))
         return 0
     if args.pin_code:
