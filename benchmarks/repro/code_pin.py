@@ -42,7 +42,7 @@ def _source_digest(root: Path) -> str:
     """``tclora.SOURCE_DIGEST`` of the checkout at ``root``: its ``tclora/__init__.py`` run on its
     own (it imports only the standard library), so the digest is taken by that checkout's code."""
     spec = importlib.util.spec_from_file_location(
-        f"_tclora_source_{abs(hash(str(root)))}", root / "tclora" / "__init__.py"
+        "_tclora_source_of_checkout", root / "tclora" / "__init__.py"
     )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -118,8 +118,10 @@ def pinned_checkout(root: Path, results_dir: Path) -> Path | None:
             its tclora source is not the one the pin names.
     """
     pin = read_pin(results_dir)
-    if pin is None or _git(root, "rev-parse", "HEAD") == pin["commit"]:
-        if pin is not None and _source_digest(root) != pin["tclora_source"]:
+    if pin is None:
+        return None
+    if _git(root, "rev-parse", "HEAD") == pin["commit"]:
+        if _source_digest(root) != pin["tclora_source"]:
             raise SystemExit(
                 f"{root} is the pinned commit {pin['commit'][:12]} but its tclora/ was edited "
                 "since; undo the edit (the sweep runs the pinned code as committed)"
