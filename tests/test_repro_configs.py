@@ -840,14 +840,14 @@ def test_only_a_checkpoint_of_the_same_run_configuration_is_resumed(
     assert len(list(run.glob("checkpoints-stale-*"))) == 3  # all kept, nothing overwritten
 
 
-def test_commit_record_commits_that_file_alone(
+def test_commit_paths_commits_those_files_alone(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``--commit-records``: a landed record is committed by itself; anything else staged or
     changed in the checkout stays out of the commit; a failure is reported, not raised."""
     import subprocess
 
-    from benchmarks.repro.runs import commit_record
+    from benchmarks.repro.pieces import commit_paths
 
     def git(*args: str) -> str:
         return subprocess.run(
@@ -866,7 +866,7 @@ def test_commit_record_commits_that_file_alone(
     record = tmp_path / "runs" / "per_task-seed0.json"
     record.parent.mkdir()
     record.write_text("{}\n")
-    assert commit_record(record, "Sweep record: per_task seed 0", repo=tmp_path)
+    assert commit_paths([record], "Sweep record: per_task seed 0", repo=tmp_path)
     assert git("show", "--name-only", "--format=%s", "HEAD").split() == [
         "Sweep",
         "record:",
@@ -880,7 +880,7 @@ def test_commit_record_commits_that_file_alone(
     outside = tmp_path.parent / f"{tmp_path.name}-not-a-repo"
     outside.mkdir()
     (outside / "r.json").write_text("{}\n")
-    assert not commit_record(outside / "r.json", "m", repo=outside)
+    assert not commit_paths([outside / "r.json"], "m", repo=outside)
     assert "could not commit" in capsys.readouterr().err
 
 

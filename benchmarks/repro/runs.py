@@ -31,6 +31,7 @@ from benchmarks.repro.pieces import (
     study_only_overrides,
     training_identity,
 )
+from benchmarks.repro.publish import publish_summary
 from benchmarks.repro.records import record_path, training_digest, write_record
 from benchmarks.repro.sweep import (
     BASE_CONFIG,
@@ -49,7 +50,6 @@ from tclora._io import atomic_write_text
 __all__ = [
     "CHECKPOINT_EVERY",
     "checkpoint_callback",
-    "commit_record",
     "evaluate_single_lora",
     "exit_on_termination",
     "mbc_stage2",
@@ -269,16 +269,6 @@ def exit_on_termination() -> None:
         signal.signal(sig, _exit_on_signal)
 
 
-def commit_record(path: Path, message: str, repo: Path | None = None) -> bool:
-    """``git commit`` the record at ``path`` alone (:func:`~benchmarks.repro.pieces.commit_paths`:
-    nothing else staged or changed is included; a failure is printed, not raised).
-
-    For unattended sweeps that span sessions: a record committed as it lands survives a session
-    cut off before anyone commits it by hand.
-    """
-    return commit_paths([path], message, repo)
-
-
 def run_one(
     sweep: Sweep,
     variant: str,
@@ -302,7 +292,10 @@ def run_one(
         path = write_record(sweep, variant, seed)
         print(f"[skip] {variant} seed {seed}: finished in {folder}; record -> {path}")
         if commit:
-            commit_record(path, f"Sweep record: {variant} seed {seed} (written from its folder)")
+            commit_paths(
+                [path, *publish_summary(sweep)],
+                f"Sweep record: {variant} seed {seed} (written from its folder)",
+            )
         return 0.0
     check_tclora_source()  # before any work: the fit must run the code its piece names
     folder.mkdir(parents=True, exist_ok=True)
@@ -367,9 +360,9 @@ def run_one(
     path = write_record(sweep, variant, seed)
     print(f"[done] {variant} seed {seed}: {seconds:.0f} s; record {path}", flush=True)
     retired = retire_pieces(sweep, variant, seed)
-    if commit:
+    if commit:  # with the summary rebuilt, so that every commit passes the tests
         commit_paths(
-            [path, *retired],
+            [path, *retired, *publish_summary(sweep)],
             f"Sweep record: {variant} seed {seed} ({seconds / 3600:.1f} h this attempt)"
             + (f"; its finished pieces removed ({len(retired)})" if retired else ""),
         )
