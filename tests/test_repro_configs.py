@@ -938,3 +938,14 @@ def test_the_report_says_which_resumed_fits_were_exact() -> None:
     (line,) = resume_lines({"per_task/seed0": exact, "per_task/seed1": wrong})[1:]
     assert line.startswith("Resumed fits: 2 run(s) were killed and resumed from a checkpoint; 11")
     assert "**Not exact**: per_task/seed1 at steps [275, 525]" in line
+
+
+def test_timing_line_prints_a_resumed_runs_attempts() -> None:
+    """A run resumed over sessions records its earlier attempts' seconds as a list: printing the
+    timings once failed on it (``--aggregate-only`` exited 1 with the summary already written)."""
+    from benchmarks.repro.cli import timing_line
+
+    entry = {"seconds": 6149.96, "earlier_attempts_seconds": [192.0, 8705.04], "study_only": True}
+    assert timing_line("per_task/seed0", entry) == (
+        "timing per_task/seed0: seconds=6150, earlier_attempts_seconds=[192, 8705], study_only=True"
+    )

@@ -8,9 +8,10 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import benchmarks.repro
 from benchmarks.repro.aggregate import (
@@ -177,5 +178,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary["sweep"] = {k: _portable(v) for k, v in asdict(sweep).items()}
     write_results(summary, sweep, command.strip())
     for run, entry in summary["timings"].items():
-        print(f"timing {run}: " + ", ".join(f"{k}={v:.4g}" for k, v in entry.items()))
+        print(timing_line(run, entry))
     return 0
+
+
+def timing_line(run: str, entry: Mapping[str, Any]) -> str:
+    """One run's timing record on one line: numbers to 4 significant digits, the rest (a resumed
+    run's list of earlier attempts' seconds, flags) as they are."""
+
+    def text(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        if isinstance(value, list):
+            return "[" + ", ".join(map(text, value)) + "]"
+        return str(value)
+
+    return f"timing {run}: " + ", ".join(f"{k}={text(v)}" for k, v in entry.items())
