@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ __all__ = [
     "TINY_CONFIG",
     "build_tiny_llama",
     "fit_config",
+    "git",
+    "init_repo",
     "make_multitask_samples",
     "merge_argv",
     "randomize_lora",
@@ -239,3 +242,23 @@ def tiny_study_callback(eval_set: Path, out: Path, baselines: list[str]) -> dict
             "progress": False,
         },
     }
+
+
+def git(repo: Path, *args: str) -> str:
+    """``git <args>`` run in ``repo``; its standard output as printed (an error fails the test)."""
+    return subprocess.run(
+        ["git", *args], cwd=repo, check=True, capture_output=True, text=True
+    ).stdout
+
+
+def init_repo(repo: Path, commit: str | None = None) -> Path:
+    """A git repository at ``repo`` with a committer identity (the sweep commits there); with
+    ``commit``, everything already in ``repo`` committed under that message."""
+    repo.mkdir(parents=True, exist_ok=True)
+    git(repo, "init", "-q")
+    git(repo, "config", "user.email", "sweep@example.com")
+    git(repo, "config", "user.name", "sweep")
+    if commit is not None:
+        git(repo, "add", ".")
+        git(repo, "commit", "-q", "-m", commit)
+    return repo

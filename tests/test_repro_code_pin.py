@@ -11,15 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import git, init_repo
 
 import tclora
 from benchmarks.repro.code_pin import PIN_FILE, pinned_checkout, read_pin, write_pin
-
-
-def _git(repo: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", *args], cwd=repo, check=True, capture_output=True, text=True
-    ).stdout.strip()
 
 
 @pytest.fixture
@@ -34,12 +29,7 @@ def checkout(tmp_path: Path) -> Path:
     (repo / "configs").mkdir()
     (repo / "configs" / "sweep.yaml").write_text("lr: 0.001\n")
     (repo / ".gitignore").write_text("/runs/\n")
-    _git(repo, "init", "-q")
-    _git(repo, "config", "user.email", "sweep@example.com")
-    _git(repo, "config", "user.name", "sweep")
-    _git(repo, "add", ".")
-    _git(repo, "commit", "-q", "-m", "code")
-    return repo
+    return init_repo(repo, commit="code")
 
 
 def _digest(root: Path) -> str:
@@ -64,19 +54,19 @@ def test_a_sweep_started_from_a_later_commit_runs_the_pinned_one(checkout: Path)
         SystemExit, match=r"--pin-code: .* has changes to tclora, benchmarks, confi"
     ):
         write_pin(checkout, results, "first run")
-    _git(checkout, "checkout", "-q", "--", "tclora")
+    git(checkout, "checkout", "-q", "--", "tclora")
     pin = write_pin(checkout, results, "first run")
-    pinned = _git(checkout, "rev-parse", "HEAD")
+    pinned = git(checkout, "rev-parse", "HEAD").strip()
     assert pin == {"commit": pinned, "tclora_source": _digest(checkout), "why": "first run"}
     assert read_pin(results) == pin
     assert pinned_checkout(checkout, results) is None  # this is the pinned commit: run here
 
     # the checkout moves on: a later commit runs the pinned code from a worktree of it
     (checkout / "tclora" / "merge.py").write_text("RULE = 'sum'\n")
-    _git(checkout, "commit", "-q", "-am", "another merge rule")
+    git(checkout, "commit", "-q", "-am", "another merge rule")
     folder = pinned_checkout(checkout, results)
     assert folder == checkout / "runs" / "sweep_code" / pinned[:12]
-    assert _git(folder, "rev-parse", "HEAD") == pinned
+    assert git(folder, "rev-parse", "HEAD").strip() == pinned
     assert (folder / "tclora" / "merge.py").read_text() == "RULE = 'mean'\n"
     assert _digest(folder) == pin["tclora_source"] != _digest(checkout)
     assert pinned_checkout(checkout, results) == folder  # made once, then reused
@@ -148,12 +138,10 @@ def test_records_are_committed_in_the_checkout_that_holds_them(tmp_path: Path) -
 
     repo = tmp_path / "main"
     (repo / "results").mkdir(parents=True)
-    _git(repo, "init", "-q")
-    _git(repo, "config", "user.email", "sweep@example.com")
-    _git(repo, "config", "user.name", "sweep")
+    init_repo(repo)
     record = repo / "results" / "kmeans4-seed0.json"
     record.write_text("{}")
     assert commit_paths([record], "Sweep record: kmeans4 seed 0")
-    assert _git(repo, "log", "--format=%s", "--name-only") == (
+    assert git(repo, "log", "--format=%s", "--name-only").strip() == (
         "Sweep record: kmeans4 seed 0\n\nresults/kmeans4-seed0.json"
     )

@@ -20,6 +20,7 @@ from unittest import mock
 import pytest
 import torch
 import yaml
+from helpers import git, init_repo
 
 from benchmarks.repro.aggregate import (
     answer_patterns,
@@ -845,29 +846,18 @@ def test_commit_paths_commits_those_files_alone(
 ) -> None:
     """``--commit-records``: a landed record is committed by itself; anything else staged or
     changed in the checkout stays out of the commit; a failure is reported, not raised."""
-    import subprocess
-
     from benchmarks.repro.pieces import commit_paths
 
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True
-        ).stdout
-
-    git("init", "-q")
-    git("config", "user.email", "sweep@example.com")
-    git("config", "user.name", "sweep")
     (tmp_path / "README.md").write_text("x\n")
-    git("add", "README.md")
-    git("commit", "-q", "-m", "start")
+    init_repo(tmp_path, commit="start")
     (tmp_path / "README.md").write_text("edited, not to be committed\n")
     (tmp_path / "staged.txt").write_text("staged\n")
-    git("add", "staged.txt")
+    git(tmp_path, "add", "staged.txt")
     record = tmp_path / "runs" / "per_task-seed0.json"
     record.parent.mkdir()
     record.write_text("{}\n")
     assert commit_paths([record], "Sweep record: per_task seed 0", repo=tmp_path)
-    assert git("show", "--name-only", "--format=%s", "HEAD").split() == [
+    assert git(tmp_path, "show", "--name-only", "--format=%s", "HEAD").split() == [
         "Sweep",
         "record:",
         "per_task",
@@ -875,7 +865,7 @@ def test_commit_paths_commits_those_files_alone(
         "0",
         "runs/per_task-seed0.json",
     ]
-    assert git("status", "--porcelain").splitlines() == [" M README.md", "A  staged.txt"]
+    assert git(tmp_path, "status", "--porcelain").splitlines() == [" M README.md", "A  staged.txt"]
     assert "[git ] committed" in capsys.readouterr().out
     outside = tmp_path.parent / f"{tmp_path.name}-not-a-repo"
     outside.mkdir()

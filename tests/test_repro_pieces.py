@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from helpers import fit_config, fruit_eval_set, tiny_study_callback
+from helpers import fit_config, fruit_eval_set, git, init_repo, tiny_study_callback
 
 from benchmarks.repro.pieces import (
     DATAMODULE_STATE,
@@ -148,27 +148,12 @@ def _write(path: Path, cfg: dict[str, Any]) -> str:
     return str(path)
 
 
-def _git(repo: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", *args], cwd=repo, check=True, capture_output=True, text=True
-    ).stdout
-
-
-def _repo(path: Path) -> Path:
-    _git(path, "init", "-q")
-    _git(path, "config", "user.email", "sweep@example.com")
-    _git(path, "config", "user.name", "sweep")
-    (path / "README.md").write_text("x\n")
-    _git(path, "add", "README.md")
-    _git(path, "commit", "-q", "-m", "start")
-    return path
-
-
 def _sweep_in_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Sweep]:
     """A throwaway git repository holding the sweep's folders; pieces commit there."""
     import benchmarks.repro.pieces as pieces
 
-    repo = _repo(tmp_path)
+    (tmp_path / "README.md").write_text("x\n")
+    repo = init_repo(tmp_path, commit="start")
     monkeypatch.setattr(pieces, "ROOT", repo)
     return repo, Sweep(work_dir=repo / "work", results_dir=repo / "results")
 
@@ -202,21 +187,21 @@ def test_the_keeper_commits_adapters_then_progress_and_a_new_machine_restores_th
     keeper.poll()
     assert piece.has_adapters() and piece.mismatch(identity) == [] and piece.verify() is None
     assert (piece.folder / "tensorboard" / "events.out").read_text() == "train steps"
-    log = _git(repo, "log", "--format=%s", "-1", "--name-only").split("\n")
+    log = git(repo, "log", "--format=%s", "-1", "--name-only").split("\n")
     assert log[0] == "Sweep piece: kmeans4 seed 0, trained adapters (the study goes on)"
     assert "results/pieces/kmeans4-seed0/adapters/cluster_1/adapter_model.safetensors" in log
     (piece.run / "merge").mkdir()
     (piece.run / "merge" / "merge_progress.json").write_text(json.dumps({"rows": [{}, {}]}))
     keeper.poll()
     assert (
-        _git(repo, "log", "--format=%s", "-1") == "Sweep piece: kmeans4 seed 0, 2 study rows done\n"
+        git(repo, "log", "--format=%s", "-1") == "Sweep piece: kmeans4 seed 0, 2 study rows done\n"
     )
     keeper.poll()  # unchanged: no new commit
     assert (
-        _git(repo, "log", "--format=%s", "-1") == "Sweep piece: kmeans4 seed 0, 2 study rows done\n"
+        git(repo, "log", "--format=%s", "-1") == "Sweep piece: kmeans4 seed 0, 2 study rows done\n"
     )
     assert piece.attempts()[0] == 10.0 and len(piece.attempts()) == 2
-    assert _git(repo, "status", "--porcelain", "results") == ""
+    assert git(repo, "status", "--porcelain", "results") == ""
 
     # a new machine: the run folder is gone; restore puts back the progress, events, attempts
     shutil.rmtree(sweep.work_dir)
@@ -281,7 +266,7 @@ def test_adapters_fitted_by_an_edited_tclora_are_not_kept_and_no_run_starts_afte
         f"the fit ran tclora source ffffffffffff, not the {tclora.SOURCE_DIGEST[:12]} this "
         "sweep started with (tclora/ edited while it ran)"
     ) in err
-    assert not piece.folder.exists() and _git(repo, "ls-files", "results") == ""
+    assert not piece.folder.exists() and git(repo, "ls-files", "results") == ""
 
     monkeypatch.setattr(tclora, "_source_digest", lambda: "e" * 64)
     with pytest.raises(
@@ -309,7 +294,7 @@ def test_use_piece_fits_afresh_when_the_piece_was_made_otherwise(
     assert not _use_piece(piece, training_identity({"trainer": {}}, "other"), commit=True)
     assert "its adapters were made by another sweep; fitting afresh" in capsys.readouterr().out
     assert not piece.folder.exists()
-    assert _git(repo, "ls-files", "results") == ""  # committed as removed
+    assert git(repo, "ls-files", "results") == ""  # committed as removed
     assert not _use_piece(piece, identity, commit=True)  # nothing left: a plain fit
 
 

@@ -5,10 +5,10 @@ records (``benchmarks/repro/publish.py``): otherwise the first record makes the 
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import git, init_repo
 
 from benchmarks.repro.publish import SUMMARY_FILES, publish_summary
 from benchmarks.repro.sweep import Sweep
@@ -40,12 +40,6 @@ summary = (root / "benchmarks" / "results" / "repro_small.json").read_text()
 """
 
 
-def _git(repo: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", *args], cwd=repo, check=True, capture_output=True, text=True
-    ).stdout.strip()
-
-
 @pytest.fixture
 def checkout(tmp_path: Path) -> Path:
     repo = tmp_path / "checkout"
@@ -58,11 +52,7 @@ def checkout(tmp_path: Path) -> Path:
     ):
         (scripts / name).write_text(text)
     (repo / "README.md").write_text("# project\n")
-    _git(repo, "init", "-q")
-    _git(repo, "config", "user.email", "sweep@example.com")
-    _git(repo, "config", "user.name", "sweep")
-    _git(repo, "add", ".")
-    _git(repo, "commit", "-q", "-m", "start")
+    init_repo(repo, commit="start")
     (scripts / "results" / "runs" / "per_task-seed0.json").write_text("{}\n")
     return repo
 
@@ -93,7 +83,7 @@ def test_publish_rebuilds_summary_figure_and_readme_with_the_checkouts_scripts(
 
     (checkout / "notes.txt").write_text("someone's file\n")
     assert commit_paths([results / "runs" / "per_task-seed0.json", *written], "Sweep record")
-    assert _git(checkout, "status", "--porcelain") == "?? notes.txt"
+    assert git(checkout, "status", "--porcelain") == "?? notes.txt\n"
 
 
 def test_publish_leaves_an_edited_readme_and_a_foreign_results_folder_alone(
@@ -110,7 +100,7 @@ def test_publish_leaves_an_edited_readme_and_a_foreign_results_folder_alone(
     other = checkout / "elsewhere"
     (other / "runs").mkdir(parents=True)
     (other / "runs" / "kmeans4-seed0.json").write_text("{}\n")
-    _git(checkout, "checkout", "README.md")
+    git(checkout, "checkout", "README.md")
     written = publish_summary(Sweep(work_dir=tmp_path / "work", results_dir=other))
     assert written == [other / name for name in SUMMARY_FILES]
     assert (checkout / "README.md").read_text() == "# project\n"

@@ -50,6 +50,7 @@ __all__ = [
     "PieceKeeper",
     "SaveTrainedAdapters",
     "check_tclora_source",
+    "checkout_of",
     "commit_paths",
     "load_datamodule_state",
     "retire_pieces",
@@ -80,7 +81,7 @@ def commit_paths(paths: Sequence[Path], message: str, repo: Path | None = None) 
     """
     names = [str(p) for p in paths]
     if repo is None and paths:
-        repo = _checkout_of(Path(paths[0]))
+        repo = checkout_of(Path(paths[0]))
     for command in (
         ["git", "add", "-A", "--", *names],
         ["git", "commit", "-q", "-m", message, "--", *names],
@@ -97,7 +98,7 @@ def commit_paths(paths: Sequence[Path], message: str, repo: Path | None = None) 
     return True
 
 
-def _checkout_of(path: Path) -> Path:
+def checkout_of(path: Path) -> Path:
     """The git checkout that holds ``path`` (which may be gone: a removed piece): the records of a
     sweep run from its pinned worktree are committed in the checkout it was started from."""
     folder = path if path.is_dir() else path.parent

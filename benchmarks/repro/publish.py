@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.repro.pieces import _checkout_of
+from benchmarks.repro.pieces import checkout_of
 from benchmarks.repro.sweep import Sweep
 
 __all__ = ["SUMMARY_FILES", "publish_summary"]
@@ -44,7 +44,7 @@ def publish_summary(sweep: Sweep) -> list[Path]:
         The files written, to commit with the record; empty when a step failed (it is printed,
         and the record is committed alone: run the three scripts by hand).
     """
-    checkout = _checkout_of(sweep.results_dir)
+    checkout = checkout_of(sweep.results_dir)
     scripts = checkout / "benchmarks"
     results = sweep.results_dir
     summary = results / "repro_small.json"
