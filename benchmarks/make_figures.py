@@ -52,6 +52,22 @@ def _mean_over(floor: Any, tasks: Sequence[str]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+def error_bars(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[str, str]:
+    """What a panel's error bars show: the std over seeds when any row has one (two or more
+    seeds), else one standard error from test-item sampling (a single seed has no spread).
+
+    Args:
+        rows: the summary's rows drawn in the panel.
+        key: the panel's accuracy key (``"in_domain"`` or ``"out_of_domain"``).
+
+    Returns:
+        The suffix of the rows' spread key (``"std"`` or ``"se"``) and its axis label.
+    """
+    if any(math.isfinite(_value(r, f"{key}_std")) for r in rows):
+        return "std", "std over seeds"
+    return "se", "±1 SE over test items (one seed)"
+
+
 def figure(summary: Mapping[str, Any]) -> Any:
     """Build the two-panel bar chart from the aggregated results (``repro_small.json``)."""
     rows = [r for r in summary["rows"] if r["method"] != "base"]
@@ -71,6 +87,7 @@ def figure(summary: Mapping[str, Any]) -> Any:
     width = 0.8 / max(len(variants), 1)
     for ax, (key, title, group) in zip(axes, panels, strict=True):
         top = 0.0
+        spread, spread_label = error_bars(rows, key)
         for j, variant in enumerate(variants):
             xs, ys, errs = [], [], []
             for i, method in enumerate(methods):
@@ -81,7 +98,7 @@ def figure(summary: Mapping[str, Any]) -> Any:
                     continue
                 xs.append(i + (j - (len(variants) - 1) / 2) * width)
                 ys.append(100 * _value(row, key))
-                err = _value(row, f"{key}_std")
+                err = _value(row, f"{key}_{spread}")
                 errs.append(100 * err if math.isfinite(err) else 0.0)
             ax.bar(xs, ys, width, yerr=errs, capsize=2, color=COLORS[variant], label=variant)
             top = max([top, *(y + e for y, e in zip(ys, errs, strict=True) if math.isfinite(y))])
@@ -95,14 +112,12 @@ def figure(summary: Mapping[str, Any]) -> Any:
         if isinstance(floor, int | float) and math.isfinite(floor):
             ax.axhline(100 * floor, color="grey", linestyle=":", linewidth=1.2, label=label)
         ax.set_title(f"{title}, mean of {len(group)} tasks")
-        ax.set_ylabel("accuracy (%)")
+        ax.set_ylabel(f"accuracy (%); error bars: {spread_label}", fontsize=8)
         ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
         ax.grid(axis="y", alpha=0.3)
         ax.set_ylim(0, max(top, 1.0) * 1.3)  # head room for the legend above the bars
         ax.legend(fontsize=8, ncol=4, loc="upper right")
-    fig.suptitle(
-        "SmolLM2-135M: merges of clustered / per-task LoRA adapters (mean ± std over seeds)"
-    )
+    fig.suptitle("SmolLM2-135M: merges of clustered / per-task LoRA adapters (mean over seeds)")
     fig.tight_layout()
     return fig
 

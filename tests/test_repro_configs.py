@@ -605,6 +605,67 @@ def test_figure_draws_every_method_and_the_floors(tmp_path: Path) -> None:
     assert out.stat().st_size > 10_000
 
 
+def test_figure_error_bars_are_the_std_over_seeds_or_one_se_with_a_single_seed() -> None:
+    from benchmarks import make_figures as figures
+
+    one_seed = {"in_domain": 0.6, "in_domain_std": math.nan, "in_domain_se": 0.05}
+    assert figures.error_bars([one_seed], "in_domain") == ("se", "±1 SE over test items (one seed)")
+    two_seeds = {**one_seed, "in_domain_std": 0.02}
+    assert figures.error_bars([one_seed, two_seeds], "in_domain") == ("std", "std over seeds")
+    assert figures.error_bars([{**one_seed, "in_domain_std": None}], "in_domain")[0] == "se"
+    summary = {
+        "rows": [{"variant": "kmeans4", "method": "uniform", **one_seed, "out_of_domain": 0.4}],
+        "tasks": {"a": {"group": "in_domain"}, "u": {"group": "out_of_domain"}},
+        "floors": {},
+    }
+    top, bottom = figures.figure(summary).axes
+    assert top.get_ylabel() == "accuracy (%); error bars: ±1 SE over test items (one seed)"
+    (errors,) = [c for c in top.containers if type(c).__name__ == "ErrorbarContainer"]
+    (bar,) = errors.lines[2]  # the vertical error segments: ±5 points around 60
+    ((_, low), (_, high)) = bar.get_segments()[0]
+    assert (low, high) == pytest.approx((55.0, 65.0))
+
+
+def test_summary_json_is_standard_json_with_null_for_missing_numbers(tmp_path: Path) -> None:
+    from benchmarks.repro.report import strict_json, write_results
+
+    tree = {"a": math.nan, "b": [1.5, math.inf, (-math.inf, "x")], "c": {"d": None, "e": 2}}
+    assert strict_json(tree) == {"a": None, "b": [1.5, None, [None, "x"]], "c": {"d": None, "e": 2}}
+    row = {
+        "variant": "kmeans4", "method": "uniform", "seeds": 1, "in_domain": 0.5,
+        "in_domain_std": math.nan, "in_domain_se": 0.05, "normalised": 0.9,
+        "normalised_std": math.nan, "out_of_domain": 0.4, "out_of_domain_std": math.nan,
+        "out_of_domain_se": 0.05, "scale": math.nan, "cp_fit_error": math.nan,
+        "merge_seconds": 1.0, "lora_params": 10, "cp_params": None, "per_task": {"a": 0.5},
+    }  # fmt: skip
+    paired = {
+        "variant": "kmeans4", "method": "ties", "versus": "uniform", "versus_is_best_non_cp": True,
+        "split": "in_domain", "diff": 0.02, "low": -0.01, "high": 0.05, "low_seeds": math.nan,
+        "high_seeds": math.nan, "seeds": 1, "items": 100,
+    }  # fmt: skip
+    summary = {
+        "rows": [row],
+        "tasks": {"a": {"group": "in_domain", "n_test": 100}},
+        "floors": {"majority_in_domain": 0.3, "chance_out_of_domain": 0.25},
+        "adapter_checks": [],
+        "paired": [paired],
+    }
+    sweep = Sweep(work_dir=tmp_path / "work", results_dir=tmp_path)
+    with contextlib.redirect_stdout(io.StringIO()):
+        write_results(summary, sweep, "cmd")
+    text = (tmp_path / "repro_small.json").read_text()
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    saved = json.loads(text, parse_constant=refuse)
+    assert saved["rows"][0]["in_domain_std"] is None and saved["rows"][0]["in_domain"] == 0.5
+    assert saved["paired"][0]["low_seeds"] is None
+    text = (tmp_path / "repro_small.md").read_text()
+    assert "| kmeans4 | uniform | 1 | 50.0 | 5.0 | 90.0 | 40.0 | 5.0 | – |" in text
+    assert "| in_domain | +2.0 | [-1.0, +5.0] | – | 1 | 100 |" in text  # no interval over 1 seed
+
+
 def _write(folder: Path, summary: dict[str, Any]) -> Path:
     path = folder / "summary.json"
     path.write_text(json.dumps(summary).replace("NaN", "null"))

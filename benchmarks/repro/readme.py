@@ -10,6 +10,7 @@ interval over seeds and items excludes 0) and where CP loses, the figure, and th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -108,6 +109,11 @@ def findings(paired: Sequence[Mapping[str, Any]]) -> list[str]:
     return out
 
 
+def _finite(value: Any) -> bool:
+    """A number to compare (``repro_small.json`` writes a missing one as ``null``)."""
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
 def _pct(value: float) -> str:
     return f"{100 * value:.1f}%"
 
@@ -118,7 +124,7 @@ def floor_findings(summary: Mapping[str, Any]) -> list[str]:
     of one constant answer."""
     floors = summary.get("floors") or {}
     majority, chance = floors.get("majority_in_domain"), floors.get("chance_out_of_domain")
-    rows = [r for r in summary["rows"] if r["in_domain"] == r["in_domain"]]  # not NaN
+    rows = [r for r in summary["rows"] if _finite(r["in_domain"])]
     if majority is None or not rows:
         return []
     merges = [r for r in rows if r["method"] not in REFERENCES]

@@ -14,7 +14,7 @@ from typing import Any
 from benchmarks.repro.sweep import Sweep
 from tclora._io import atomic_write_text
 
-__all__ = ["main_table", "markdown", "write_results"]
+__all__ = ["main_table", "markdown", "strict_json", "write_results"]
 
 
 def _pct(value: Any, std: Any = None) -> str:
@@ -30,6 +30,13 @@ def _num(value: Any, fmt: str) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
     return format(value, fmt)
+
+
+def _span(low: Any, high: Any) -> str:
+    """An interval in points, or "–" where it does not exist (over seeds, with one seed)."""
+    if _num(low, "") == "–" or _num(high, "") == "–":
+        return "–"
+    return f"[{100 * low:+.1f}, {100 * high:+.1f}]"
 
 
 def _one_answer(row: Mapping[str, Any]) -> str:
@@ -109,8 +116,8 @@ def markdown(summary: Mapping[str, Any], command: str) -> str:
             versus = p["versus"] + (" (best non-CP)" if p["versus_is_best_non_cp"] else "")
             lines.append(
                 f"| {p['variant']} | {p['method']} | {versus} | {p['split']} "
-                f"| {100 * p['diff']:+.1f} | [{100 * p['low']:+.1f}, {100 * p['high']:+.1f}] "
-                f"| [{100 * p['low_seeds']:+.1f}, {100 * p['high_seeds']:+.1f}] "
+                f"| {100 * p['diff']:+.1f} | {_span(p['low'], p['high'])} "
+                f"| {_span(p['low_seeds'], p['high_seeds'])} "
                 f"| {p['seeds']} | {p['items']} |"
             )
     lines += [
@@ -156,13 +163,33 @@ def markdown(summary: Mapping[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float (a std over one seed, a missing scale) as ``None``,
+    so that ``json.dumps(..., allow_nan=False)`` writes standard JSON (``null``, not ``NaN``).
+
+    Args:
+        value: a JSON-like tree of dicts, lists, tuples, strings and numbers.
+
+    Returns:
+        The same tree, rebuilt, with ``None`` in place of NaN and ±infinity.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def write_results(summary: Mapping[str, Any], sweep: Sweep, command: str) -> None:
     """Write ``repro_small.{md,json,csv}`` to ``sweep.results_dir`` and print the Markdown."""
     out = sweep.results_dir
     text = markdown(summary, command)
     atomic_write_text(out / "repro_small.md", text)
     atomic_write_text(
-        out / "repro_small.json", json.dumps({**summary, "command": command}, indent=1)
+        out / "repro_small.json",
+        json.dumps(strict_json({**summary, "command": command}), indent=1, allow_nan=False),
     )
     buffer = io.StringIO()
     keys = [k for k in summary["rows"][0] if k != "per_task"] if summary["rows"] else []
