@@ -55,8 +55,10 @@ def test_sweep_findings_say_which_cp_differences_are_real() -> None:
     text = findings(paired)
     assert (
         text[0].startswith("Of 3 paired comparisons")
-        and "1 are real gains, 1 real losses" in text[0]
+        and "1 is a real gain, 1 a real loss" in text[0]
     )
+    two_up = findings([*paired, pair("cp16_mean_loading", "uniform", "unseen", 0.02, 0.01, 0.03)])
+    assert "2 are real gains, 1 a real loss" in two_up[0]
     assert "and 1 cannot be told from no difference" in text[0]
     assert text[1] == (
         "CP is better: kmeans4 cp4_mean_loading vs uniform in-domain: +3.0 points "
@@ -107,3 +109,31 @@ def test_sweep_floor_findings_count_merges_below_the_majority_answer() -> None:
         "exactly those of always giving one answer on 2–5 sets (base 6, kmeans4/routing 10);"
     )
     assert floor_findings({"floors": {}, "rows": []}) == []
+
+
+def test_sweep_scale_findings_name_edge_scales_and_the_norm_range() -> None:
+    from benchmarks.repro.readme import scale_findings
+
+    def row(method: str, edge: int | None, ratio: float | None, seeds: int = 3) -> dict:
+        return {
+            "variant": "kmeans4",
+            "method": method,
+            "seeds": seeds,
+            "scale_at_edge": edge,
+            "norm_ratio": ratio,
+        }
+
+    interior = [row("uniform", 0, 1.0), row("tsv", 0, 2.47), row("cp4_mean_loading", 0, 0.7)]
+    summary = {"rows": [row("routing", None, None), *interior]}
+    assert scale_findings(summary) == [
+        "Scales: all 3 merges chose a scale inside the range they tried (the grid is extended "
+        "past an edge), in every seed; at their chosen scales the merged updates' norms run "
+        "from 0.70× the mean merge's (kmeans4/cp4_mean_loading) to 2.47× (kmeans4/tsv)."
+    ]
+    summary["rows"].append(row("iso_c", 2, None))
+    (text,) = scale_findings(summary)
+    assert text.startswith(
+        "Scales: 1 of 4 merges chose the edge of the scales they tried in some seed "
+        "(kmeans4/iso_c in 2 of 3), so a better scale may lie beyond it; "
+    )
+    assert scale_findings({"rows": [row("routing", None, None)]}) == []

@@ -32,7 +32,7 @@ from benchmarks.repro.aggregate import (
     timings,
 )
 from benchmarks.repro.data import majority_floor, prepare_data
-from benchmarks.repro.report import markdown
+from benchmarks.repro.report import main_table, markdown
 from benchmarks.repro.runs import checkpoint_callback, run_overrides
 from benchmarks.repro.sweep import (
     OOD_TASKS,
@@ -305,11 +305,22 @@ def test_summary_normalises_by_best_single_adapter_and_checks_floors() -> None:
         rec("per_task", 0, "single:cluster_1", 0.4, 0.6, 0.5),
         rec("per_task", 1, "single:cluster_0", 1.0, 0.5, 0.5),
         rec("per_task", 1, "single:cluster_1", 0.4, 1.0, 0.5),
-        rec("kmeans4", 0, "cp4_sum_components", 0.4, 0.6, 0.7),
-        rec("kmeans4", 1, "cp4_sum_components", 0.5, 0.5, 0.5),
+        {
+            **rec("kmeans4", 0, "cp4_sum_components", 0.4, 0.6, 0.7),
+            "norm_ratio": 0.8,
+            "scale_at_edge": True,
+        },
+        {
+            **rec("kmeans4", 1, "cp4_sum_components", 0.5, 0.5, 0.5),
+            "norm_ratio": 0.6,
+            "scale_at_edge": False,
+        },
     ]
     summary = summarise(records, manifest)
     cp = next(r for r in summary["rows"] if r["method"] == "cp4_sum_components")
+    assert math.isclose(cp["norm_ratio"], 0.7) and cp["scale_at_edge"] == 1  # of 2 seeds
+    single = next(r for r in summary["rows"] if r["method"] == "single_adapters")
+    assert math.isnan(single["norm_ratio"]) and single["scale_at_edge"] is None
     # seed 0: (0.4/0.8 + 0.6/0.6) / 2 = 0.75; seed 1: (0.5/1.0 + 0.5/1.0) / 2 = 0.5
     assert math.isclose(cp["normalised"], 0.625)
     assert math.isclose(cp["in_domain"], 0.5) and math.isclose(cp["out_of_domain"], 0.6)
@@ -663,6 +674,11 @@ def test_summary_json_is_standard_json_with_null_for_missing_numbers(tmp_path: P
     assert saved["paired"][0]["low_seeds"] is None
     text = (tmp_path / "repro_small.md").read_text()
     assert "| kmeans4 | uniform | 1 | 50.0 | 5.0 | 90.0 | 40.0 | 5.0 | – |" in text
+    tsv = {**row, "method": "tsv", "seeds": 3, "scale": 0.25, "norm_ratio": 2.4726}
+    (tsv_line,) = [line for line in main_table({**summary, "rows": [tsv]}) if "| tsv |" in line]
+    assert "| 5.0 | 0.25 (2.47×) |" in tsv_line
+    edge = main_table({**summary, "rows": [{**tsv, "scale_at_edge": 2}]})[-1]
+    assert "| 0.25 (2.47×), edge in 2 of 3 |" in edge
     assert "| in_domain | +2.0 | [-1.0, +5.0] | – | 1 | 100 |" in text  # no interval over 1 seed
 
 

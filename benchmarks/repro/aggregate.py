@@ -224,6 +224,8 @@ def collect(sweep: Sweep, manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
                     "method": "single_lora" if variant == "single" else row.name,
                     "kind": row.kind,
                     "scale": row.scale,
+                    "norm_ratio": row.norm_ratio,
+                    "scale_at_edge": row.scale_at_edge,
                     "merge_seconds": row.merge_seconds,
                     "cp_fit_error": fit.get("mean"),
                     "storage": record["storage"].get(f"cp{rank}") if rank else None,
@@ -304,8 +306,13 @@ def summarise(
             over seeds of :func:`one_answer_sets`' count) and ``mc_sets`` (the multiple-choice
             sets it was scored on), ``None`` for the per-task adapters' row.
 
+    Each merge's row also holds ``norm_ratio`` (mean over seeds of the merged update's norm
+    relative to the mean merge's, at the chosen scale: one unit for every method's scale) and
+    ``scale_at_edge`` (in how many seeds the chosen scale was the smallest or largest tried;
+    ``None`` for the references, which have no scale).
+
     Returns:
-        ``{"rows", "floors", "adapter_checks", "tasks"}``.
+        ``{"rows", "floors", "adapter_checks", "tasks", "paired"}``.
     """
     if methods is None:
         methods = study_config(Sweep()).method_names
@@ -371,6 +378,14 @@ def summarise(
                     {t: per_task[t] for t in ood if math.isfinite(per_task[t])}, manifest
                 ),
                 "scale": _mean([r["scale"] for r in recs if r["scale"] is not None]),
+                "norm_ratio": _mean(
+                    [r["norm_ratio"] for r in recs if r.get("norm_ratio") is not None]
+                ),
+                "scale_at_edge": (
+                    sum(bool(r["scale_at_edge"]) for r in recs)
+                    if any(r.get("scale_at_edge") is not None for r in recs)
+                    else None
+                ),
                 "cp_fit_error": _mean(
                     [r["cp_fit_error"] for r in recs if r["cp_fit_error"] is not None]
                 ),

@@ -17,7 +17,7 @@ from typing import Any
 from benchmarks.repro.aggregate import REFERENCE_ORDER
 from benchmarks.repro.report import main_table
 
-__all__ = ["BEGIN", "END", "findings", "floor_findings", "readme_block"]
+__all__ = ["BEGIN", "END", "findings", "floor_findings", "readme_block", "scale_findings"]
 
 REFERENCES = (*REFERENCE_ORDER, "arrow")  # the rows that are not merges
 BEGIN, END = "<!-- repro-results:begin -->", "<!-- repro-results:end -->"
@@ -75,6 +75,10 @@ def paired_table(paired: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
 def findings(paired: Sequence[Mapping[str, Any]]) -> list[str]:
     """Plain sentences on the CP merges' paired differences: which are real (the 95% interval
     excludes 0), which direction, and how many are indistinguishable from no difference."""
@@ -99,7 +103,8 @@ def findings(paired: Sequence[Mapping[str, Any]]) -> list[str]:
             unclear += 1
     out = [
         f"Of {len(cp)} paired comparisons of a CP merge with uniform or the best non-CP merge, "
-        f"{len(real_up)} are real gains, {len(real_down)} real losses (the 95% interval excludes "
+        f"{_count(len(real_up), 'is a real gain', 'are real gains')}, "
+        f"{_count(len(real_down), 'a real loss', 'real losses')} (the 95% interval excludes "
         f"0), and {unclear} cannot be told from no difference."
     ]
     if real_up:
@@ -166,6 +171,41 @@ def floor_findings(summary: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def scale_findings(summary: Mapping[str, Any]) -> list[str]:
+    """One sentence on the merges' chosen scales: whether any sits at the edge of the scales it
+    tried (its optimum may lie beyond), and the range of the merged updates' norms relative to
+    the mean merge's (the unit every method's scale shares)."""
+    merges = [r for r in summary["rows"] if r.get("scale_at_edge") is not None]
+    if not merges:
+        return []
+
+    def label(r: Mapping[str, Any]) -> str:
+        return f"{r['variant']}/{r['method']}"
+
+    edge = [r for r in merges if r["scale_at_edge"]]
+    if edge:
+        text = (
+            f"Scales: {len(edge)} of {len(merges)} merges chose the edge of the scales they tried in some seed ("
+            + ", ".join(f"{label(r)} in {r['scale_at_edge']} of {r['seeds']}" for r in edge)
+            + "), so a better scale may lie beyond it"
+        )
+    else:
+        text = (
+            f"Scales: all {len(merges)} merges chose a scale inside the range they tried "
+            "(the grid is extended past an edge), in every seed"
+        )
+    ratios = [r for r in merges if _finite(r.get("norm_ratio"))]
+    if ratios:
+        low = min(ratios, key=lambda r: r["norm_ratio"])
+        high = max(ratios, key=lambda r: r["norm_ratio"])
+        text += (
+            f"; at their chosen scales the merged updates' norms run from "
+            f"{low['norm_ratio']:.2f}× the mean merge's ({label(low)}) to "
+            f"{high['norm_ratio']:.2f}× ({label(high)})"
+        )
+    return [text + "."]
+
+
 def _status(summary: Mapping[str, Any]) -> str:
     sweep = summary.get("sweep", {})
     planned = [f"{v}/seed{s}" for s in sweep.get("seeds", []) for v in sweep.get("variants", [])]
@@ -190,6 +230,7 @@ def readme_block(summary: Mapping[str, Any] | None) -> str:
     else:
         lines += [_status(summary), "", *main_table(summary), ""]
         lines += [line for text in floor_findings(summary) for line in (text, "")]
+        lines += [line for text in scale_findings(summary) for line in (text, "")]
         paired = summary.get("paired") or []
         pairs = paired_table(paired)
         if pairs:

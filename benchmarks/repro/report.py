@@ -39,6 +39,18 @@ def _span(low: Any, high: Any) -> str:
     return f"[{100 * low:+.1f}, {100 * high:+.1f}]"
 
 
+def _scale(row: Mapping[str, Any]) -> str:
+    """The chosen scale, the merge's norm relative to the mean merge's, and how many seeds
+    chose a scale at the edge of those tried (the optimum may lie beyond it)."""
+    text = _num(row["scale"], ".3g")
+    ratio = row.get("norm_ratio")
+    if text != "–" and _num(ratio, "") != "–":
+        text += f" ({ratio:.2f}×)"
+    if row.get("scale_at_edge"):
+        text += f", edge in {row['scale_at_edge']} of {row['seeds']}"
+    return text
+
+
 def _one_answer(row: Mapping[str, Any]) -> str:
     count, total = row.get("one_answer_sets"), row.get("mc_sets")
     return "–" if count is None or total is None else f"{count:.2g} of {total}"
@@ -56,7 +68,10 @@ def main_table(summary: Mapping[str, Any]) -> list[str]:
         "whose loadings spread evenly over the adapters (evenness ≥ 0.5; 0 = every component "
         "belongs to one adapter, a plain top-R truncation). One-answer sets: of the "
         "multiple-choice sets a method was scored on, those where its per-item results are "
-        "exactly those of always giving one answer (mean over seeds).",
+        "exactly those of always giving one answer (mean over seeds). Scale: the scale chosen "
+        "on validation loss (mean over seeds) and, in brackets, the merged update's norm "
+        "relative to the mean merge's (one unit for every method); a scale at the edge of "
+        "those tried (after extending the grid) is marked with the number of seeds.",
         "",
         "| clustering | method | seeds | in-domain | ±SE | normalised | unseen | ±SE | scale "
         "| one-answer sets | CP fit err | CP shared | merge s | params K adapters | params CP |",
@@ -68,7 +83,7 @@ def main_table(summary: Mapping[str, Any]) -> list[str]:
             f"| {_pct(r['in_domain'], r['in_domain_std'])} | {_pct(r['in_domain_se'])} "
             f"| {_pct(r['normalised'], r['normalised_std'])} "
             f"| {_pct(r['out_of_domain'], r['out_of_domain_std'])} "
-            f"| {_pct(r['out_of_domain_se'])} | {_num(r['scale'], '.3g')} "
+            f"| {_pct(r['out_of_domain_se'])} | {_scale(r)} "
             f"| {_one_answer(r)} | {_num(r['cp_fit_error'], '.3f')} | {_num(r.get('shared_fraction'), '.2f')} "
             f"| {_num(r['merge_seconds'], '.2f')} "
             f"| {_num(r['lora_params'], ',')} | {_num(r['cp_params'], ',')} |"
