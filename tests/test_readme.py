@@ -61,10 +61,12 @@ def test_sweep_findings_say_which_cp_differences_are_real() -> None:
     assert "2 are real gains, 1 a real loss" in two_up[0]
     assert "and 1 cannot be told from no difference" in text[0]
     assert text[1] == (
-        "CP is better: kmeans4 cp4_mean_loading vs uniform in-domain: +3.0 points "
-        "(95% [+1.0, +5.0], 3 seed(s), 1200 items)."
+        "CP is better (1):\n- kmeans4 cp4_mean_loading vs uniform in-domain: +3.0 points "
+        "(95% [+1.0, +5.0], 3 seed(s), 1200 items)"
     )
-    assert text[2].startswith("CP loses: kmeans4 cp4_mean_loading vs tsv (the best non-CP merge)")
+    assert text[2].startswith(
+        "CP loses (1):\n- kmeans4 cp4_mean_loading vs tsv (the best non-CP merge)"
+    )
     table = paired_table(paired)
     assert table[2] == (
         "| kmeans4 | cp4_mean_loading | +3.0 [+1.0, +5.0] | -4.0 [-6.0, -2.0] (tsv) "

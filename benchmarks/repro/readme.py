@@ -107,10 +107,9 @@ def findings(paired: Sequence[Mapping[str, Any]]) -> list[str]:
         f"{_count(len(real_down), 'a real loss', 'real losses')} (the 95% interval excludes "
         f"0), and {unclear} cannot be told from no difference."
     ]
-    if real_up:
-        out.append("CP is better: " + "; ".join(real_up) + ".")
-    if real_down:
-        out.append("CP loses: " + "; ".join(real_down) + ".")
+    for title, found in (("CP is better", real_up), ("CP loses", real_down)):
+        if found:
+            out.append(f"{title} ({len(found)}):\n" + "\n".join(f"- {t}" for t in found))
     return out
 
 
@@ -242,8 +241,7 @@ def readme_block(summary: Mapping[str, Any] | None) -> str:
                 "",
                 *pairs,
                 "",
-                *findings(paired),
-                "",
+                *[line for text in findings(paired) for line in (text, "")],
             ]
         lines += ["![sweep results](benchmarks/results/repro_small.png)", ""]
     lines += ["```bash", *COMMANDS, "```", END]
