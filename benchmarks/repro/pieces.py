@@ -574,5 +574,6 @@ class PieceKeeper:
         self._progress_sha, self._progress_at = sha, time.perf_counter()
         if self.commit:
             commit_paths(
-                [piece.progress, piece.meta], f"Sweep piece: {piece}, {rows} study rows done"
+                [piece.progress, piece.meta],
+                f"Sweep piece: {piece}, {rows} study row{'' if rows == 1 else 's'} done",
             )
