@@ -10,12 +10,11 @@ interval over seeds and items excludes 0) and where CP loses, the figure, and th
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from benchmarks.repro.aggregate import REFERENCE_ORDER
-from benchmarks.repro.report import main_table
+from benchmarks.repro.report import finite, main_table
 
 __all__ = ["BEGIN", "END", "findings", "floor_findings", "readme_block", "scale_findings"]
 
@@ -113,9 +112,14 @@ def findings(paired: Sequence[Mapping[str, Any]]) -> list[str]:
     return out
 
 
-def _finite(value: Any) -> bool:
-    """A number to compare (``repro_small.json`` writes a missing one as ``null``)."""
-    return isinstance(value, int | float) and math.isfinite(value)
+def _label(row: Mapping[str, Any]) -> str:
+    """A row's name in sentences: ``variant/method``, or the method alone where they agree."""
+    return row["method"] if row["variant"] == row["method"] else f"{row['variant']}/{row['method']}"
+
+
+def _paragraphs(texts: Sequence[str]) -> list[str]:
+    """The block's lines for ``texts``, each followed by a blank line."""
+    return [line for text in texts for line in (text, "")]
 
 
 def _pct(value: float) -> str:
@@ -128,18 +132,15 @@ def floor_findings(summary: Mapping[str, Any]) -> list[str]:
     of one constant answer."""
     floors = summary.get("floors") or {}
     majority, chance = floors.get("majority_in_domain"), floors.get("chance_out_of_domain")
-    rows = [r for r in summary["rows"] if _finite(r["in_domain"])]
+    rows = [r for r in summary["rows"] if finite(r["in_domain"])]
     if majority is None or not rows:
         return []
     merges = [r for r in rows if r["method"] not in REFERENCES]
     refs = [r for r in rows if r["method"] in REFERENCES]
     above = [r for r in merges if r["in_domain"] > majority]
 
-    def label(r: Mapping[str, Any]) -> str:
-        return r["method"] if r["variant"] == r["method"] else f"{r['variant']}/{r['method']}"
-
     def named(rs: Sequence[Mapping[str, Any]]) -> str:
-        return ", ".join(f"{label(r)} {_pct(r['in_domain'])}" for r in rs) or "none"
+        return ", ".join(f"{_label(r)} {_pct(r['in_domain'])}" for r in rs) or "none"
 
     text = (
         f"Floors: always giving a training task's most frequent training answer scores "
@@ -158,7 +159,7 @@ def floor_findings(summary: Mapping[str, Any]) -> list[str]:
         counts = [r["one_answer_sets"] for r in counted if r["method"] not in REFERENCES]
         span = f"{min(counts):.2g}–{max(counts):.2g}" if counts else "–"
         refs_text = ", ".join(
-            f"{label(r)} {r['one_answer_sets']:.2g}" for r in counted if r["method"] in REFERENCES
+            f"{_label(r)} {r['one_answer_sets']:.2g}" for r in counted if r["method"] in REFERENCES
         )
         out.append(
             f"One-answer sets: of the {total} multiple-choice sets, the merges' per-item results "
@@ -178,14 +179,12 @@ def scale_findings(summary: Mapping[str, Any]) -> list[str]:
     if not merges:
         return []
 
-    def label(r: Mapping[str, Any]) -> str:
-        return f"{r['variant']}/{r['method']}"
-
     edge = [r for r in merges if r["scale_at_edge"]]
     if edge:
         text = (
-            f"Scales: {len(edge)} of {len(merges)} merges chose the edge of the scales they tried in some seed ("
-            + ", ".join(f"{label(r)} in {r['scale_at_edge']} of {r['seeds']}" for r in edge)
+            f"Scales: {len(edge)} of {len(merges)} merges chose the edge of the scales they "
+            "tried in some seed ("
+            + ", ".join(f"{_label(r)} in {r['scale_at_edge']} of {r['seeds']}" for r in edge)
             + "), so a better scale may lie beyond it"
         )
     else:
@@ -193,14 +192,14 @@ def scale_findings(summary: Mapping[str, Any]) -> list[str]:
             f"Scales: all {len(merges)} merges chose a scale inside the range they tried "
             "(the grid is extended past an edge), in every seed"
         )
-    ratios = [r for r in merges if _finite(r.get("norm_ratio"))]
+    ratios = [r for r in merges if finite(r.get("norm_ratio"))]
     if ratios:
         low = min(ratios, key=lambda r: r["norm_ratio"])
         high = max(ratios, key=lambda r: r["norm_ratio"])
         text += (
             f"; at their chosen scales the merged updates' norms run from "
-            f"{low['norm_ratio']:.2f}× the mean merge's ({label(low)}) to "
-            f"{high['norm_ratio']:.2f}× ({label(high)})"
+            f"{low['norm_ratio']:.2f}× the mean merge's ({_label(low)}) to "
+            f"{high['norm_ratio']:.2f}× ({_label(high)})"
         )
     return [text + "."]
 
@@ -228,8 +227,7 @@ def readme_block(summary: Mapping[str, Any] | None) -> str:
         lines += ["No run of the sweep has finished yet.", ""]
     else:
         lines += [_status(summary), "", *main_table(summary), ""]
-        lines += [line for text in floor_findings(summary) for line in (text, "")]
-        lines += [line for text in scale_findings(summary) for line in (text, "")]
+        lines += _paragraphs(floor_findings(summary)) + _paragraphs(scale_findings(summary))
         paired = summary.get("paired") or []
         pairs = paired_table(paired)
         if pairs:
@@ -241,7 +239,7 @@ def readme_block(summary: Mapping[str, Any] | None) -> str:
                 "",
                 *pairs,
                 "",
-                *[line for text in findings(paired) for line in (text, "")],
+                *_paragraphs(findings(paired)),
             ]
         lines += ["![sweep results](benchmarks/results/repro_small.png)", ""]
     lines += ["```bash", *COMMANDS, "```", END]

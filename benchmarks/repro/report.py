@@ -14,11 +14,17 @@ from typing import Any
 from benchmarks.repro.sweep import Sweep
 from tclora._io import atomic_write_text
 
-__all__ = ["main_table", "markdown", "strict_json", "write_results"]
+__all__ = ["finite", "main_table", "markdown", "strict_json", "write_results"]
+
+
+def finite(value: Any) -> bool:
+    """A number to print or compare: not missing (``None``, which ``repro_small.json`` writes as
+    ``null``), not NaN, not infinite."""
+    return isinstance(value, int | float) and math.isfinite(value)
 
 
 def _pct(value: Any, std: Any = None) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+    if not finite(value):
         return "–"
     text = f"{100 * value:.1f}"
     if std is not None and isinstance(std, float) and math.isfinite(std):
@@ -27,14 +33,14 @@ def _pct(value: Any, std: Any = None) -> str:
 
 
 def _num(value: Any, fmt: str) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+    if not finite(value):
         return "–"
     return format(value, fmt)
 
 
 def _span(low: Any, high: Any) -> str:
     """An interval in points, or "–" where it does not exist (over seeds, with one seed)."""
-    if _num(low, "") == "–" or _num(high, "") == "–":
+    if not (finite(low) and finite(high)):
         return "–"
     return f"[{100 * low:+.1f}, {100 * high:+.1f}]"
 
@@ -44,7 +50,7 @@ def _scale(row: Mapping[str, Any]) -> str:
     chose a scale at the edge of those tried (the optimum may lie beyond it)."""
     text = _num(row["scale"], ".3g")
     ratio = row.get("norm_ratio")
-    if text != "–" and _num(ratio, "") != "–":
+    if finite(row["scale"]) and finite(ratio):
         text += f" ({ratio:.2f}×)"
     if row.get("scale_at_edge"):
         text += f", edge in {row['scale_at_edge']} of {row['seeds']}"
