@@ -91,6 +91,8 @@ _SCHEDULES = ("constant", "linear", "cosine")
 _RNG_SEED_STRIDE = 1_000_003  # separates the dropout streams of different ranks
 EXPORT_MANIFEST = "tclora_adapters.json"
 INTERRUPTED_ADAPTERS = "interrupted_adapters"
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+"""Module-path segments torch's FSDP and activation-checkpoint wrappers add (not in peft's keys)."""
 """Folder (in the log folder) for the adapters of an interrupted fit without ``export_dir``."""
 
 
@@ -404,6 +406,18 @@ class LoRAModule(LightningModule):
             for n, p in self.model.named_parameters()
             if _is_lora(n) and (f".{name}." in n or n.endswith(f".{name}"))
         ]
+
+    def adapter_state_dict(self, index: int) -> dict[str, Tensor]:
+        """Adapter ``index``'s weights under the keys peft saves them with
+        (``base_model.model.<module>.lora_A.weight``: no adapter name, and no wrapper that FSDP
+        or activation checkpointing put into the module path)."""
+        name = self.adapter_names[index]
+        state = {}
+        for n, p in self.adapter_parameters(index):
+            for wrapper in _WRAPPER_PREFIXES:
+                n = n.replace(wrapper, "")
+            state[n.replace(f".{name}.", ".").removesuffix(f".{name}")] = p.detach()
+        return state
 
     def activate(self, index: int) -> None:
         """Route the forward pass through adapter ``index`` only (and make only its weights
@@ -727,9 +741,11 @@ class LoRAModule(LightningModule):
     ) -> list[Path]:
         """Write every adapter as a standard peft folder ``out_dir/<adapter name>``.
 
-        Written by peft's own ``save_pretrained`` (``adapter_config.json``,
-        ``adapter_model.safetensors``, a model card ``README.md``), each config naming its base
-        model as :func:`tclora.assets.base_model_id` does, so ``PeftModel.from_pretrained(base,
+        Written as peft's ``save_pretrained`` writes them (``adapter_config.json``,
+        ``adapter_model.safetensors``, peft's model card ``README.md``) from the module's own
+        parameters (:meth:`adapter_state_dict`), so an FSDP-wrapped model exports the same keys
+        (peft's own selection finds no LoRA weight under FSDP's wrappers); each config names its
+        base model as :func:`tclora.assets.base_model_id` does, so ``PeftModel.from_pretrained(base,
         folder)`` and ``tclora merge`` take the folders as they are. The whole set is written to
         a temporary sibling and swapped in at once (:func:`tclora._io.atomic_dir`): a reader sees
         the previous set or the new one, never a set with some adapters missing; leftovers of a
@@ -754,8 +770,14 @@ class LoRAModule(LightningModule):
             "adapter_steps": list(self._adapter_steps),
             **dict(note or {}),
         }
+        from tclora.merge.export import write_peft_folder
+
         with atomic_dir(out) as tmp:
-            self.model.save_pretrained(str(tmp), selected_adapters=list(self.adapter_names))
+            self.model.create_or_update_model_card(str(tmp))
+            for k, name in enumerate(self.adapter_names):
+                write_peft_folder(
+                    tmp / name, self.model.peft_config[name], self.adapter_state_dict(k)
+                )
             atomic_write_text(tmp / EXPORT_MANIFEST, json.dumps(manifest, indent=1))
         return [out / name for name in self.adapter_names]
 
@@ -834,14 +856,31 @@ class LoRAModule(LightningModule):
 
         strategy = self.trainer.strategy
         if isinstance(strategy, FSDPStrategy) and strategy.model is not None:
-            from torch.distributed.fsdp import FullyShardedDataParallel
-
-            with FullyShardedDataParallel.summon_full_params(
-                strategy.model, writeback=False, rank0_only=True, offload_to_cpu=True
-            ):
+            with full_parameters(strategy.model):
                 yield
         else:
             yield
+
+
+@contextmanager
+def full_parameters(fsdp_model: torch.nn.Module) -> Iterator[None]:
+    """Whole parameters of an FSDP-wrapped model on rank zero, for reading (a collective).
+
+    Sharded units are gathered into CPU memory (``offload_to_cpu``); under ``NO_SHARD`` -- which
+    FSDP picks by itself on a single process -- every rank already holds whole parameters and
+    torch refuses ``offload_to_cpu``, so they are read where they are.
+
+    Args:
+        fsdp_model: The model as the FSDP strategy wrapped it.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+
+    units = FullyShardedDataParallel.fsdp_modules(fsdp_model)
+    sharded = all(unit.sharding_strategy != ShardingStrategy.NO_SHARD for unit in units)
+    with FullyShardedDataParallel.summon_full_params(
+        fsdp_model, writeback=False, rank0_only=True, offload_to_cpu=sharded
+    ):
+        yield
 
 
 class InterruptSave(Callback):

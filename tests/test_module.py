@@ -279,7 +279,8 @@ def test_logs_losses_lr_and_throughput(tiny_model_dir: Path, tmp_path: Path) -> 
 
 # ----------------------------------------------------------------------------- export
 def test_export_round_trip_identical_logits(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from peft import PeftModel
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     batches = [make_batch(0, 0), make_batch(1, 1), make_batch(1, 2)]
@@ -296,6 +297,12 @@ def test_export_round_trip_identical_logits(tiny_model_dir: Path, tmp_path: Path
     module.eval()
     for k, name in enumerate(module.adapter_names):
         folder = export / name
+        # the same keys and tensors as peft's own save_pretrained selects
+        saved = load_file(folder / "adapter_model.safetensors")
+        peft_saved = get_peft_model_state_dict(module.model, adapter_name=name)
+        assert sorted(saved) == sorted(peft_saved)
+        for key, value in peft_saved.items():
+            torch.testing.assert_close(saved[key], value, rtol=0, atol=0)
         assert (folder / "adapter_config.json").is_file()
         assert (folder / "adapter_model.safetensors").is_file()
         base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -321,27 +328,27 @@ def test_export_set_is_replaced_whole_or_not_at_all(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Before: a kill during export left cluster_0 complete and cluster_1 missing."""
-    from peft import PeftModel
+    import tclora.merge.export
 
     batches = [make_batch(0, 0), make_batch(1, 1)]
     export = tmp_path / "adapters"
     module, _ = fit(tiny_model_dir, batches, 2, export_dir=str(export))
     before = {p.name: p.read_bytes() for p in export.rglob("*") if p.is_file()}
-    real_save = PeftModel.save_pretrained
-    written: list[str] = []
+    real_write = tclora.merge.export.write_peft_folder
+    written: list[Path] = []
 
-    def dies_after_the_first_adapter(self: Any, folder: str, **kwargs: Any) -> None:
-        real_save(self, folder, selected_adapters=kwargs["selected_adapters"][:1])
+    def dies_after_the_first_adapter(folder: Path, *args: Any) -> None:
+        real_write(folder, *args)
         written.append(folder)
         raise KeyboardInterrupt("killed mid-export")
 
-    monkeypatch.setattr(PeftModel, "save_pretrained", dies_after_the_first_adapter)
+    monkeypatch.setattr(tclora.merge.export, "write_peft_folder", dies_after_the_first_adapter)
     with torch.no_grad():
         for _, p in module.adapter_parameters(0):
             p.add_(1.0)
     with pytest.raises(KeyboardInterrupt, match="killed mid-export"):
         module.export_adapters(export)
-    assert written and not Path(written[0]).exists()  # the half-written set is gone
+    assert len(written) == 1 and not written[0].exists()  # the half-written set is gone
     after = {p.name: p.read_bytes() for p in export.rglob("*") if p.is_file()}
     assert after == before  # the previous set is untouched, both adapters present
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapters"]
@@ -852,3 +859,57 @@ def test_fit_with_cluster_datamodule(tiny_model_dir: Path, multitask_jsonl: Path
     assert sum(module._adapter_steps) == 8
     assert all(f"val/loss_cluster_{k}" in trainer.callback_metrics for k in range(4))
     assert len(module._schedule_lengths) == 4
+
+
+def test_fsdp_on_one_process_exports_whole_adapters(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """FSDP on a single process shards nothing (``NO_SHARD``), and torch refuses to gather such
+    parameters into CPU memory: the export at fit end failed on an H100 with ``offload_to_cpu=True
+    and NO_SHARD is not supported yet``. ``full_parameters`` reads them where they are; the export
+    under it equals the unwrapped adapters. (Lightning runs FSDP on GPUs only: torch's FSDP on
+    the CPU, over gloo, stands in for it here.)"""
+    import socket
+
+    import torch.distributed as dist
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from tclora.module import full_parameters
+
+    module = LoRAModule(model=str(tiny_model_dir), num_adapters=2, r=4)
+    module.configure_model()
+    with torch.no_grad():  # B starts at zero: give every adapter weights of its own
+        for n, p in module.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(generator=torch.Generator().manual_seed(len(n)))
+    want = {  # what peft saves for each adapter of the unwrapped model
+        name: {
+            k: v.clone()
+            for k, v in get_peft_model_state_dict(module.model, adapter_name=name).items()
+        }
+        for name in module.adapter_names
+    }
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        wrapped = FullyShardedDataParallel(
+            module.model,
+            auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}),
+            use_orig_params=True,
+            device_id=torch.device("cpu"),
+        )
+        units = FullyShardedDataParallel.fsdp_modules(wrapped)
+        assert {u.sharding_strategy for u in units} == {ShardingStrategy.NO_SHARD}
+        with full_parameters(wrapped):
+            folders = module.export_adapters(tmp_path / "adapters")
+    finally:
+        dist.destroy_process_group()
+    for name, folder in zip(module.adapter_names, folders, strict=True):
+        saved = load_file(folder / "adapter_model.safetensors")
+        assert sorted(saved) == sorted(want[name]) and len(saved) == 28
+        for key, value in saved.items():
+            torch.testing.assert_close(value, want[name][key], rtol=0, atol=0)

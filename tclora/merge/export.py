@@ -6,6 +6,7 @@ A merge ``ΔW = B' @ A'`` (``k`` columns per module) becomes a LoRA of rank ``r 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,13 @@ from torch import Tensor
 from tclora._io import atomic_dir
 from tclora.merge.rules import MergedAdapter
 
-__all__ = ["export_adapter", "fold_into_base", "install_adapter", "merged_lora_config"]
+__all__ = [
+    "export_adapter",
+    "fold_into_base",
+    "install_adapter",
+    "merged_lora_config",
+    "write_peft_folder",
+]
 
 
 def _padded(merged: MergedAdapter, module: str, r: int) -> tuple[Tensor, Tensor]:
@@ -173,8 +180,6 @@ def export_adapter(
     Raises:
         ValueError: empty or non-finite merge, or ``out_dir`` is an existing file.
     """
-    from safetensors.torch import save_file
-
     _check_merged(merged)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -188,9 +193,28 @@ def export_adapter(
         state[f"base_model.model.{module}.lora_A.weight"] = a_p.float().cpu().contiguous()
         state[f"base_model.model.{module}.lora_B.weight"] = b_p.float().cpu().contiguous()
     with atomic_dir(out) as tmp:  # also removes leftovers of a killed earlier export
-        config.save_pretrained(str(tmp))
-        save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        write_peft_folder(tmp, config, state)
     return out
+
+
+def write_peft_folder(folder: Path, config: LoraConfig, state: dict[str, Tensor]) -> None:
+    """Write one adapter the way ``PeftModel.save_pretrained`` does: ``adapter_config.json``
+    (with ``inference_mode=True``) and ``adapter_model.safetensors`` (``{"format": "pt"}``).
+
+    Args:
+        folder: The adapter folder (created; the caller makes the write atomic).
+        config: The adapter's config (not changed: a copy is written).
+        state: peft's keys without the adapter name (``base_model.model.<module>.lora_A.weight``)
+            to tensors; written contiguous, on the CPU.
+    """
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = copy.deepcopy(config)
+    written.inference_mode = True
+    written.save_pretrained(str(folder))
+    tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
 def fold_into_base(model: Any, merged: MergedAdapter) -> None:
