@@ -39,12 +39,13 @@ Distributed notes:
   ``state_dict_type="full"`` so that :meth:`on_save_checkpoint` can drop the frozen base, and
   ``dtype="float32"`` (FSDP flattens each unit into one dtype; peft keeps LoRA weights in float32).
   The export at the end of fit unshards the parameters on rank zero (``summon_full_params``).
-  Training ran on one H100 (``benchmarks/results/gpu/``); the export and several GPUs are
+  Training and the export ran on one H100 (``benchmarks/results/gpu/``); several GPUs are
   untested.
 * DeepSpeed: use ``exclude_frozen_parameters=True``; the exact invariant is only guaranteed where
   the optimizer sees the original parameters (single device, DDP, FSDP with
   ``use_orig_params=True``), because DeepSpeed steps flattened partitions. ZeRO stage 3 is not
-  supported by :meth:`export_adapters` (use stage 2: LoRA parameters are small).
+  supported by :meth:`export_adapters` (use stage 2: LoRA parameters are small): a fit with
+  ``export_dir`` under stage 3 is refused in :meth:`setup`, before training.
 * Gradient accumulation: adapter ``k`` steps once per window that held a batch of cluster ``k``;
   the invariant needs windows that hold one cluster each.
 * Per-adapter dropout streams are saved in checkpoints for rank zero only; a resumed multi-rank
@@ -71,6 +72,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from tclora._checks import TRAIN_DTYPES, TrainDtype
+from tclora._dist import zero_stage
 from tclora._io import atomic_dir, atomic_write_text, check_writable
 from tclora.adapter_switch import AdapterSwitch
 from tclora.assets import base_model_id, resolve_model
@@ -507,11 +509,18 @@ class LoRAModule(LightningModule):
 
     @override
     def setup(self, stage: str) -> None:
-        from lightning.pytorch.strategies import DDPStrategy
+        from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
         strategy = self.trainer.strategy
-        if (
+        if zero_stage(strategy) == 3 and self.hparams["export_dir"] is not None:
+            raise ValueError(
+                f"export_dir={self.hparams['export_dir']!r} under DeepSpeedStrategy(stage=3): "
+                "ZeRO-3 partitions every parameter and the export would read empty shards; "
+                "use stage 2 (LoRA weights and their optimizer state are small), or FSDP"
+            )
+        if (  # DeepSpeedStrategy is a DDPStrategy without DDP's kwargs: not DDP's concern
             isinstance(strategy, DDPStrategy)
+            and not isinstance(strategy, DeepSpeedStrategy)
             and strategy.world_size > 1
             and not strategy._ddp_kwargs.get("find_unused_parameters", False)
         ):

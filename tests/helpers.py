@@ -16,6 +16,7 @@ import torch
 __all__ = [
     "TINY_CONFIG",
     "build_tiny_llama",
+    "deepspeed_strategy",
     "fit_config",
     "git",
     "init_repo",
@@ -55,6 +56,20 @@ def randomize_lora(model: Any, seed: int = 0) -> None:
                 for name in sorted(layer.lora_A):
                     for w in (layer.lora_A[name].weight, layer.lora_B[name].weight):
                         w.copy_(torch.randn(w.shape, generator=g) * 0.3)
+
+
+def deepspeed_strategy(stage: int, world_size: int = 1) -> Any:
+    """A Lightning ``DeepSpeedStrategy`` holding a ZeRO config, over ``world_size`` processes
+    (built without deepspeed installed: only what tclora's setup checks read)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    strategy = object.__new__(DeepSpeedStrategy)
+    strategy.config = {"zero_optimization": {"stage": stage}}
+    strategy.cluster_environment = SimpleNamespace(world_size=lambda: world_size)
+    strategy._ddp_kwargs = {}  # what DeepSpeedStrategy's own __init__ leaves (no DDP kwargs)
+    return strategy
 
 
 def make_multitask_samples(per_task: int = 30, seed: int = 0) -> list[dict[str, str]]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import build_tiny_llama
+from helpers import build_tiny_llama, deepspeed_strategy
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -472,15 +472,6 @@ def test_callback_defaults_are_the_study_defaults() -> None:
     assert CPMergeCallback().config == study
 
 
-def _deepspeed_strategy(stage: int) -> Any:
-    """A DeepSpeedStrategy holding a ZeRO config (built without deepspeed installed)."""
-    from lightning.pytorch.strategies import DeepSpeedStrategy
-
-    strategy = object.__new__(DeepSpeedStrategy)
-    strategy.config = {"zero_optimization": {"stage": stage}}
-    return strategy
-
-
 def test_strategies_that_shard_parameters_are_refused_before_training() -> None:
     """FSDP and ZeRO-3 shard the parameters: the study, which reads whole adapters and evaluates
     the whole model, is refused at setup (the H100 run of benchmarks/gpu_strategies.py crashed at
@@ -492,8 +483,8 @@ def test_strategies_that_shard_parameters_are_refused_before_training() -> None:
     with pytest.raises(ValueError, match=r"cannot run under FSDPStrategy.*tclora merge --adapters"):
         check_strategy(FSDPStrategy())
     with pytest.raises(ValueError, match=r"cannot run under DeepSpeedStrategy\(stage=3\)"):
-        check_strategy(_deepspeed_strategy(3))
-    check_strategy(_deepspeed_strategy(2))
+        check_strategy(deepspeed_strategy(3))
+    check_strategy(deepspeed_strategy(2))
     check_strategy(DDPStrategy())
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import deepspeed_strategy, randomize_lora
 from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
@@ -543,6 +544,25 @@ def test_ddp_without_find_unused_is_rejected(tiny_model_dir: Path) -> None:
     module.setup("fit")  # accepted
 
 
+def test_deepspeed_setup_checks(tiny_model_dir: Path) -> None:
+    """ZeRO-3 with an export is refused before training (the export would read empty shards);
+    DeepSpeed over several processes is not held to DDP's find_unused_parameters (it is a
+    DDPStrategy subclass without DDP's kwargs, and was refused as if it were DDP)."""
+    from types import SimpleNamespace
+
+    module = LoRAModule(model=str(tiny_model_dir), num_adapters=2, export_dir="out")
+    module.trainer = SimpleNamespace(strategy=deepspeed_strategy(3))  # type: ignore[assignment]
+    with pytest.raises(
+        ValueError, match=r"export_dir='out' under DeepSpeedStrategy\(stage=3\).*use stage 2"
+    ):
+        module.setup("fit")
+    module.trainer = SimpleNamespace(strategy=deepspeed_strategy(2, world_size=4))  # type: ignore[assignment]
+    module.setup("fit")  # accepted
+    unexported = LoRAModule(model=str(tiny_model_dir), num_adapters=2)
+    unexported.trainer = SimpleNamespace(strategy=deepspeed_strategy(3))  # type: ignore[assignment]
+    unexported.setup("fit")  # nothing to export: accepted
+
+
 def test_schedule_length_follows_each_clusters_own_batches(tiny_model_dir: Path) -> None:
     """Without max_steps_per_adapter, adapter k decays over its own cluster's steps."""
 
@@ -880,10 +900,7 @@ def test_fsdp_on_one_process_exports_whole_adapters(tiny_model_dir: Path, tmp_pa
 
     module = LoRAModule(model=str(tiny_model_dir), num_adapters=2, r=4)
     module.configure_model()
-    with torch.no_grad():  # B starts at zero: give every adapter weights of its own
-        for n, p in module.model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(generator=torch.Generator().manual_seed(len(n)))
+    randomize_lora(module.model)  # B starts at zero: give every adapter weights of its own
     want = {  # what peft saves for each adapter of the unwrapped model
         name: {
             k: v.clone()

@@ -26,6 +26,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from tclora._dist import zero_stage
 from tclora._io import check_writable
 from tclora.study import (
     Baseline,
@@ -403,15 +404,13 @@ def check_strategy(strategy: Any) -> None:
     Raises:
         ValueError: ``FSDPStrategy``, or ``DeepSpeedStrategy`` at ZeRO stage 3.
     """
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+    from lightning.pytorch.strategies import FSDPStrategy
 
     name = None
     if isinstance(strategy, FSDPStrategy):
         name = "FSDPStrategy"
-    elif isinstance(strategy, DeepSpeedStrategy):
-        stage = (getattr(strategy, "config", None) or {}).get("zero_optimization", {}).get("stage")
-        if stage == 3:
-            name = "DeepSpeedStrategy(stage=3)"
+    elif zero_stage(strategy) == 3:
+        name = "DeepSpeedStrategy(stage=3)"
     if name is not None:
         raise ValueError(
             f"CPMergeCallback cannot run under {name}: it shards the parameters, and the merge "
