@@ -5,9 +5,9 @@ wrappers, once for tuner layers) and lists each adapter layer's parameters again
 SmolLM2-135M with 4 adapters on one CPU core. ``LoRAModule`` switches adapters on every training
 step, so on an H100, where the step itself takes ~0.2 s, that walk made a K = 4 step 16-23 % slower
 than a one-adapter peft loop (``benchmarks/results/gpu/h100-2026-11-26.md``; 0.98x with this
-class, ``h100-2026-11-27.md``). :class:`AdapterSwitch` finds the tuner layers and each adapter's parameters once, then does what ``set_adapter`` does:
-only the active adapter's weights require grad, every layer's ``active_adapter`` is set, and the
-tuner's ``active_adapter`` too.
+class, ``h100-2026-11-27.md``). :class:`AdapterSwitch` finds the tuner layers and each adapter's
+parameters once, then does what ``set_adapter`` does: only the active adapter's weights require
+grad, every layer's ``active_adapter`` is set, and the tuner's ``active_adapter`` too.
 """
 
 from __future__ import annotations

@@ -93,9 +93,9 @@ _SCHEDULES = ("constant", "linear", "cosine")
 _RNG_SEED_STRIDE = 1_000_003  # separates the dropout streams of different ranks
 EXPORT_MANIFEST = "tclora_adapters.json"
 INTERRUPTED_ADAPTERS = "interrupted_adapters"
+"""Folder (in the log folder) for the adapters of an interrupted fit without ``export_dir``."""
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 """Module-path segments torch's FSDP and activation-checkpoint wrappers add (not in peft's keys)."""
-"""Folder (in the log folder) for the adapters of an interrupted fit without ``export_dir``."""
 
 
 def lr_at_step(
@@ -767,6 +767,8 @@ class LoRAModule(LightningModule):
         Returns:
             The adapter folders, in adapter order.
         """
+        from tclora.merge.export import write_peft_folder  # tensorly's import only when exporting
+
         if self.model is None:
             raise RuntimeError("export_adapters() needs the model: call configure_model() first")
         out = check_export_dir(out_dir)
@@ -779,8 +781,6 @@ class LoRAModule(LightningModule):
             "adapter_steps": list(self._adapter_steps),
             **dict(note or {}),
         }
-        from tclora.merge.export import write_peft_folder
-
         with atomic_dir(out) as tmp:
             self.model.create_or_update_model_card(str(tmp))
             for k, name in enumerate(self.adapter_names):
