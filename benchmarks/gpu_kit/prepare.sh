@@ -5,6 +5,12 @@
 # sentence-transformers folder without weights (the runs use these architectures with random
 # weights: see benchmarks/gpu_strategies.py). About 30 MB.
 #   bash benchmarks/gpu_kit/prepare.sh [KIT_DIR]        # default: .gpu (add it to .git/info/exclude)
+# The device tool sends tracked files too, capped at 64 MiB: while the sweep's pieces are tracked
+# (benchmarks/results/pieces, 183 MB on 2026-11-27), pause the sweep, take them out of the index
+# and ignore them for the call, then put them back:
+#   git rm -r -q --cached benchmarks/results/pieces && echo benchmarks/results/pieces/ >> .git/info/exclude
+#   ... the device call ...
+#   sed -i '\#^benchmarks/results/pieces/$#d' .git/info/exclude && git reset -q -- benchmarks/results/pieces
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 kit=${1:-.gpu}
