@@ -73,6 +73,10 @@ def test_sweep_findings_say_which_cp_differences_are_real() -> None:
         "| +1.0 [-2.0, +4.0] | – |"
     )
     assert len(table) == 3
+    # the best non-CP merge is named per cell: each split may pick its own
+    unseen_best = {**pair("cp4_mean_loading", "ties", "unseen", 0.02, -0.01, 0.05)}
+    unseen_best["versus_is_best_non_cp"] = True
+    assert paired_table([*paired, unseen_best])[2].endswith("| +2.0 [-1.0, +5.0] (ties) |")
 
 
 def test_sweep_floor_findings_count_merges_below_the_majority_answer() -> None:

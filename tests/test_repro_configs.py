@@ -558,6 +558,7 @@ def test_paired_differences_against_uniform_and_the_best_non_cp_merge() -> None:
         for r in (
             rec("uniform", seed, 50, 40),
             rec("ties", seed, 60, 40),
+            rec("tsv", seed, 55, 46),
             rec("cp4_mean_loading", seed, 70, 30),
             rec("routing", seed, 65, 45),
         )
@@ -566,6 +567,12 @@ def test_paired_differences_against_uniform_and_the_best_non_cp_merge() -> None:
     got = {(p["method"], p["versus"], p["split"]): p for p in out}
     cp = got[("cp4_mean_loading", "ties", "in_domain")]
     assert cp["versus_is_best_non_cp"] and cp["diff"] == pytest.approx(0.10)
+    # each split has its own best non-CP merge: ties in-domain, tsv on unseen tasks (ties was
+    # held against unseen tasks too, where tsv beats it)
+    assert got[("cp4_mean_loading", "tsv", "unseen")]["versus_is_best_non_cp"]
+    assert got[("cp4_mean_loading", "tsv", "unseen")]["diff"] == pytest.approx(-0.16)
+    assert ("cp4_mean_loading", "ties", "unseen") not in got
+    assert ("cp4_mean_loading", "tsv", "in_domain") not in got
     assert 0 < cp["low"] < 0.10 < cp["high"]  # right on 10 more items of 100, paired
     assert got[("cp4_mean_loading", "uniform", "unseen")]["diff"] == pytest.approx(-0.10)
     assert got[("cp4_mean_loading", "uniform", "in_domain")]["high"] > 0.2

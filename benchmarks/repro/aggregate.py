@@ -429,10 +429,11 @@ def paired_differences(
     in-domain and unseen, with paired bootstrap 95% intervals (:func:`tclora.study.paired_bootstrap`:
     over items with the seeds kept, and over seeds and items).
 
-    The best non-CP merge is the non-CP merge with the highest mean in-domain accuracy over seeds
-    of that clustering -- chosen with hindsight on the test items, so a CP merge that beats it
-    beats the strongest competitor the data could pick. Only seeds where both methods have
-    per-item results count.
+    The best non-CP merge is, for each split, the non-CP merge with the highest mean accuracy
+    over seeds of that clustering on that split -- chosen with hindsight on the test items, so a
+    CP merge that beats it beats the strongest competitor the data could pick there (in-domain
+    and unseen may pick different merges). Only seeds where both methods have per-item results
+    count.
 
     Returns:
         One dict per (variant, method, versus, split): ``diff``, ``low``/``high`` (items),
@@ -455,24 +456,31 @@ def paired_differences(
     for variant in sorted({v for v, _ in items}):
         methods = [m for v, m in items if v == variant]
 
-        def mean_in_domain(method: str, variant: str = variant) -> float:
+        def mean_accuracy(method: str, split: str, variant: str = variant) -> float:
             per_seed = items[(variant, method)].values()
             return _mean(
                 [
-                    _mean([float(parse(x[t]).mean()) for t in splits["in_domain"] if t in x])
+                    _mean([float(parse(x[t]).mean()) for t in splits[split] if t in x])
                     for x in per_seed
                 ]
             )
 
         non_cp = [m for m in methods if kinds[(variant, m)] == "merge" and not m.startswith("cp")]
-        best = max(non_cp, key=mean_in_domain) if non_cp else None
+        best = {
+            split: max(non_cp, key=lambda m, split=split: mean_accuracy(m, split))
+            if non_cp
+            else None
+            for split in splits
+        }
         for method in methods:
-            for versus in dict.fromkeys(v for v in ("uniform", best) if v and v != method):
-                if (variant, versus) not in items:
-                    continue
-                a, b = items[(variant, method)], items[(variant, versus)]
-                seeds = sorted(set(a) & set(b))
-                for split, names in splits.items():
+            for split, names in splits.items():
+                for versus in dict.fromkeys(
+                    v for v in ("uniform", best[split]) if v and v != method
+                ):
+                    if (variant, versus) not in items:
+                        continue
+                    a, b = items[(variant, method)], items[(variant, versus)]
+                    seeds = sorted(set(a) & set(b))
                     common = [t for t in names if all(t in a[s] and t in b[s] for s in seeds)]
                     if not seeds or not common:
                         continue
@@ -486,7 +494,7 @@ def paired_differences(
                             "variant": variant,
                             "method": method,
                             "versus": versus,
-                            "versus_is_best_non_cp": versus == best,
+                            "versus_is_best_non_cp": versus == best[split],
                             "split": split,
                             "diff": res["items"]["diff"],
                             "low": res["items"]["low"],

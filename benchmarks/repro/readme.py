@@ -61,12 +61,12 @@ def paired_table(paired: Sequence[Mapping[str, Any]]) -> list[str]:
                     return p
             return None
 
-        best = next((p["versus"] for p in mine if p["versus_is_best_non_cp"]), None)
         cells = [pick(s, b) for s in ("in_domain", "unseen") for b in (False, True)]
         lines.append(
             f"| {variant} | {method} | "
             + " | ".join(
-                _cell(c) + (f" ({best})" if c is not None and c["versus_is_best_non_cp"] else "")
+                _cell(c)
+                + (f" ({c['versus']})" if c is not None and c["versus_is_best_non_cp"] else "")
                 for c in cells
             )
             + " |"
@@ -235,7 +235,8 @@ def readme_block(summary: Mapping[str, Any] | None) -> str:
                 "Each CP merge's paired difference in accuracy points (same test items), with "
                 "the 95% paired bootstrap interval over seeds and items (over items with one "
                 "seed); the best non-CP merge of each clustering is picked with hindsight on the "
-                "test items. All comparisons: `benchmarks/results/repro_small.md`.",
+                "test items, on each split separately. All comparisons: "
+                "`benchmarks/results/repro_small.md`.",
                 "",
                 *pairs,
                 "",

@@ -126,8 +126,8 @@ def markdown(summary: Mapping[str, Any], command: str) -> str:
             "",
             "Paired differences in accuracy points (method − versus, same items), with 95% "
             "paired bootstrap intervals: over test items with the seeds kept, and over seeds "
-            "and items. `best non-CP` is the non-CP merge with the highest in-domain mean of that "
-            "clustering (picked with hindsight on the test items).",
+            "and items. `best non-CP` is the non-CP merge with the highest mean of that "
+            "clustering on that split (picked with hindsight on the test items).",
             "",
             "| clustering | method | versus | split | diff | 95% (items) | 95% (seeds+items) "
             "| seeds | items |",
