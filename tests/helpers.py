@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ __all__ = [
     "build_tiny_llama",
     "deepspeed_strategy",
     "fit_config",
+    "free_port",
     "git",
     "init_repo",
     "make_multitask_samples",
@@ -70,6 +72,13 @@ def deepspeed_strategy(stage: int, world_size: int = 1) -> Any:
     strategy.cluster_environment = SimpleNamespace(world_size=lambda: world_size)
     strategy._ddp_kwargs = {}  # what DeepSpeedStrategy's own __init__ leaves (no DDP kwargs)
     return strategy
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def make_multitask_samples(per_task: int = 30, seed: int = 0) -> list[dict[str, str]]:

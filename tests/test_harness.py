@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import build_tiny_llama
+from helpers import build_tiny_llama, free_port
 
 from tclora.evaluation import (
     HarnessError,
@@ -481,17 +480,11 @@ def test_ddp_harness_is_sharded_and_exact(
     assert [r["requests"] for r in ranks] == [[10], [10]]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 if __name__ == "__main__":
     import torch.multiprocessing as mp
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    mp.spawn(_ddp_worker, args=(_free_port(), *sys.argv[1:4]), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(_ddp_worker, args=(free_port(), *sys.argv[1:4]), nprocs=WORLD_SIZE, join=True)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import deepspeed_strategy, randomize_lora
+from helpers import deepspeed_strategy, free_port, randomize_lora
 from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
@@ -887,8 +887,6 @@ def test_fsdp_on_one_process_exports_whole_adapters(tiny_model_dir: Path, tmp_pa
     and NO_SHARD is not supported yet``. ``full_parameters`` reads them where they are; the export
     under it equals the unwrapped adapters. (Lightning runs FSDP on GPUs only: torch's FSDP on
     the CPU, over gloo, stands in for it here.)"""
-    import socket
-
     import torch.distributed as dist
     from peft import get_peft_model_state_dict
     from safetensors.torch import load_file
@@ -908,9 +906,7 @@ def test_fsdp_on_one_process_exports_whole_adapters(tiny_model_dir: Path, tmp_pa
         }
         for name in module.adapter_names
     }
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
+    port = free_port()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         wrapped = FullyShardedDataParallel(

@@ -190,8 +190,8 @@ def export_adapter(
     state: dict[str, Tensor] = {}
     for module in merged.module_names:
         a_p, b_p = _padded(merged, module, r)
-        state[f"base_model.model.{module}.lora_A.weight"] = a_p.float().cpu().contiguous()
-        state[f"base_model.model.{module}.lora_B.weight"] = b_p.float().cpu().contiguous()
+        state[f"base_model.model.{module}.lora_A.weight"] = a_p.float()
+        state[f"base_model.model.{module}.lora_B.weight"] = b_p.float()
     with atomic_dir(out) as tmp:  # also removes leftovers of a killed earlier export
         write_peft_folder(tmp, config, state)
     return out
