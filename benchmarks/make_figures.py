@@ -45,6 +45,10 @@ def _value(row: Mapping[str, Any], key: str) -> float:
     return float(value) if isinstance(value, int | float) and math.isfinite(value) else math.nan
 
 
+def _scored(row: Mapping[str, Any], method: str, key: str) -> bool:
+    return row["method"] == method and math.isfinite(_value(row, key))
+
+
 def _mean_over(floor: Any, tasks: Sequence[str]) -> float:
     if not isinstance(floor, Mapping):
         return math.nan
@@ -88,9 +92,12 @@ def figure(summary: Mapping[str, Any]) -> Any:
     for ax, (key, title, group) in zip(axes, panels, strict=True):
         top = 0.0
         spread, spread_label = error_bars(rows, key)
+        # A method with no score in this panel (the per-task adapters have none on unseen
+        # tasks) gets no tick: an empty slot would only crowd the axis.
+        shown = [m for m in methods if any(_scored(r, m, key) for r in rows)]
         for j, variant in enumerate(variants):
             xs, ys, errs = [], [], []
-            for i, method in enumerate(methods):
+            for i, method in enumerate(shown):
                 row = next(
                     (r for r in rows if r["variant"] == variant and r["method"] == method), None
                 )
@@ -113,7 +120,7 @@ def figure(summary: Mapping[str, Any]) -> Any:
             ax.axhline(100 * floor, color="grey", linestyle=":", linewidth=1.2, label=label)
         ax.set_title(f"{title}, mean of {len(group)} tasks")
         ax.set_ylabel(f"accuracy (%); error bars: {spread_label}", fontsize=8)
-        ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
+        ax.set_xticks(range(len(shown)), shown, rotation=30, ha="right")
         ax.grid(axis="y", alpha=0.3)
         ax.set_ylim(0, max(top, 1.0) * 1.3)  # head room for the legend above the bars
         ax.legend(fontsize=8, ncol=4, loc="upper right")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from helpers import free_port  # noqa: E402
 from test_evaluation import build_models  # noqa: E402
 
 WORLD_SIZE = 2
@@ -76,10 +76,9 @@ def _worker(rank: int, port: int, tokenizer_dir: str, mc: str, em: str, out_dir:
 
 def main() -> None:
     tokenizer_dir, mc, em, out_dir = sys.argv[1:5]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_worker, args=(port, tokenizer_dir, mc, em, out_dir), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(
+        _worker, args=(free_port(), tokenizer_dir, mc, em, out_dir), nprocs=WORLD_SIZE, join=True
+    )
 
 
 if __name__ == "__main__":

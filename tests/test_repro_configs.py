@@ -599,7 +599,7 @@ def test_figure_draws_every_method_and_the_floors(tmp_path: Path) -> None:
     summary = {
         "rows": [
             {"variant": "base", "method": "base", **row},
-            {"variant": "per_task", "method": "single_adapters", **row},
+            {"variant": "per_task", "method": "single_adapters", **row, "out_of_domain": None},
             {"variant": "kmeans4", "method": "cp4_sum_components", **row},
             {"variant": "kmeans4", "method": "tsv", **row, "out_of_domain_std": math.nan},
             {"variant": "kmeans8", "method": "tsv", **row},
@@ -615,6 +615,8 @@ def test_figure_draws_every_method_and_the_floors(tmp_path: Path) -> None:
         "tsv",
     ]
     assert len(top.patches) == 4  # one bar per (clustering, method) that exists
+    # the per-task adapters have no unseen-task score: no empty tick for them below
+    assert [t.get_text() for t in bottom.get_xticklabels()] == ["cp4_sum_components", "tsv"]
     floors = {line.get_label(): line.get_ydata()[0] for line in top.lines}
     assert floors["base model"] == pytest.approx(50.0)
     assert floors["majority answer"] == pytest.approx(55.0)

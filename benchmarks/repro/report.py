@@ -27,7 +27,7 @@ def _pct(value: Any, std: Any = None) -> str:
     if not finite(value):
         return "–"
     text = f"{100 * value:.1f}"
-    if std is not None and isinstance(std, float) and math.isfinite(std):
+    if finite(std):
         text += f" ± {100 * std:.1f}"
     return text
 
