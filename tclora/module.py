@@ -60,7 +60,7 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -416,10 +416,15 @@ class LoRAModule(LightningModule):
         name = self.adapter_names[index]
         state = {}
         for n, p in self.adapter_parameters(index):
-            for wrapper in _WRAPPER_PREFIXES:
-                n = n.replace(wrapper, "")
+            n = _unwrapped(n)
             state[n.replace(f".{name}.", ".").removesuffix(f".{name}")] = p.detach()
         return state
+
+    def adapter_weight_names(self) -> list[str]:
+        """Sorted names of every adapter weight, as this module's state dict names them (no
+        wrapper that FSDP or activation checkpointing put into the module path): what a
+        checkpoint of this model must hold."""
+        return sorted(_unwrapped(n) for n, _ in self.named_parameters() if _is_lora(n))
 
     def activate(self, index: int) -> None:
         """Route the forward pass through adapter ``index`` only (and make only its weights
@@ -710,6 +715,9 @@ class LoRAModule(LightningModule):
             checkpoint["state_dict"] = {k: v for k, v in state.items() if _is_lora(k)}
         checkpoint["tclora"] = {
             "adapter_names": list(self.adapter_names),
+            # which adapter weights were saved, readable on load even where the strategy (FSDP)
+            # has already consumed checkpoint["state_dict"] before on_load_checkpoint runs
+            "adapter_weights": self.adapter_weight_names(),
             "adapter_steps": list(self._adapter_steps),
             "rng_states": {
                 i: [s[0], s[1]] if s[1] is not None else [s[0]] for i, s in self._rng_states.items()
@@ -726,9 +734,12 @@ class LoRAModule(LightningModule):
                 f"checkpoint adapters {info['adapter_names']} differ from this model's "
                 f"{self.adapter_names}"
             )
+        saved = info.get("adapter_weights")  # absent in checkpoints written before 2026-11-27
+        if saved is not None and self.model is not None:
+            _check_same_adapter_weights(saved, self.adapter_weight_names())
         state = checkpoint.get("state_dict")
         if state is not None and self.model is not None:
-            expected = {k for k, _ in self.named_parameters() if _is_lora(k)}
+            expected = set(self.adapter_weight_names())
             absent = sorted(expected - set(state))
             if absent:
                 raise ValueError(
@@ -926,6 +937,26 @@ def _batches_per_cluster(loader: Any) -> list[int] | None:
 
 def _is_lora(name: str) -> bool:
     return "lora_" in name
+
+
+def _unwrapped(name: str) -> str:
+    for wrapper in _WRAPPER_PREFIXES:
+        name = name.replace(wrapper, "")
+    return name
+
+
+def _check_same_adapter_weights(saved: Sequence[str], model: Sequence[str]) -> None:
+    """Refuse a checkpoint whose adapter weights are not this model's (another
+    ``target_modules``, layer count or base model): loaded non-strictly, the weights it lacks
+    would silently keep their initial values."""
+    absent, extra = sorted(set(model) - set(saved)), sorted(set(saved) - set(model))
+    if absent or extra:
+        raise ValueError(
+            f"checkpoint holds {len(saved)} adapter weights, this model has {len(model)}: "
+            f"{len(absent)} of this model's are not in the checkpoint (e.g. {absent[:2]}), "
+            f"{len(extra)} of the checkpoint's are not in this model (e.g. {extra[:2]}); "
+            "it was written for another target_modules, layer count or base model"
+        )
 
 
 def _check(ok: bool, name: str, value: object, allowed: str) -> None:

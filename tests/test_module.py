@@ -881,6 +881,48 @@ def test_fit_with_cluster_datamodule(tiny_model_dir: Path, multitask_jsonl: Path
     assert len(module._schedule_lengths) == 4
 
 
+def test_a_checkpoint_of_another_model_is_refused_on_load(tiny_model_dir: Path) -> None:
+    """Checkpoints load non-strictly (they hold no frozen base), so adapter weights a checkpoint
+    lacks would keep their initial values. The checkpoint lists its adapter weights; a model
+    with other ones refuses it, also where the strategy (FSDP) consumed ``state_dict`` before
+    ``on_load_checkpoint`` runs."""
+    every = LoRAModule(model=str(tiny_model_dir), num_adapters=2, r=4)
+    every.configure_model()
+    ckpt: dict[str, Any] = {"state_dict": every.state_dict()}
+    every.on_save_checkpoint(ckpt)
+    assert ckpt["tclora"]["adapter_weights"] == sorted(ckpt["state_dict"])
+    assert len(ckpt["tclora"]["adapter_weights"]) == 2 * 2 * 2 * len(LLAMA_LINEARS)
+
+    q_only = LoRAModule(model=str(tiny_model_dir), num_adapters=2, r=4, target_modules=["q_proj"])
+    q_only.configure_model()
+    fsdp_like = {k: v for k, v in ckpt.items() if k != "state_dict"}
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoint holds 56 adapter weights, this model has 8: 0 of this model's are not "
+        r"in the checkpoint \(e\.g\. \[\]\), 48 of the checkpoint's are not in this model .*"
+        r"another target_modules, layer count or base model",
+    ):
+        q_only.on_load_checkpoint(fsdp_like)
+    # a checkpoint written before the list existed: its state dict still shows the gap
+    every_again = LoRAModule(model=str(tiny_model_dir), num_adapters=2, r=4)
+    every_again.configure_model()
+    older = {"state_dict": dict(q_only.state_dict()), "tclora": dict(ckpt["tclora"])}
+    del older["tclora"]["adapter_weights"]
+    with pytest.raises(ValueError, match=r"checkpoint lacks 48 adapter weights, e\.g\. \['model\."):
+        every_again.on_load_checkpoint(older)
+    with pytest.raises(ValueError, match="checkpoint has no 'tclora' entry: it was not written by"):
+        every_again.on_load_checkpoint({"state_dict": {}})
+    three = LoRAModule(model=str(tiny_model_dir), num_adapters=3, r=4)
+    three.configure_model()
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoint adapters \['cluster_0', 'cluster_1'\] differ from this model's "
+        r"\['cluster_0', 'cluster_1', 'cluster_2'\]",
+    ):
+        three.on_load_checkpoint(ckpt)
+    every_again.on_load_checkpoint(ckpt)  # its own kind of checkpoint loads
+
+
 def test_fsdp_on_one_process_exports_whole_adapters(tiny_model_dir: Path, tmp_path: Path) -> None:
     """FSDP on a single process shards nothing (``NO_SHARD``), and torch refuses to gather such
     parameters into CPU memory: the export at fit end failed on an H100 with ``offload_to_cpu=True
@@ -906,6 +948,7 @@ def test_fsdp_on_one_process_exports_whole_adapters(tiny_model_dir: Path, tmp_pa
         }
         for name in module.adapter_names
     }
+    weight_names = module.adapter_weight_names()
     port = free_port()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
@@ -919,6 +962,9 @@ def test_fsdp_on_one_process_exports_whole_adapters(tiny_model_dir: Path, tmp_pa
         assert {u.sharding_strategy for u in units} == {ShardingStrategy.NO_SHARD}
         with full_parameters(wrapped):
             folders = module.export_adapters(tmp_path / "adapters")
+        # what a checkpoint under FSDP lists: the same names, no wrapper in them
+        assert any("_fsdp_wrapped_module." in n for n, _ in module.named_parameters())
+        assert module.adapter_weight_names() == weight_names
     finally:
         dist.destroy_process_group()
     for name, folder in zip(module.adapter_names, folders, strict=True):
