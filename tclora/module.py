@@ -43,7 +43,11 @@ Distributed notes:
   untested.
 * DeepSpeed: use ``exclude_frozen_parameters=True``; the exact invariant is only guaranteed where
   the optimizer sees the original parameters (single device, DDP, FSDP with
-  ``use_orig_params=True``), because DeepSpeed steps flattened partitions. ZeRO stage 3 is not
+  ``use_orig_params=True``), because DeepSpeed steps flattened partitions, whose gradients are
+  zeros rather than ``None`` for the inactive adapters. So under DeepSpeed the inactive
+  adapters' groups step with learning rate 0: their weights stay exactly as they are (checked
+  with DeepSpeed 0.19.8, ZeRO-2, on the CPU), while their Adam moments decay and Adam's step
+  count advances at every step, not at the adapter's own steps only. ZeRO stage 3 is not
   supported by :meth:`export_adapters` (use stage 2: LoRA parameters are small): a fit with
   ``export_dir`` under stage 3 is refused in :meth:`setup`, before training.
 * Gradient accumulation: adapter ``k`` steps once per window that held a batch of cluster ``k``;
@@ -656,10 +660,16 @@ class LoRAModule(LightningModule):
 
     @override
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # DeepSpeed steps flat partitions whose gradients are zero-filled, not None: AdamW would
+        # move the inactive adapters with their momentum and weight decay. A learning rate of 0
+        # keeps them exactly where they are (their Adam moments still decay).
+        flat = _is_deepspeed(self.trainer)
         for i, group in enumerate(optimizer.param_groups):
             if i not in self._pending:
                 for p in group["params"]:
                     p.grad = None
+                if flat:
+                    group["lr"] = 0.0
         for i in self._pending:
             self._adapter_steps[i] += 1
         self._pending.clear()
@@ -933,6 +943,12 @@ def _batches_per_cluster(loader: Any) -> list[int] | None:
             if callable(counts):
                 return [int(n) for n in counts()]
     return None
+
+
+def _is_deepspeed(trainer: Any) -> bool:
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    return isinstance(trainer.strategy, DeepSpeedStrategy)
 
 
 def _is_lora(name: str) -> bool:

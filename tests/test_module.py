@@ -563,6 +563,26 @@ def test_deepspeed_setup_checks(tiny_model_dir: Path) -> None:
     unexported.setup("fit")  # nothing to export: accepted
 
 
+def test_deepspeed_steps_the_inactive_adapters_with_learning_rate_zero(
+    tiny_model_dir: Path,
+) -> None:
+    """DeepSpeed's flat partitions give the inactive adapters zero gradients, not ``None``, so
+    AdamW would move them with momentum and weight decay (seen with DeepSpeed 0.19.8, ZeRO-2, on
+    the CPU); their groups step with learning rate 0 there. Elsewhere their ``None`` gradients
+    make AdamW skip them, and the learning rates are left as the schedules set them."""
+    from types import SimpleNamespace
+
+    module = LoRAModule(model=str(tiny_model_dir), num_adapters=3, lr=0.01)
+    module.configure_model()
+    for strategy, want in ((deepspeed_strategy(2), [0.01, 0.0, 0.0]), (None, [0.01] * 3)):
+        optimizer = module.configure_optimizers()
+        module.trainer = SimpleNamespace(strategy=strategy)  # type: ignore[assignment]
+        module._pending = {0}
+        module.on_before_optimizer_step(optimizer)
+        assert [g["lr"] for g in optimizer.param_groups] == want
+        assert module._pending == set()
+
+
 def test_schedule_length_follows_each_clusters_own_batches(tiny_model_dir: Path) -> None:
     """Without max_steps_per_adapter, adapter k decays over its own cluster's steps."""
 

@@ -2,6 +2,8 @@
 # On the GPU machine, from the checkout, with the kit of prepare.sh and the sweep's data folder
 # (runs/repro_small/data) beside it: the strategy files and the train-step benchmark.
 #   bash benchmarks/gpu_kit/run.sh [KIT_DIR] [OUT_DIR]     # defaults: .gpu and $OUT (or /tmp/gpu-out)
+# STRATEGIES="deepspeed" runs some strategy files only (default: all three); TRAIN_STEP=0 skips
+# the train-step benchmark; T1 and T2 are their time limits in seconds.
 set -u
 kit=${1:-.gpu}
 out=${2:-${OUT:-/tmp/gpu-out}}
@@ -15,11 +17,15 @@ export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_
 cat "$out/env.txt"
 timeout "${T1:-360}" python3 benchmarks/gpu_strategies.py --data runs/repro_small/data \
   --out /tmp/gpu --random-weights-from "$kit/smollm2-shape" --random-encoder-from "$kit/minilm-shape" \
-  --steps 64 --eval-items 32 > "$out/gpu_strategies.log" 2>&1
+  --steps 64 --eval-items 32 --strategies ${STRATEGIES:-ddp fsdp deepspeed} \
+  > "$out/gpu_strategies.log" 2>&1
 echo "gpu_strategies rc=$?"; tail -8 "$out/gpu_strategies.log"
 cp /tmp/gpu/gpu_strategies.json "$out/" 2>/dev/null
-for s in ddp fsdp; do cp /tmp/gpu/$s/fit.log "$out/fit-$s.log" 2>/dev/null; done
+for s in ddp fsdp deepspeed; do cp /tmp/gpu/$s/fit.log "$out/fit-$s.log" 2>/dev/null; done
 cp /tmp/gpu/fsdp/merge.log "$out/merge-fsdp.log" 2>/dev/null
+timeout 120 python3 benchmarks/gpu_kit/deepspeed_check.py > "$out/deepspeed_check.log" 2>&1
+echo "deepspeed_check rc=$?"; grep '^|' "$out/deepspeed_check.log"
+[ "${TRAIN_STEP:-1}" = 0 ] && exit 0
 timeout "${T2:-150}" python3 benchmarks/train_step.py --accelerator gpu --precision bf16-mixed \
   --dtype bfloat16 --random-weights-from "$kit/smollm2-shape" --batch-size 8 --seq-len 256 \
   --steps 20 --fit-steps 10 --num-adapters 4 > "$out/train_step.log" 2>&1
