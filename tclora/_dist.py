@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["rank_and_world", "zero_stage"]
+__all__ = ["is_deepspeed", "rank_and_world", "zero_stage"]
 
 
 def rank_and_world(trainer: Any = None) -> tuple[int, int]:
@@ -26,6 +26,21 @@ def rank_and_world(trainer: Any = None) -> tuple[int, int]:
     return 0, 1
 
 
+def is_deepspeed(strategy: Any) -> bool:
+    """Whether a trainer's strategy is Lightning's ``DeepSpeedStrategy`` (a ``DDPStrategy``
+    subclass whose optimizer steps flat partitions).
+
+    Args:
+        strategy: A trainer's strategy.
+
+    Returns:
+        ``True`` for ``DeepSpeedStrategy`` and its subclasses.
+    """
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    return isinstance(strategy, DeepSpeedStrategy)
+
+
 def zero_stage(strategy: Any) -> int | None:
     """The ZeRO stage of a Lightning ``DeepSpeedStrategy``, else ``None``.
 
@@ -36,8 +51,6 @@ def zero_stage(strategy: Any) -> int | None:
         ``zero_optimization.stage`` of its DeepSpeed config; ``None`` for another strategy or a
         config without one.
     """
-    from lightning.pytorch.strategies import DeepSpeedStrategy
-
-    if not isinstance(strategy, DeepSpeedStrategy):
+    if not is_deepspeed(strategy):
         return None
     return (getattr(strategy, "config", None) or {}).get("zero_optimization", {}).get("stage")

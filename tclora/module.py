@@ -46,7 +46,7 @@ Distributed notes:
   ``use_orig_params=True``), because DeepSpeed steps flattened partitions, whose gradients are
   zeros rather than ``None`` for the inactive adapters. So under DeepSpeed the inactive
   adapters' groups step with learning rate 0: their weights stay exactly as they are (checked
-  with DeepSpeed 0.19.8, ZeRO-2, on the CPU), while their Adam moments decay and Adam's step
+  with DeepSpeed 0.19.8, ZeRO-1 and 2, on the CPU), while their Adam moments decay and Adam's step
   count advances at every step, not at the adapter's own steps only. ZeRO stage 3 is not
   supported by :meth:`export_adapters` (use stage 2: LoRA parameters are small): a fit with
   ``export_dir`` under stage 3 is refused in :meth:`setup`, before training.
@@ -76,7 +76,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from tclora._checks import TRAIN_DTYPES, TrainDtype
-from tclora._dist import zero_stage
+from tclora._dist import is_deepspeed, zero_stage
 from tclora._io import atomic_dir, atomic_write_text, check_writable
 from tclora.adapter_switch import AdapterSwitch
 from tclora.assets import base_model_id, resolve_model
@@ -518,7 +518,7 @@ class LoRAModule(LightningModule):
 
     @override
     def setup(self, stage: str) -> None:
-        from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+        from lightning.pytorch.strategies import DDPStrategy
 
         strategy = self.trainer.strategy
         if zero_stage(strategy) == 3 and self.hparams["export_dir"] is not None:
@@ -529,7 +529,7 @@ class LoRAModule(LightningModule):
             )
         if (  # DeepSpeedStrategy is a DDPStrategy without DDP's kwargs: not DDP's concern
             isinstance(strategy, DDPStrategy)
-            and not isinstance(strategy, DeepSpeedStrategy)
+            and not is_deepspeed(strategy)
             and strategy.world_size > 1
             and not strategy._ddp_kwargs.get("find_unused_parameters", False)
         ):
@@ -663,7 +663,7 @@ class LoRAModule(LightningModule):
         # DeepSpeed steps flat partitions whose gradients are zero-filled, not None: AdamW would
         # move the inactive adapters with their momentum and weight decay. A learning rate of 0
         # keeps them exactly where they are (their Adam moments still decay).
-        flat = _is_deepspeed(self.trainer)
+        flat = is_deepspeed(self.trainer.strategy)
         for i, group in enumerate(optimizer.param_groups):
             if i not in self._pending:
                 for p in group["params"]:
@@ -744,13 +744,13 @@ class LoRAModule(LightningModule):
                 f"checkpoint adapters {info['adapter_names']} differ from this model's "
                 f"{self.adapter_names}"
             )
+        names = self.adapter_weight_names() if self.model is not None else None
         saved = info.get("adapter_weights")  # absent in checkpoints written before 2026-11-27
-        if saved is not None and self.model is not None:
-            _check_same_adapter_weights(saved, self.adapter_weight_names())
+        if saved is not None and names is not None:
+            _check_same_adapter_weights(saved, names)
         state = checkpoint.get("state_dict")
-        if state is not None and self.model is not None:
-            expected = set(self.adapter_weight_names())
-            absent = sorted(expected - set(state))
+        if state is not None and names is not None:
+            absent = sorted(set(names) - set(state))
             if absent:
                 raise ValueError(
                     f"checkpoint lacks {len(absent)} adapter weights, e.g. {absent[:3]}"
@@ -943,12 +943,6 @@ def _batches_per_cluster(loader: Any) -> list[int] | None:
             if callable(counts):
                 return [int(n) for n in counts()]
     return None
-
-
-def _is_deepspeed(trainer: Any) -> bool:
-    from lightning.pytorch.strategies import DeepSpeedStrategy
-
-    return isinstance(trainer.strategy, DeepSpeedStrategy)
 
 
 def _is_lora(name: str) -> bool:
