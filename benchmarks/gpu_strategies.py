@@ -208,7 +208,12 @@ def fix_config(strategy: str, args: argparse.Namespace) -> dict[str, Any] | None
         fix["trainer"] = {
             "strategy": {
                 "class_path": "lightning.pytorch.strategies.FSDPStrategy",
-                "init_args": {"auto_wrap_policy": [args.decoder_layer]},
+                "init_args": {
+                    "auto_wrap_policy": {
+                        "class_path": "tclora.fsdp_policy.AdapterWrapPolicy",
+                        "init_args": {"layer_classes": [args.decoder_layer]},
+                    }
+                },
             }
         }
     if args.accelerator == "cpu":

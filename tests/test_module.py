@@ -943,12 +943,16 @@ def test_a_checkpoint_of_another_model_is_refused_on_load(tiny_model_dir: Path) 
     every_again.on_load_checkpoint(ckpt)  # its own kind of checkpoint loads
 
 
-def test_fsdp_on_one_process_exports_whole_adapters(tiny_model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("policy", ["layers", "adapters"])
+def test_fsdp_on_one_process_exports_whole_adapters(
+    tiny_model_dir: Path, tmp_path: Path, policy: str
+) -> None:
     """FSDP on a single process shards nothing (``NO_SHARD``), and torch refuses to gather such
     parameters into CPU memory: the export at fit end failed on an H100 with ``offload_to_cpu=True
     and NO_SHARD is not supported yet``. ``full_parameters`` reads them where they are; the export
-    under it equals the unwrapped adapters. (Lightning runs FSDP on GPUs only: torch's FSDP on
-    the CPU, over gloo, stands in for it here.)"""
+    under it equals the unwrapped adapters, with the decoder layers as units and with
+    ``AdapterWrapPolicy``'s units nested in them. (Lightning runs FSDP on GPUs only: torch's FSDP
+    on the CPU, over gloo, stands in for it here.)"""
     import torch.distributed as dist
     from peft import get_peft_model_state_dict
     from safetensors.torch import load_file
@@ -956,6 +960,7 @@ def test_fsdp_on_one_process_exports_whole_adapters(tiny_model_dir: Path, tmp_pa
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
+    from tclora.fsdp_policy import AdapterWrapPolicy
     from tclora.module import full_parameters
 
     module = LoRAModule(model=str(tiny_model_dir), num_adapters=2, r=4)
@@ -974,11 +979,16 @@ def test_fsdp_on_one_process_exports_whole_adapters(tiny_model_dir: Path, tmp_pa
     try:
         wrapped = FullyShardedDataParallel(
             module.model,
-            auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}),
+            auto_wrap_policy=(
+                ModuleWrapPolicy({LlamaDecoderLayer})
+                if policy == "layers"
+                else AdapterWrapPolicy([LlamaDecoderLayer])
+            ),
             use_orig_params=True,
             device_id=torch.device("cpu"),
         )
         units = FullyShardedDataParallel.fsdp_modules(wrapped)
+        assert len(units) == (3 if policy == "layers" else 3 + 28 * 2)
         assert {u.sharding_strategy for u in units} == {ShardingStrategy.NO_SHARD}
         with full_parameters(wrapped):
             folders = module.export_adapters(tmp_path / "adapters")

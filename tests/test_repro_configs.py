@@ -104,11 +104,19 @@ def test_paper_config_combines_with_fsdp() -> None:
         str(CONFIGS / "phi3_flan.yaml"),
         "--config",
         str(CONFIGS / "strategies" / "fsdp.yaml"),
-        f"--trainer.strategy.init_args.auto_wrap_policy=[{policy}]",
+        f"--trainer.strategy.init_args.auto_wrap_policy.init_args.layer_classes=[{policy}]",
     )
     strategy = cfg["trainer"]["strategy"]
     assert strategy["class_path"] == "lightning.pytorch.strategies.FSDPStrategy"
-    assert strategy["init_args"]["auto_wrap_policy"] == [policy]
+    assert strategy["init_args"]["auto_wrap_policy"] == {
+        "class_path": "tclora.fsdp_policy.AdapterWrapPolicy",
+        "init_args": {"layer_classes": [policy]},
+    }
+    # what phi3_flan.yaml's comment tells users to type
+    assert (
+        f"auto_wrap_policy.init_args.layer_classes='[{policy}]'"
+        in (CONFIGS / "phi3_flan.yaml").read_text()
+    )
     assert cfg["model"]["r"] == 4
 
 

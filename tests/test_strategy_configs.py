@@ -55,22 +55,24 @@ def test_ddp_finds_unused_parameters() -> None:
     assert strategy._ddp_kwargs["find_unused_parameters"] is True
 
 
-def test_fsdp_builds_with_orig_params_full_state_and_layer_wrapping() -> None:
+def test_fsdp_builds_with_orig_params_full_state_and_adapter_wrapping() -> None:
     from lightning.pytorch.strategies import FSDPStrategy
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
     from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
+
+    from tclora.fsdp_policy import AdapterWrapPolicy
 
     spec = _strategy(CONFIG_DIR / "fsdp.yaml")
     assert spec.class_path == "lightning.pytorch.strategies.FSDPStrategy"
     init = dict(vars(spec.init_args))
     init = {k: v for k, v in init.items() if v is not None}
-    init["auto_wrap_policy"] = set(init["auto_wrap_policy"])
-    strategy = FSDPStrategy(**init)
+    policy_spec = init.pop("auto_wrap_policy")
+    assert policy_spec.class_path == "tclora.fsdp_policy.AdapterWrapPolicy"
+    policy = AdapterWrapPolicy(**vars(policy_spec.init_args))
+    strategy = FSDPStrategy(**init, auto_wrap_policy=policy)
     assert strategy.kwargs["use_orig_params"] is True
     assert strategy._state_dict_type == "full"
-    policy = strategy.kwargs["auto_wrap_policy"]
-    assert isinstance(policy, ModuleWrapPolicy)
-    assert MistralDecoderLayer in policy._module_classes
+    assert strategy.kwargs["auto_wrap_policy"] is policy
+    assert policy.layer_classes == [MistralDecoderLayer]
 
 
 def test_deepspeed_excludes_frozen_parameters() -> None:

@@ -1,0 +1,98 @@
+"""tclora.fsdp_policy.AdapterWrapPolicy: FSDP units that never mix frozen and trainable weights.
+
+Lightning runs FSDP on GPUs only; torch's FSDP on the CPU, over gloo, stands in for it here (the
+same wrapping, flattening, sharding and gradient reduction).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
+
+from tclora.fsdp_policy import AdapterWrapPolicy, adapter_modules
+from tclora.module import LoRAModule, _is_lora
+
+SCRIPT = Path(__file__).with_name("fsdp_policy_script.py")
+
+
+def test_adapter_modules_are_each_adapters_lora_modules(tiny_model_dir: Path) -> None:
+    module = LoRAModule(model=str(tiny_model_dir), num_adapters=2, r=4)
+    module.configure_model()
+    found = list(adapter_modules(module.model))
+    # 2 layers x 7 linear modules x 2 adapters x (lora_A, lora_B)
+    assert len(found) == 56 and all(type(m) is nn.Linear for m in found)
+    covered = {id(p) for m in found for p in m.parameters()}
+    lora = {id(p) for n, p in module.model.named_parameters() if _is_lora(n)}
+    assert covered == lora
+    own = [{id(p) for _, p in module.adapter_parameters(i)} for i in range(2)]
+    for m in found:  # each module holds one adapter's weights only
+        assert sum({id(p) for p in m.parameters()} <= weights for weights in own) == 1
+
+
+def test_adapter_wrap_policy_refuses_bad_layer_classes(tiny_model_dir: Path) -> None:
+    with pytest.raises(ValueError, match=r"layer_classes=\[\] must name one or more"):
+        AdapterWrapPolicy([])
+    with pytest.raises(ValueError, match=r"layer_classes=\['LlamaDecoderLayer'\] must name"):
+        AdapterWrapPolicy(["LlamaDecoderLayer"])  # type: ignore[list-item]
+    module = LoRAModule(model=str(tiny_model_dir), num_adapters=2, r=4)
+    module.configure_model()
+    policy = AdapterWrapPolicy([MistralDecoderLayer])
+    with pytest.raises(
+        ValueError,
+        match=r"layer_classes=\['MistralDecoderLayer'\] matches no module of the model "
+        r"PeftModelForCausalLM; its decoder layer classes \(_no_split_modules\) are "
+        r"\['LlamaDecoderLayer'\]",
+    ):
+        policy._run_policy(module.model, set(), {})  # what FSDP calls when it wraps
+    units = AdapterWrapPolicy([LlamaDecoderLayer])._run_policy(module.model, set(), {"a": 1})
+    assert len(units) == 2 + 56 and all(kwargs == {"a": 1} for kwargs in units.values())
+
+
+def _run(tiny_model_dir: Path, out: Path, policy: str) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, str(SCRIPT), str(tiny_model_dir), str(out), policy]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / f"{policy}.json").read_text())
+
+
+@pytest.mark.slow
+def test_two_process_fsdp_adapter_units_train_like_layer_units(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """FULL_SHARD over two processes: with layer units, each layer's flat parameter mixes frozen
+    and trainable weights, and every step leaves a gradient shard of both whole layers on each
+    rank; with AdapterWrapPolicy no unit mixes, a step leaves only the active adapter's gradient
+    (half of it per rank), the adapter not trained keeps its weights, and the adapters end bit
+    for bit where the layer-unit run ends."""
+    layers = _run(tiny_model_dir, tmp_path, "layers")
+    adapters = _run(tiny_model_dir, tmp_path, "adapters")
+    assert (layers["units"], layers["mixed_units"]) == (3, 2)  # root + 2 decoder layers
+    assert (adapters["units"], adapters["mixed_units"]) == (1 + 2 + 56, 0)
+    assert adapters["adapter_numel"] == 4096
+    assert adapters["grad_numel"] == [4096 // 2] * 6
+    assert layers["grad_numel"] == [13376] * 6  # 6.5x as many
+    for report in (layers, adapters):  # checkpoints name the weights without FSDP's wrappers
+        assert report["names_after"] == report["names_before"] and len(report["names_after"]) == 56
+    want = load_file(tmp_path / "layers.safetensors")
+    got = load_file(tmp_path / "adapters.safetensors")
+    assert sorted(got) == sorted(want)
+    for key, value in got.items():
+        torch.testing.assert_close(value, want[key], rtol=0, atol=0)
+    # steps 5 and 6 train adapter 0: adapter 1 stays where step 4 left it, adapter 0 moves
+    for key in [k for k in got if k.startswith("final/")]:
+        before = got[key.replace("final/", "step4/")]
+        if ".cluster_1." in key:
+            torch.testing.assert_close(got[key], before, rtol=0, atol=0)
+        else:
+            assert not torch.equal(got[key], before), key
