@@ -805,6 +805,45 @@ def test_a_killed_run_keeps_its_attempts_seconds_on_the_record(
     assert runs.run_one(sweep, "kmeans4", 0, evaluate_base=False) == 0.0 and len(calls) == 2
 
 
+def test_a_checkpoint_made_by_other_tclora_code_is_not_resumed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A sweep restarted on other tclora code (an edit between sessions) must not go on from
+    the killed attempt's checkpoint: its adapters would be half one code's, half the other's."""
+    import subprocess
+
+    import tclora
+    from benchmarks.repro import runs
+
+    sweep = Sweep(
+        work_dir=tmp_path / "work",
+        results_dir=tmp_path / "results",
+        seeds=(0,),
+        variants=("kmeans4",),
+    )
+    calls: list[list[str]] = []
+
+    def killed(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
+        calls.append(command)
+        raise SystemExit(143)
+
+    monkeypatch.setattr(runs.subprocess, "run", killed)
+    for _ in range(2):  # the second attempt, same code, resumes the first one's checkpoint
+        with pytest.raises(SystemExit, match="143"):
+            runs.run_one(sweep, "kmeans4", 0, evaluate_base=False)
+        last = run_dir(sweep, "kmeans4", 0) / "checkpoints" / "last.ckpt"
+        torch.save({"global_step": 3}, last)
+    assert "--ckpt_path" not in calls[0] and calls[1][-2:] == ["--ckpt_path", str(last)]
+    monkeypatch.setattr(tclora, "SOURCE_DIGEST", "0" * 64)
+    monkeypatch.setattr(tclora, "_source_digest", lambda: "0" * 64)
+    with pytest.raises(SystemExit, match="143"):
+        runs.run_one(sweep, "kmeans4", 0, evaluate_base=False)
+    assert "--ckpt_path" not in calls[2]
+    assert "was made by another run configuration" in capsys.readouterr().out
+    (aside,) = run_dir(sweep, "kmeans4", 0).glob("checkpoints-stale-*")
+    assert (aside / "last.ckpt").is_file() and not last.exists()  # kept aside, not deleted
+
+
 def test_pilot_fits_per_task_only_and_checks_each_adapter_on_its_own_task(tmp_path: Path) -> None:
     """``benchmarks/repro_pilot.py``: the sweep's per_task run under another training budget,
     its study cut to the per-task adapters on the in-domain sets, reported against the floors."""

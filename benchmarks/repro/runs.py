@@ -218,8 +218,9 @@ def resume_checkpoint(folder: Path, made_by: str) -> bool:
     """Whether a run goes on from ``<run>/checkpoints/last.ckpt`` (an earlier attempt was killed).
 
     Only a checkpoint made by the very same run configuration is resumed: ``made_by`` (the
-    run's override text and the sweep's training digest) is stored beside the checkpoints as a
-    sha256. A checkpoint of another configuration, or one that is not a whole archive, is moved
+    run's override text and its training identity: the sweep's training digest, tclora's source
+    and the packages' versions, :func:`benchmarks.repro.pieces.training_identity`) is stored
+    beside the checkpoints as a sha256. A checkpoint of another configuration, or one that is not a whole archive, is moved
     aside (``checkpoints-stale-<time>``, nothing deleted) and the run starts afresh, saying so.
 
     Args:
@@ -320,7 +321,9 @@ def run_one(
     atomic_write_text(override, yaml.safe_dump(overrides, sort_keys=False))
     exe = Path(sys.executable).with_name("tclora")
     command = [str(exe), "fit", "--config", str(BASE_CONFIG), "--config", str(override)]
-    if not study_only and resume_checkpoint(folder, override.read_text() + training_digest(sweep)):
+    # the checkpoint of an attempt on other tclora code or packages is not resumed
+    made_by = override.read_text() + json.dumps(identity, sort_keys=True)
+    if not study_only and resume_checkpoint(folder, made_by):
         command += ["--ckpt_path", str(folder / "checkpoints" / "last.ckpt")]
     print(f"[run ] {variant} seed {seed}: {' '.join(command)}", flush=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
