@@ -896,9 +896,12 @@ class LoRAModule(LightningModule):
 def full_parameters(fsdp_model: torch.nn.Module) -> Iterator[None]:
     """Whole parameters of an FSDP-wrapped model on rank zero, for reading (a collective).
 
-    Sharded units are gathered into CPU memory (``offload_to_cpu``); under ``NO_SHARD`` -- which
-    FSDP picks by itself on a single process -- every rank already holds whole parameters and
-    torch refuses ``offload_to_cpu``, so they are read where they are.
+    Sharded units on a GPU are gathered into CPU memory (``offload_to_cpu``); under ``NO_SHARD``
+    -- which FSDP picks by itself on a single process -- every rank already holds whole
+    parameters and torch refuses ``offload_to_cpu``, so they are read where they are, as they are
+    on the CPU (where torch's offload of CPU parameters left tensors that crashed the export:
+    a segfault, or safetensors' "invalid shape, data type, or offset", in 2-process FULL_SHARD
+    over gloo).
 
     Args:
         fsdp_model: The model as the FSDP strategy wrapped it.
@@ -907,8 +910,9 @@ def full_parameters(fsdp_model: torch.nn.Module) -> Iterator[None]:
 
     units = FullyShardedDataParallel.fsdp_modules(fsdp_model)
     sharded = all(unit.sharding_strategy != ShardingStrategy.NO_SHARD for unit in units)
+    on_cpu = all(getattr(unit.compute_device, "type", "cpu") == "cpu" for unit in units)
     with FullyShardedDataParallel.summon_full_params(
-        fsdp_model, writeback=False, rank0_only=True, offload_to_cpu=sharded
+        fsdp_model, writeback=False, rank0_only=True, offload_to_cpu=sharded and not on_cpu
     ):
         yield
 

@@ -5,7 +5,9 @@ the same two adapters for six steps (adapter 0, 1, 0, 1, 0, 0) on its own batche
 param group per adapter, as ``LoRAModule`` does. Rank zero writes ``OUT_DIR/<policy>.json`` (the
 units, how many mix frozen and trainable weights, the gradient elements each step left on the rank,
 one adapter's size, the adapter weight names before and after wrapping) and
-``OUT_DIR/<policy>.safetensors`` (every LoRA weight after step 4 and at the end, gathered).
+``OUT_DIR/<policy>.safetensors`` (every LoRA weight after step 4 and at the end, gathered), and
+exports the adapters from the sharded model (``tclora.module.full_parameters``) to
+``OUT_DIR/<policy>-export``.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def worker(rank: int, world: int, port: int, model_dir: str, out: str, policy_na
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     from tclora.fsdp_policy import AdapterWrapPolicy
-    from tclora.module import LoRAModule
+    from tclora.module import LoRAModule, full_parameters
 
     module = LoRAModule(model=model_dir, num_adapters=2, r=4, gradient_checkpointing=True)
     module.configure_model()
@@ -86,6 +88,9 @@ def worker(rank: int, world: int, port: int, model_dir: str, out: str, policy_na
         if step == 3:
             after_step_4 = _gathered(module, wrapped)
     final = _gathered(module, wrapped)
+    with full_parameters(wrapped):  # a collective; rank zero writes
+        if rank == 0:
+            module.export_adapters(Path(out) / f"{policy_name}-export")
     if rank == 0:
         from safetensors.torch import save_file
 

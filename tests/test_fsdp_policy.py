@@ -23,6 +23,7 @@ from tclora.fsdp_policy import AdapterWrapPolicy, adapter_modules
 from tclora.module import LoRAModule, _is_lora
 
 SCRIPT = Path(__file__).with_name("fsdp_policy_script.py")
+SAFETENSORS = "adapter_model.safetensors"
 
 
 def test_adapter_modules_are_each_adapters_lora_modules(tiny_model_dir: Path) -> None:
@@ -74,7 +75,8 @@ def test_two_process_fsdp_adapter_units_train_like_layer_units(
     and trainable weights, and every step leaves a gradient shard of both whole layers on each
     rank; with AdapterWrapPolicy no unit mixes, a step leaves only the active adapter's gradient
     (half of it per rank), the adapter not trained keeps its weights, and the adapters end bit
-    for bit where the layer-unit run ends."""
+    for bit where the layer-unit run ends. Under both, the export gathers the sharded adapters
+    on rank zero whole."""
     layers = _run(tiny_model_dir, tmp_path, "layers")
     adapters = _run(tiny_model_dir, tmp_path, "adapters")
     assert (layers["units"], layers["mixed_units"]) == (3, 2)  # root + 2 decoder layers
@@ -89,6 +91,15 @@ def test_two_process_fsdp_adapter_units_train_like_layer_units(
     assert sorted(got) == sorted(want)
     for key, value in got.items():
         torch.testing.assert_close(value, want[key], rtol=0, atol=0)
+    # the export gathers the shards on rank zero: peft's files, each adapter's final weights
+    for policy in ("layers", "adapters"):
+        for index in range(2):
+            saved = load_file(tmp_path / f"{policy}-export" / f"cluster_{index}" / SAFETENSORS)
+            assert len(saved) == 28
+            for key, value in saved.items():
+                name = key.replace(".lora_A.", f".lora_A.cluster_{index}.")
+                name = name.replace(".lora_B.", f".lora_B.cluster_{index}.")
+                torch.testing.assert_close(value, want[f"final/{name}"], rtol=0, atol=0)
     # steps 5 and 6 train adapter 0: adapter 1 stays where step 4 left it, adapter 0 moves
     for key in [k for k in got if k.startswith("final/")]:
         before = got[key.replace("final/", "step4/")]
