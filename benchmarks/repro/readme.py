@@ -5,7 +5,8 @@ The block between ``<!-- repro-results:begin -->`` and ``<!-- repro-results:end 
 which runs have finished, the main table (in-domain, normalised and unseen accuracy, CP fit
 error, CP sharing, merge seconds, parameters), each CP merge's paired difference to uniform and
 to the best non-CP merge, sentences saying which of those differences are real (their 95%
-interval over seeds and items excludes 0) and where CP loses, the figure, and the commands.
+interval over seeds and items excludes 0) and where CP loses, whether CP helps where the CP
+components are shared, the figure, and the commands.
 """
 
 from __future__ import annotations
@@ -16,7 +17,15 @@ from typing import Any
 from benchmarks.repro.aggregate import REFERENCE_ORDER
 from benchmarks.repro.report import finite, main_table
 
-__all__ = ["BEGIN", "END", "findings", "floor_findings", "readme_block", "scale_findings"]
+__all__ = [
+    "BEGIN",
+    "END",
+    "findings",
+    "floor_findings",
+    "readme_block",
+    "scale_findings",
+    "sharing_findings",
+]
 
 REFERENCES = (*REFERENCE_ORDER, "arrow")  # the rows that are not merges
 BEGIN, END = "<!-- repro-results:begin -->", "<!-- repro-results:end -->"
@@ -204,6 +213,84 @@ def scale_findings(summary: Mapping[str, Any]) -> list[str]:
     return [text + "."]
 
 
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _points(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:+.1f}"
+
+
+def sharing_findings(summary: Mapping[str, Any]) -> list[str]:
+    """Whether CP helps where the clusters share structure: per clustering, its CP merges' mean
+    shared fraction (the CP energy in components spread over the adapters) beside their mean
+    paired difference to uniform on each split, and what the clusterings with the most and the
+    least sharing show."""
+    rows = [
+        r
+        for r in summary["rows"]
+        if r["method"].startswith("cp") and finite(r.get("shared_fraction"))
+    ]
+    if not rows:
+        return []
+    versus_uniform = [
+        p
+        for p in summary.get("paired") or []
+        if p["method"].startswith("cp") and p["versus"] == "uniform"
+    ]
+    stats: dict[str, tuple[float, dict[str, float | None], int]] = {}
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        mine = [r for r in rows if r["variant"] == variant]
+        gains = {
+            split: _mean(
+                [
+                    p["diff"]
+                    for p in versus_uniform
+                    if (p["variant"], p["split"]) == (variant, split)
+                ]
+            )
+            for split in ("in_domain", "unseen")
+        }
+        shared = _mean([r["shared_fraction"] for r in mine])
+        assert shared is not None
+        stats[variant] = (shared, gains, len(mine))
+    text = (
+        "Sharing: each clustering's CP merges' mean shared fraction, and their mean paired "
+        "difference to uniform (in-domain, unseen; points): "
+        + "; ".join(
+            f"{v} {shared:.2f} ({_points(g['in_domain'])}, {_points(g['unseen'])}; "
+            f"{_count(n, 'CP merge', 'CP merges')})"
+            for v, (shared, g, n) in stats.items()
+        )
+        + "."
+    )
+    most = max(stats, key=lambda v: stats[v][0])
+    if stats[most][0] < 0.25:
+        text += (
+            f" In no clustering is more than {100 * stats[most][0]:.0f}% of the CP energy in "
+            "components spread over the adapters: the CP merge mostly keeps each adapter's own "
+            "strongest directions (a top-R truncation per adapter) rather than separating shared "
+            "from task-specific ones."
+        )
+    least = min(stats, key=lambda v: stats[v][0])
+    if most != least and stats[most][0] > stats[least][0]:
+        compared = []
+        for split, name in (("in_domain", "in-domain"), ("unseen", "on unseen tasks")):
+            hi, lo = stats[most][1][split], stats[least][1][split]
+            if hi is not None and lo is not None:
+                word = "better" if hi > lo else "worse" if hi < lo else "the same"
+                compared.append(f"{word} {name} ({_points(hi)} against {_points(lo)})")
+        if compared:
+            seeds = max(r["seeds"] for r in rows)
+            text += (
+                f" Against uniform, the clustering with the most sharing ({most}) does "
+                f"{' and '.join(compared)} than the one with the least ({least}); "
+                f"{len(stats)} clusterings and {_count(seeds, 'seed', 'seeds')} are too few to "
+                "call this a relation."
+            )
+    return [text]
+
+
 def _status(summary: Mapping[str, Any]) -> str:
     sweep = summary.get("sweep", {})
     planned = [f"{v}/seed{s}" for s in sweep.get("seeds", []) for v in sweep.get("variants", [])]
@@ -242,6 +329,7 @@ def readme_block(summary: Mapping[str, Any] | None) -> str:
                 "",
                 *_paragraphs(findings(paired)),
             ]
+        lines += _paragraphs(sharing_findings(summary))
         lines += ["![sweep results](benchmarks/results/repro_small.png)", ""]
     lines += ["```bash", *COMMANDS, "```", END]
     return "\n".join(lines)
