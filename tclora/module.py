@@ -36,11 +36,12 @@ Distributed notes:
   the gradients of globally unused parameters untouched (``None``). All ranks must train the same
   cluster at the same step (the cluster data module's sampler guarantees it; checked every step).
 * FSDP: use ``use_orig_params=True`` (adapters have mixed ``requires_grad``),
-  ``state_dict_type="full"`` so that :meth:`on_save_checkpoint` can drop the frozen base, and
-  ``dtype="float32"`` (FSDP flattens each unit into one dtype; peft keeps LoRA weights in float32).
+  ``state_dict_type="full"`` so that :meth:`on_save_checkpoint` can drop the frozen base,
+  ``dtype="float32"`` (FSDP flattens each unit into one dtype; peft keeps LoRA weights in float32)
+  and :class:`tclora.fsdp_policy.AdapterWrapPolicy` (no unit mixes frozen and trainable weights).
   The export at the end of fit unshards the parameters on rank zero (``summon_full_params``).
-  Training and the export ran on one H100 (``benchmarks/results/gpu/``); several GPUs are
-  untested.
+  Training and the export ran on one H100 (``benchmarks/results/gpu/``, decoder layers as the
+  only units); several GPUs are untested there, torch's FSDP over two CPU processes is tested.
 * DeepSpeed: use ``exclude_frozen_parameters=True``; the exact invariant is only guaranteed where
   the optimizer sees the original parameters (single device, DDP, FSDP with
   ``use_orig_params=True``), because DeepSpeed steps flattened partitions, whose gradients are
