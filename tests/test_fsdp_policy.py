@@ -107,3 +107,29 @@ def test_two_process_fsdp_adapter_units_train_like_layer_units(
             torch.testing.assert_close(got[key], before, rtol=0, atol=0)
         else:
             assert not torch.equal(got[key], before), key
+
+
+def test_the_unit_count_matches_what_fsdp_did_on_two_processes() -> None:
+    """``benchmarks/fsdp_units.py`` counts without FSDP what the 2-process run above measured
+    (13,376 and 2,048 gradient elements per rank), and prints Mistral-7B's figures."""
+    from transformers import LlamaConfig
+
+    from benchmarks.fsdp_units import UnitCount, compare, lora_model
+    from tests.helpers import TINY_CONFIG
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = lora_model(LlamaConfig(vocab_size=128, **TINY_CONFIG), targets, adapters=2, r=4)
+    assert compare(model, world=2) == {
+        "decoder layers": UnitCount(units=3, mixed_units=2, grad_per_rank=13376, reduced=26752),
+        "AdapterWrapPolicy": UnitCount(units=59, mixed_units=0, grad_per_rank=2048, reduced=4096),
+    }
+
+
+def test_fsdp_units_prints_the_readme_figures(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.fsdp_units import main
+
+    assert main(["--models", "mistral"]) == 0
+    out = capsys.readouterr().out
+    assert "| Mistral (q_proj, k_proj, v_proj, o_proj) | decoder layers | 33 | 32 | 3.5 GB |" in out
+    assert "| AdapterWrapPolicy | 2,593 | 0 | 1.7 MB | 3,407,872 elements |" in out
+    assert "| ratio | | | 2,058× | |" in out
