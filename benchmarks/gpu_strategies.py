@@ -62,6 +62,10 @@ sys.path.insert(0, str(ROOT))  # the checkout, for `benchmarks`
 from benchmarks.common import build_random_model, cuda_sync  # noqa: E402
 
 STRATEGIES = ("ddp", "fsdp", "deepspeed")
+VARIANTS = {"fsdp_layers": "fsdp"}
+"""Runs on request (not by default), each a strategy file with one change: ``fsdp_layers`` is
+``fsdp.yaml`` with the decoder layers as the only FSDP units (a plain list of classes, as it was
+before ``AdapterWrapPolicy``), to set its step time and memory beside ``fsdp``'s."""
 TASKS = ("sarcasm", "naughty_strings", "imperial_date_to_string", "guess_the_singer")
 
 
@@ -204,15 +208,18 @@ def run_config(
 def fix_config(strategy: str, args: argparse.Namespace) -> dict[str, Any] | None:
     """What the strategy file leaves to the user, or a CPU dry run's replacements."""
     fix: dict[str, Any] = {}
-    if strategy == "fsdp":
+    if strategy in ("fsdp", "fsdp_layers"):
+        policy: Any = {
+            "class_path": "tclora.fsdp_policy.AdapterWrapPolicy",
+            "init_args": {"layer_classes": [args.decoder_layer]},
+        }
         fix["trainer"] = {
             "strategy": {
                 "class_path": "lightning.pytorch.strategies.FSDPStrategy",
                 "init_args": {
-                    "auto_wrap_policy": {
-                        "class_path": "tclora.fsdp_policy.AdapterWrapPolicy",
-                        "init_args": {"layer_classes": [args.decoder_layer]},
-                    }
+                    "auto_wrap_policy": [args.decoder_layer]
+                    if strategy == "fsdp_layers"
+                    else policy
                 },
             }
         }
@@ -282,8 +289,9 @@ def run_strategy(strategy: str, model: str, args: argparse.Namespace) -> dict[st
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
-    at_fit_end = strategy != "fsdp" and not args.merge_after
-    configs = [run_dir / "run.yaml", ROOT / "configs" / "strategies" / f"{strategy}.yaml"]
+    at_fit_end = not strategy.startswith("fsdp") and not args.merge_after
+    strategy_file = f"{VARIANTS.get(strategy, strategy)}.yaml"
+    configs = [run_dir / "run.yaml", ROOT / "configs" / "strategies" / strategy_file]
     (run_dir / "run.yaml").write_text(yaml.safe_dump(run_config(args, model, run_dir, at_fit_end)))
     fix = fix_config(strategy, args)
     if fix:
@@ -351,7 +359,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="the sweep's data folder (train/, test/)")
     parser.add_argument("--out", required=True, help="folder for the runs and gpu_strategies.json")
-    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    parser.add_argument(
+        "--strategies",
+        nargs="+",
+        default=list(STRATEGIES),
+        choices=[*STRATEGIES, *VARIANTS],
+        help="strategy files to run; fsdp_layers: fsdp.yaml with the decoder layers as the only "
+        "units (to compare with fsdp's AdapterWrapPolicy)",
+    )
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--random-weights-from", type=Path, default=None, metavar="DIR")
     parser.add_argument("--random-encoder-from", type=Path, default=None, metavar="DIR")

@@ -70,3 +70,43 @@ def test_gpu_strategies_dry_run_trains_merges_and_checks(tmp_path: Path, smollm2
     )
     assert "| ddp | 1 | 4 |" in proc.stdout
     assert ", on cpu" in (out / "ddp" / "merge.log").read_text()
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "fsdp_layers"])
+def test_gpu_strategies_fsdp_runs_wrap_with_adapter_units_or_layers_alone(
+    tmp_path: Path, strategy: str
+) -> None:
+    """``fsdp`` runs ``fsdp.yaml`` as it is (``AdapterWrapPolicy``); ``fsdp_layers``, which a GPU
+    session asks for to compare, the same file with the decoder layers as the only units."""
+    import argparse
+
+    import yaml
+    from jsonargparse import ActionConfigFile
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    from benchmarks.gpu_strategies import VARIANTS, fix_config
+
+    layer = "transformers.models.llama.modeling_llama.LlamaDecoderLayer"
+    args = argparse.Namespace(decoder_layer=layer, accelerator="gpu", devices=None)
+    fix = fix_config(strategy, args)
+    assert fix is not None
+    (tmp_path / "fix.yaml").write_text(yaml.safe_dump(fix))
+    file = ROOT / "configs" / "strategies" / f"{VARIANTS.get(strategy, strategy)}.yaml"
+    parser = LightningArgumentParser(exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_lightning_class_args(Trainer, "trainer")
+    # what gpu_strategies passes to `tclora fit` after its run file (the model part aside)
+    raws = [
+        {"trainer": yaml.safe_load(p.read_text())["trainer"]} for p in (file, tmp_path / "fix.yaml")
+    ]
+    paths = [tmp_path / "strategy.yaml", tmp_path / "fix-only.yaml"]
+    for path, raw in zip(paths, raws, strict=True):
+        path.write_text(yaml.safe_dump(raw))
+    cfg = parser.parse_args(["--config", str(paths[0]), "--config", str(paths[1])])
+    policy = cfg.trainer.strategy.init_args.auto_wrap_policy
+    if strategy == "fsdp":
+        assert policy.class_path == "tclora.fsdp_policy.AdapterWrapPolicy"
+        assert [c.__name__ for c in policy.init_args.layer_classes] == ["LlamaDecoderLayer"]
+    else:
+        assert [c.__name__ for c in policy] == ["LlamaDecoderLayer"]

@@ -2,7 +2,8 @@
 # On the GPU machine, from the checkout, with the kit of prepare.sh and the sweep's data folder
 # (runs/repro_small/data) beside it: the strategy files and the train-step benchmark.
 #   bash benchmarks/gpu_kit/run.sh [KIT_DIR] [OUT_DIR]     # defaults: .gpu and $OUT (or /tmp/gpu-out)
-# STRATEGIES="deepspeed" runs some strategy files only (default: all three); TRAIN_STEP=0 skips
+# STRATEGIES="deepspeed" runs some strategy files only (default: all three; "fsdp fsdp_layers"
+# sets AdapterWrapPolicy's FSDP units beside the decoder layers alone); TRAIN_STEP=0 skips
 # the train-step benchmark; T1 and T2 are their time limits in seconds.
 set -u
 kit=${1:-.gpu}
@@ -21,8 +22,8 @@ timeout "${T1:-360}" python3 benchmarks/gpu_strategies.py --data runs/repro_smal
   > "$out/gpu_strategies.log" 2>&1
 echo "gpu_strategies rc=$?"; tail -8 "$out/gpu_strategies.log"
 cp /tmp/gpu/gpu_strategies.json "$out/" 2>/dev/null
-for s in ddp fsdp deepspeed; do cp /tmp/gpu/$s/fit.log "$out/fit-$s.log" 2>/dev/null; done
-cp /tmp/gpu/fsdp/merge.log "$out/merge-fsdp.log" 2>/dev/null
+for s in ddp fsdp fsdp_layers deepspeed; do cp /tmp/gpu/$s/fit.log "$out/fit-$s.log" 2>/dev/null; done
+for s in fsdp fsdp_layers; do cp /tmp/gpu/$s/merge.log "$out/merge-$s.log" 2>/dev/null; done
 timeout 120 python3 benchmarks/gpu_kit/deepspeed_check.py > "$out/deepspeed_check.log" 2>&1
 echo "deepspeed_check rc=$?"; grep '^|' "$out/deepspeed_check.log"
 [ "${TRAIN_STEP:-1}" = 0 ] && exit 0
