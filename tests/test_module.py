@@ -583,6 +583,34 @@ def test_deepspeed_steps_the_inactive_adapters_with_learning_rate_zero(
         assert module._pending == set()
 
 
+def test_fsdp_without_adapter_units_is_warned_about(tiny_model_dir: Path) -> None:
+    """FSDP whose units mix frozen and trainable weights still trains, at the cost of a gradient
+    of whole units on every rank: ``setup`` says so and names the policy that avoids it."""
+    import warnings
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from tclora.fsdp_policy import AdapterWrapPolicy
+
+    module = LoRAModule(model=str(tiny_model_dir), num_adapters=2)
+    for policy, name in (({LlamaDecoderLayer}, "ModuleWrapPolicy"), (None, "NoneType")):
+        module.trainer = SimpleNamespace(strategy=FSDPStrategy(auto_wrap_policy=policy))  # type: ignore[assignment]
+        with pytest.warns(
+            UserWarning,
+            match=rf"FSDPStrategy\(auto_wrap_policy={name}\): FSDP units that hold frozen and "
+            r"LoRA weights together .* 3.5 GB per rank against 1.7 MB.* "
+            r"tclora.fsdp_policy.AdapterWrapPolicy\(\[<decoder layer class>\]\)",
+        ):
+            module.setup("fit")
+    strategy = FSDPStrategy(auto_wrap_policy=AdapterWrapPolicy([LlamaDecoderLayer]))
+    module.trainer = SimpleNamespace(strategy=strategy)  # type: ignore[assignment]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module.setup("fit")
+
+
 def test_schedule_length_follows_each_clusters_own_batches(tiny_model_dir: Path) -> None:
     """Without max_steps_per_adapter, adapter k decays over its own cluster's steps."""
 
