@@ -42,13 +42,13 @@ Distributed notes:
   The export at the end of fit unshards the parameters on rank zero (``summon_full_params``).
   Training and the export ran on one H100 (``benchmarks/results/gpu/``, decoder layers as the
   only units); several GPUs are untested there, torch's FSDP over two CPU processes is tested.
-* DeepSpeed: use ``exclude_frozen_parameters=True``; the exact invariant is only guaranteed where
-  the optimizer sees the original parameters (single device, DDP, FSDP with
-  ``use_orig_params=True``), because DeepSpeed steps flattened partitions, whose gradients are
-  zeros rather than ``None`` for the inactive adapters. So under DeepSpeed the inactive
-  adapters' groups step with learning rate 0: their weights stay exactly as they are (checked
-  with DeepSpeed 0.19.8, ZeRO-1 and 2, on the CPU), while their Adam moments decay and Adam's step
-  count advances at every step, not at the adapter's own steps only. ZeRO stage 3 is not
+* DeepSpeed: use ``exclude_frozen_parameters=True``. DeepSpeed steps flattened partitions, whose
+  gradients are zeros rather than ``None`` for the inactive adapters, so AdamW would move them and
+  advance their moments and step counts: their groups step with learning rate 0 and their
+  optimizer state, held in :meth:`on_before_optimizer_step`, is put back in
+  :meth:`optimizer_step` right after the step (before any callback can checkpoint it). A fit
+  under ZeRO-1 or 2 then ends with a one-device fit's adapters, bit for bit
+  (``benchmarks/gpu_kit/deepspeed_fit_check.py``: DeepSpeed 0.19.8 on the CPU). ZeRO stage 3 is not
   supported by :meth:`export_adapters` (use stage 2: LoRA parameters are small): a fit with
   ``export_dir`` under stage 3 is refused in :meth:`setup`, before training.
 * Gradient accumulation: adapter ``k`` steps once per window that held a batch of cluster ``k``;
@@ -307,6 +307,8 @@ class LoRAModule(LightningModule):
         self._adapter_steps: list[int] = []
         self._rng_states: dict[int, tuple[Tensor, Tensor | None]] = {}
         self._pending: set[int] = set()
+        # DeepSpeed: the inactive adapters' optimizer state, held across a step and put back
+        self._held: tuple[Any, dict[Tensor, dict[str, Any] | None]] | None = None
         self._schedule_lengths: list[int | None] = []
         self._batch_start = 0.0
         self._val_sum: Tensor | None = None
@@ -674,18 +676,32 @@ class LoRAModule(LightningModule):
     @override
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # DeepSpeed steps flat partitions whose gradients are zero-filled, not None: AdamW would
-        # move the inactive adapters with their momentum and weight decay. A learning rate of 0
-        # keeps them exactly where they are (their Adam moments still decay).
+        # move the inactive adapters with their momentum and weight decay, and advance their
+        # Adam moments and step counts. A learning rate of 0 keeps their weights where they are;
+        # their optimizer state is held here and put back right after the step
+        # (optimizer_step), so they come out of it as if skipped, as torch's AdamW skips a None
+        # gradient.
         flat = is_deepspeed(self.trainer.strategy)
+        held: dict[Tensor, dict[str, Any] | None] = {}
         for i, group in enumerate(optimizer.param_groups):
             if i not in self._pending:
                 for p in group["params"]:
                     p.grad = None
                 if flat:
                     group["lr"] = 0.0
+                    held.update((p, _copied(optimizer.state.get(p))) for p in group["params"])
+        self._held = (optimizer, held) if held else None
         for i in self._pending:
             self._adapter_steps[i] += 1
         self._pending.clear()
+
+    @override
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self._held is not None:  # before any callback can checkpoint the state
+            optimizer, held = self._held
+            _put_back(optimizer, held)
+            self._held = None
 
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -960,6 +976,30 @@ def _batches_per_cluster(loader: Any) -> list[int] | None:
             if callable(counts):
                 return [int(n) for n in counts()]
     return None
+
+
+def _copied(state: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A copy of one parameter's optimizer state (its tensors cloned), or ``None``."""
+    if state is None:
+        return None
+    return {k: v.clone() if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in state.items()}
+
+
+def _put_back(optimizer: Any, held: Mapping[Tensor, dict[str, Any] | None]) -> None:
+    """Give parameters' optimizer state back what :func:`_copied` took (tensors copied in place,
+    so that anything holding them sees the old values; a state the step created is dropped)."""
+    for p, state in held.items():
+        current = optimizer.state.get(p)
+        if state is None:
+            optimizer.state.pop(p, None)
+        elif current is None:
+            optimizer.state[p] = state
+        else:
+            for key, value in state.items():
+                if isinstance(value, Tensor) and isinstance(current.get(key), Tensor):
+                    current[key].copy_(value)
+                else:
+                    current[key] = value
 
 
 def _is_lora(name: str) -> bool:

@@ -583,6 +583,63 @@ def test_deepspeed_steps_the_inactive_adapters_with_learning_rate_zero(
         assert module._pending == set()
 
 
+def test_deepspeed_puts_the_inactive_adapters_optimizer_state_back(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DeepSpeed's flat partitions give the inactive adapters zero gradients: stepped with
+    learning rate 0 they keep their weights, but AdamW still advances their moments and step
+    counts. ``LoRAModule`` holds their optimizer state before the step and puts it back right
+    after it, so the adapters end where a fit in which AdamW skipped them (``None`` gradients)
+    ends. Here a torch AdamW that zero-fills missing gradients, as DeepSpeed's partitions do,
+    stands in for DeepSpeed (``benchmarks/gpu_kit/deepspeed_fit_check.py`` runs the real one:
+    the same adapters, bit for bit, at ZeRO-1 and 2)."""
+    from types import SimpleNamespace
+
+    import tclora.module
+
+    class ZeroFilled(torch.optim.AdamW):
+        def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+            loss = closure() if closure is not None else None
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+            super().step()
+            return loss
+
+    def train(strategy: Any) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        module = LoRAModule(model=str(tiny_model_dir), num_adapters=2, lr=0.01, weight_decay=0.1)
+        module.configure_model()
+        optimizer = module.configure_optimizers()
+        if strategy is not None:
+            optimizer.__class__ = ZeroFilled
+        module.trainer = SimpleNamespace(strategy=strategy)  # type: ignore[assignment]
+        for step, index in enumerate([0, 1, 0, 0, 1]):
+            module.activate(index)
+            optimizer.param_groups[index]["lr"] = 0.01
+            module._pending = {index}
+
+            def closure(step: int = step, index: int = index) -> torch.Tensor:
+                loss = module._forward_loss(make_batch(index, seed=step))
+                loss.backward()
+                module.on_before_optimizer_step(optimizer)  # what Lightning calls here
+                return loss
+
+            module.optimizer_step(0, step, optimizer, closure)
+            optimizer.zero_grad(set_to_none=True)
+        assert module._held is None
+        return {
+            f"{i}.{k}": v.clone() for i in range(2) for k, v in adapter_weights(module, i).items()
+        }
+
+    skipped = train(None)  # torch's AdamW skips the None gradients
+    torch.testing.assert_close(train(deepspeed_strategy(2)), skipped, rtol=0, atol=0)
+    monkeypatch.setattr(tclora.module, "_put_back", lambda *args: None)
+    moved = train(deepspeed_strategy(2))  # learning rate 0 alone: the moments decayed
+    assert any(not torch.equal(moved[k], skipped[k]) for k in skipped)
+
+
 def test_fsdp_without_adapter_units_is_warned_about(tiny_model_dir: Path) -> None:
     """FSDP whose units mix frozen and trainable weights still trains, at the cost of a gradient
     of whole units on every rank: ``setup`` says so and names the policy that avoids it."""

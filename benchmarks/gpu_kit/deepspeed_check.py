@@ -7,7 +7,9 @@ initialised, as ``LoRAModule.configure_model`` leaves them) train in turn, the i
 gradient is ``None``; DeepSpeed's ZeRO optimizer steps flat partitions whose gradients it fills
 with zeros, so momentum and weight decay move the inactive adapter unless its group's learning
 rate is 0. On 2026-11-27 (DeepSpeed 0.19.8, torch 2.13 CPU, gloo) for ZeRO stages 1 and 2:
-moved with the schedule's learning rate, unmoved with 0. Runs on a CPU or a GPU::
+moved with the schedule's learning rate, unmoved with 0. Learning rate 0 keeps the weights but
+not the optimizer state (moments, step count), which ``LoRAModule`` also puts back after each
+step; ``deepspeed_fit_check.py`` checks a whole fit. Runs on a CPU or a GPU::
 
     pip install deepspeed   # DS_BUILD_OPS=0 is enough: no compiled op is needed
     python benchmarks/gpu_kit/deepspeed_check.py

@@ -26,6 +26,8 @@ for s in ddp fsdp fsdp_layers deepspeed; do cp /tmp/gpu/$s/fit.log "$out/fit-$s.
 for s in fsdp fsdp_layers; do cp /tmp/gpu/$s/merge.log "$out/merge-$s.log" 2>/dev/null; done
 timeout 120 python3 benchmarks/gpu_kit/deepspeed_check.py > "$out/deepspeed_check.log" 2>&1
 echo "deepspeed_check rc=$?"; grep '^|' "$out/deepspeed_check.log"
+timeout 240 python3 benchmarks/gpu_kit/deepspeed_fit_check.py > "$out/deepspeed_fit_check.log" 2>&1
+echo "deepspeed_fit_check rc=$?"; grep '^|' "$out/deepspeed_fit_check.log"
 [ "${TRAIN_STEP:-1}" = 0 ] && exit 0
 timeout "${T2:-150}" python3 benchmarks/train_step.py --accelerator gpu --precision bf16-mixed \
   --dtype bfloat16 --random-weights-from "$kit/smollm2-shape" --batch-size 8 --seq-len 256 \
