@@ -1,6 +1,6 @@
 """Shared by the merge benchmarks: peak-memory measurement, synthetic adapter stacks, and the
-LoRA target shapes of SmolLM2-135M, a model with random weights built from a config folder, and
-a GPU sync for wall-clock timings."""
+LoRA target shapes of SmolLM2-135M, a model with random weights built from a config folder, a
+tiny two-layer Llama for quick runs, and a GPU sync for wall-clock timings."""
 
 from __future__ import annotations
 
@@ -19,6 +19,38 @@ SMOLLM2 = {
     "head_dim": 64,
     "layers": 30,
 }
+
+
+def save_tiny_llama(
+    folder: Path, vocab_size: int, hidden_size: int, intermediate_size: int, **config: Any
+) -> Path:
+    """Save a two-layer Llama (4 heads, 2 key-value heads) with weights drawn from seed 0.
+
+    Args:
+        folder: Where ``save_pretrained`` writes it.
+        vocab_size: Its vocabulary size.
+        hidden_size: Its hidden size.
+        intermediate_size: Its MLP width.
+        **config: Further ``LlamaConfig`` fields (``max_position_embeddings``, ...).
+
+    Returns:
+        ``folder``.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    llama = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        **config,
+    )
+    LlamaForCausalLM(llama).save_pretrained(folder)
+    return folder
 
 
 def cuda_sync(device: Any = None) -> None:

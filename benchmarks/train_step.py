@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, for `benchmarks`
 
-from benchmarks.common import build_random_model, cuda_sync  # noqa: E402
+from benchmarks.common import build_random_model, cuda_sync, save_tiny_llama  # noqa: E402
 from tclora.module import LoRAModule  # noqa: E402
 
 
@@ -204,20 +204,7 @@ def fit_wall_times(model: str, args: argparse.Namespace, vocab: int) -> tuple[fl
 
 
 def tiny_model(folder: Path) -> str:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=1024,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return str(folder)
+    return str(save_tiny_llama(folder, 1024, 64, 128, max_position_embeddings=512))
 
 
 def main() -> None:

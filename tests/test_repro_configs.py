@@ -13,6 +13,7 @@ import json
 import math
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -749,6 +750,27 @@ def test_run_records_are_not_git_ignored() -> None:
     assert done.returncode == 0  # the working folders stay out of the repository
 
 
+def _kmeans4_sweep(tmp_path: Path) -> Sweep:
+    """A sweep of one run (kmeans4, seed 0) under ``tmp_path``."""
+    return Sweep(
+        work_dir=tmp_path / "work",
+        results_dir=tmp_path / "results",
+        seeds=(0,),
+        variants=("kmeans4",),
+    )
+
+
+def _killed(calls: list[list[str]]) -> Callable[..., Any]:
+    """A ``subprocess.run`` stand-in that records the command, then exits as a run killed by
+    the session's end does."""
+
+    def killed(command: list[str], **kwargs: Any) -> Any:
+        calls.append(command)
+        raise SystemExit(143)  # what the sweep's SIGTERM handler raises
+
+    return killed
+
+
 def test_a_killed_run_keeps_its_attempts_seconds_on_the_record(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -759,17 +781,9 @@ def test_a_killed_run_keeps_its_attempts_seconds_on_the_record(
     from benchmarks.repro import runs
     from benchmarks.repro.records import read_records
 
-    sweep = Sweep(
-        work_dir=tmp_path / "work",
-        results_dir=tmp_path / "results",
-        seeds=(0,),
-        variants=("kmeans4",),
-    )
+    sweep = _kmeans4_sweep(tmp_path)
     calls: list[list[str]] = []
-
-    def killed(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
-        calls.append(command)
-        raise SystemExit(143)  # what the sweep's SIGTERM handler raises
+    killed = _killed(calls)
 
     def finishes(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
         calls.append(command)
@@ -810,24 +824,13 @@ def test_a_checkpoint_made_by_other_tclora_code_is_not_resumed(
 ) -> None:
     """A sweep restarted on other tclora code (an edit between sessions) must not go on from
     the killed attempt's checkpoint: its adapters would be half one code's, half the other's."""
-    import subprocess
 
     import tclora
     from benchmarks.repro import runs
 
-    sweep = Sweep(
-        work_dir=tmp_path / "work",
-        results_dir=tmp_path / "results",
-        seeds=(0,),
-        variants=("kmeans4",),
-    )
+    sweep = _kmeans4_sweep(tmp_path)
     calls: list[list[str]] = []
-
-    def killed(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
-        calls.append(command)
-        raise SystemExit(143)
-
-    monkeypatch.setattr(runs.subprocess, "run", killed)
+    monkeypatch.setattr(runs.subprocess, "run", _killed(calls))
     for _ in range(2):  # the second attempt, same code, resumes the first one's checkpoint
         with pytest.raises(SystemExit, match="143"):
             runs.run_one(sweep, "kmeans4", 0, evaluate_base=False)

@@ -131,21 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MASTER_PORT", "29534")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import deepspeed
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     import tclora.module
+    from benchmarks.common import save_tiny_llama
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
     with tempfile.TemporaryDirectory() as folder:
-        LlamaForCausalLM(config).save_pretrained(folder)
+        save_tiny_llama(Path(folder), 128, 32, 64)
         reference = fit(Path(folder), None, args.accelerator)
         rows = []
         put_back = tclora.module._put_back

@@ -220,8 +220,9 @@ def resume_checkpoint(folder: Path, made_by: str) -> bool:
     Only a checkpoint made by the very same run configuration is resumed: ``made_by`` (the
     run's override text and its training identity: the sweep's training digest, tclora's source
     and the packages' versions, :func:`benchmarks.repro.pieces.training_identity`) is stored
-    beside the checkpoints as a sha256. A checkpoint of another configuration, or one that is not a whole archive, is moved
-    aside (``checkpoints-stale-<time>``, nothing deleted) and the run starts afresh, saying so.
+    beside the checkpoints as a sha256. A checkpoint of another configuration, or one that is
+    not a whole archive, is moved aside (``checkpoints-stale-<time>``, nothing deleted) and the
+    run starts afresh, saying so.
 
     Args:
         folder: The run folder.
