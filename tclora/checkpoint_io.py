@@ -5,12 +5,14 @@ the system's temporary folder into place; where that folder is on another file s
 ``tmpfs`` ``/tmp``) the move is a copy, and a process killed during it leaves a truncated
 ``last.ckpt`` that the next ``--ckpt_path`` cannot load. :class:`AtomicCheckpointIO` streams the
 checkpoint into a sibling file of the destination and renames it into place in one step.
-``tclora fit`` uses it by default; another Lightning project passes it as a plugin.
+``tclora fit`` uses it by default; another Lightning project passes it as a plugin. It loads
+with ``weights_only=True`` unless the caller passes ``False``.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,31 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, handle)
             handle.flush()
             os.fsync(handle.fileno())
+
+    @override
+    def load_checkpoint(
+        self,
+        path: _PATH,
+        map_location: Callable[..., Any] | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        """Load a checkpoint, with ``weights_only=True`` unless the caller asks otherwise.
+
+        Lightning passes ``None`` by default and ``torch.load`` then follows its own default
+        (and the ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` environment variable); a resumed fit here
+        unpickles tensors and plain containers only, whatever the environment says.
+
+        Args:
+            path: Path to the checkpoint.
+            map_location: Where to put the storages (as for ``torch.load``).
+            weights_only: ``None`` (Lightning's default) is taken as ``True``; an explicit
+                ``trainer.fit(..., weights_only=False)`` is kept.
+
+        Returns:
+            The loaded checkpoint.
+        """
+        safe = True if weights_only is None else weights_only
+        return super().load_checkpoint(path, map_location=map_location, weights_only=safe)
 
 
 def use_atomic_checkpoints(trainer: Trainer) -> bool:

@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import pickle
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -159,7 +160,17 @@ def export_main(argv: Sequence[str]) -> int:
 
     import torch
 
-    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+    try:
+        # Tensors and plain containers only: a checkpoint that needs arbitrary unpickling is
+        # refused rather than run (tclora fit writes nothing else).
+        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"WeightsUnpickler error: (.*?\.)(?:\s|$)", str(err))
+        reason = found.group(1) if found else str(err).strip().splitlines()[0]
+        parser.error(
+            f"--ckpt_path={str(ckpt)!r} holds objects other than tensors and plain containers, "
+            f"which tclora loads only with weights_only=True: {reason}"
+        )
     if not isinstance(checkpoint, dict) or "tclora" not in checkpoint:
         parser.error(
             f"--ckpt_path={str(ckpt)!r} was not written by a tclora fit (no 'tclora' entry)"
@@ -168,7 +179,7 @@ def export_main(argv: Sequence[str]) -> int:
     if args.model:
         overrides["model"] = args.model
     module = LoRAModule.load_from_checkpoint(
-        ckpt, map_location="cpu", weights_only=False, **overrides
+        ckpt, map_location="cpu", weights_only=True, **overrides
     )
     step = checkpoint.get("global_step")
     folders = module.export_adapters(out, {"checkpoint": str(ckpt), "global_step": step})

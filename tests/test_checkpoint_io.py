@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -81,3 +82,20 @@ def test_the_default_checkpoint_io_is_replaced_and_a_chosen_one_kept() -> None:
     trainer = Trainer(accelerator="cpu", logger=False, plugins=[chosen])
     assert use_atomic_checkpoints(trainer) is False
     assert trainer.strategy.checkpoint_io is chosen
+
+
+class _Pickled:
+    """A class ``torch.load(weights_only=True)`` does not allow."""
+
+
+def test_a_checkpoint_is_loaded_weights_only_even_where_the_environment_says_otherwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "last.ckpt"
+    torch.save({"global_step": 4, "extra": _Pickled()}, path)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    assert isinstance(TorchCheckpointIO().load_checkpoint(path)["extra"], _Pickled)  # unsafe
+    with pytest.raises(pickle.UnpicklingError, match=r"Unsupported global: GLOBAL .*_Pickled"):
+        AtomicCheckpointIO().load_checkpoint(path)
+    loaded = AtomicCheckpointIO().load_checkpoint(path, weights_only=False)  # asked for
+    assert loaded["global_step"] == 4

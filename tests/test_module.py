@@ -961,6 +961,28 @@ def test_export_errors_name_the_argument(
     assert re.search(message, text), text
 
 
+class _Pickled:
+    """A class ``torch.load(weights_only=True)`` does not allow."""
+
+
+def test_export_refuses_a_checkpoint_that_needs_unpickling(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``tclora export`` loads with ``weights_only=True``: arbitrary objects are refused, not run."""
+    from tclora.export_cli import export_main
+
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"tclora": {}, "state_dict": {}, "extra": _Pickled()}, ckpt)
+    with pytest.raises(SystemExit):
+        export_main(["--ckpt_path", str(ckpt)])
+    assert (
+        f"--ckpt_path='{ckpt}' holds objects other than tensors and plain containers, which "
+        "tclora loads only with weights_only=True: Unsupported global: GLOBAL "
+        f"{_Pickled.__module__}._Pickled was not an allowed global by default."
+    ) in capsys.readouterr().err
+    assert not (tmp_path / "last-adapters").exists()
+
+
 def test_fit_with_cluster_datamodule(tiny_model_dir: Path, multitask_jsonl: Path) -> None:
     """Integration: K comes from ClusterDataModule (per-task clusters), its batches train."""
     from tclora.datamodules.cluster import ClusterDataModule
