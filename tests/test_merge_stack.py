@@ -194,3 +194,58 @@ def test_folder_errors(peft3: PeftModel, tmp_path: Path) -> None:
         AdapterStack.from_folders([tmp_path / "x", tmp_path / "y"])
     with pytest.raises(ValueError, match=r"names has 1 entries but folders has 2"):
         AdapterStack.from_folders([tmp_path / "x", tmp_path / "z"], names=["a"])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (dict(lora_bias=True), r"lora_bias=True; the LoRA bias is not part of B@A"),
+        (dict(bias="lora_only"), r"bias='lora_only' trains the base model's biases"),
+        (dict(modules_to_save=["lm_head"]), r"modules_to_save=\['lm_head'\] trains whole modules"),
+    ],
+)
+def test_adapters_that_train_more_than_BA_are_refused(
+    tiny_llama: Any, tmp_path: Path, extra: dict[str, Any], message: str
+) -> None:
+    """A merge of ``B@A`` would silently drop a LoRA bias, trained biases or whole modules."""
+    model = make_peft(tiny_llama, {"pp": cfg(2), "qq": cfg(2, **extra)})
+    with pytest.raises(ValueError, match=r"adapter 'qq': " + message):
+        AdapterStack.from_peft_model(model)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'qq'}: " + message):
+        AdapterStack.from_folders([tmp_path / "pp", tmp_path / "qq"])
+
+
+def test_folder_weights_besides_lora_A_and_B_are_refused(tiny_llama: Any, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    model = make_peft(tiny_llama, {"pp": cfg(2), "qq": cfg(2, targets=["q_proj", "embed_tokens"])})
+    model.save_pretrained(tmp_path)
+    with pytest.raises(
+        ValueError,
+        match=r"qq: the adapter file holds 3 weights besides lora_A/lora_B \(embedding LoRA, "
+        r"whole modules or biases of the base model; e\.g\. \['base_model\.model\.model\."
+        r"embed_tokens\.base_layer\.weight', .*a merge of B@A would drop them silently",
+    ):
+        AdapterStack.from_folders([tmp_path / "pp", tmp_path / "qq"])
+    file = tmp_path / "pp" / "adapter_model.safetensors"
+    state = load_file(str(file))
+    key = next(k for k in state if k.endswith("q_proj.lora_B.weight"))
+    save_file({**state, key.replace(".weight", ".bias"): torch.zeros(4)}, str(file))
+    with pytest.raises(ValueError, match=r"pp: the adapter file holds 1 weights besides .*"):
+        AdapterStack.from_folders([tmp_path / "pp", tmp_path / "pp"])
+
+
+def test_folders_of_different_base_models_are_refused(peft3: PeftModel, tmp_path: Path) -> None:
+    import json
+
+    peft3.save_pretrained(tmp_path)
+    config = tmp_path / "y" / "adapter_config.json"
+    config.write_text(
+        json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": "o/m"})
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"adapters of different base models cannot be merged: x -> None, y -> o/m, z -> None",
+    ):
+        AdapterStack.from_folders([tmp_path / n for n in ("x", "y", "z")])

@@ -123,7 +123,8 @@ class AdapterStack:
             The stack; weights are detached copies (the model can keep training).
 
         Raises:
-            ValueError: no LoRA layer, an unknown or non-LoRA adapter, DoRA or LoRA bias, fewer
+            ValueError: no LoRA layer, an unknown or non-LoRA adapter, DoRA, LoRA bias, trained
+                base biases or ``modules_to_save`` (weights a merge of ``B@A`` would drop), fewer
                 than two adapters, or module sets / shapes that differ.
         """
         from peft.tuners.lora import LoraLayer
@@ -152,6 +153,9 @@ class AdapterStack:
                     f"available: {lora_names}"
                 )
         _check_count(names)
+        for n in names:
+            if n in configs:
+                _check_only_lora_weights(configs[n], f"adapter {n!r}")
         weights: dict[str, list[Factors]] = {}
         for module, layer in layers:
             present = [
@@ -210,8 +214,10 @@ class AdapterStack:
 
         Raises:
             FileNotFoundError: a folder lacks its config or weights.
-            ValueError: not LoRA, DoRA, names of the wrong length or repeated, fewer than two
-                adapters, or module sets / shapes that differ.
+            ValueError: not LoRA, DoRA, weights besides ``lora_A``/``lora_B`` in the file or
+                configured (LoRA bias, embedding LoRA, trained biases, ``modules_to_save``: a
+                merge of ``B@A`` would drop them), different base models, names of the wrong
+                length or repeated, fewer than two adapters, or module sets / shapes that differ.
         """
         paths = [Path(f) for f in folders]
         _check_count(paths, what="folders")
@@ -224,6 +230,10 @@ class AdapterStack:
             config, factors = _read_folder(path)
             configs.append(config)
             per_adapter.append(factors)
+        bases = [c.base_model_name_or_path for c in configs]
+        if len(set(bases)) > 1:
+            listing = ", ".join(f"{n} -> {b}" for n, b in zip(adapter_names, bases, strict=True))
+            raise ValueError(f"adapters of different base models cannot be merged: {listing}")
         modules = [set(f) for f in per_adapter]
         for name, mods in zip(adapter_names[1:], modules[1:], strict=True):
             if mods != modules[0]:
@@ -295,6 +305,45 @@ def _validate(names: Sequence[str], weights: Mapping[str, Sequence[Factors]]) ->
                     )
 
 
+def _check_only_lora_weights(config: Any, where: str) -> None:
+    """Refuse a LoRA config whose adapter trains more than ``B@A`` (a merge would drop it).
+
+    Args:
+        config: The adapter's ``LoraConfig``.
+        where: The adapter, as the error should name it.
+
+    Raises:
+        ValueError: ``lora_bias=True``, ``bias`` other than ``"none"`` or ``modules_to_save``.
+    """
+    if getattr(config, "lora_bias", False):
+        raise ValueError(
+            f"{where}: lora_bias=True; the LoRA bias is not part of B@A and cannot be merged here"
+        )
+    if getattr(config, "bias", "none") != "none":
+        raise ValueError(
+            f"{where}: bias={config.bias!r} trains the base model's biases, which a merge of "
+            "B@A would drop; only bias='none' adapters can be merged here"
+        )
+    if getattr(config, "modules_to_save", None):
+        raise ValueError(
+            f"{where}: modules_to_save={list(config.modules_to_save)} trains whole modules "
+            "besides the LoRA weights, which a merge of B@A would drop; only adapters without "
+            "modules_to_save can be merged here"
+        )
+
+
+def _what_else(keys: Sequence[str]) -> str:
+    """What weights outside ``lora_A``/``lora_B`` are, in words (for an error message)."""
+    kinds = []
+    if any(".lora_B.bias" in k or ".lora_A.bias" in k for k in keys):
+        kinds.append("LoRA biases")
+    if any("lora_embedding_" in k for k in keys):
+        kinds.append("embedding LoRA")
+    if any("lora_" not in k for k in keys):
+        kinds.append("whole modules or biases of the base model")
+    return ", ".join(kinds) or "other LoRA weights"
+
+
 def _read_folder(path: Path) -> tuple[LoraConfig, dict[str, Factors]]:
     """One peft adapter folder → its config and ``module -> (A, B, scaling)``."""
     from peft.utils.other import get_pattern_key
@@ -312,6 +361,7 @@ def _read_folder(path: Path) -> tuple[LoraConfig, dict[str, Factors]]:
         raise ValueError(
             f"{path}: use_dora=True, DoRA adapters are not B@A and cannot be merged here"
         )
+    _check_only_lora_weights(config, str(path))
     st_path, bin_path = path / "adapter_model.safetensors", path / "adapter_model.bin"
     if st_path.is_file():
         from safetensors.torch import load_file
@@ -322,6 +372,13 @@ def _read_folder(path: Path) -> tuple[LoraConfig, dict[str, Factors]]:
     else:
         raise FileNotFoundError(f"{path} has no adapter_model.safetensors (or adapter_model.bin)")
     parts: dict[str, dict[str, Tensor]] = {}
+    others = sorted(key for key in state if _KEY_RE.match(key) is None)
+    if others:
+        raise ValueError(
+            f"{path}: the adapter file holds {len(others)} weights besides lora_A/lora_B "
+            f"({_what_else(others)}; e.g. {others[:3]}); a merge of B@A would drop them "
+            "silently, so only plain Linear LoRA adapters are merged"
+        )
     for key, value in state.items():
         match = _KEY_RE.match(key)
         if match is None:
