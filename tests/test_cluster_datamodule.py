@@ -6,6 +6,7 @@ import json
 import os
 import re
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -450,16 +451,36 @@ def test_state_dict_resumes_identical_clusters_and_refuses_changed_data(
     a = ready([str(multitask_jsonl)], tmp_path, tokenizer, seed=1)
     state = a.state_dict()
     assert {"assignments", "centroids", "num_clusters", "seed", "data_hash"} <= set(state)
+    assert state["n_init"] == 10 and state["configured_num_clusters"] == 4
     b = ready([str(multitask_jsonl)], tmp_path, tokenizer, seed=2)  # would cluster differently
-    b.load_state_dict(state)
+    with pytest.warns(
+        UserWarning,
+        match=r"resuming with the checkpoint's clusters \(assignments, split, centroids\), which "
+        r"the adapters were trained on; these settings differ in the config and the checkpoint's "
+        r"are used: seed: config 2 -> checkpoint 1\. Start a new fit",
+    ):
+        b.load_state_dict(state)
     np.testing.assert_array_equal(b.assignments, a.assignments)
     np.testing.assert_array_equal(b.centroids, a.centroids)
     np.testing.assert_array_equal(b.val_indices, a.val_indices)
     # load before setup is applied at the end of setup
-    c = make_dm([str(multitask_jsonl)], tmp_path, tokenizer, seed=3)
+    c = make_dm([str(multitask_jsonl)], tmp_path, tokenizer, seed=3, n_init=2)
     c.load_state_dict(state)
-    c.setup()
+    with pytest.warns(UserWarning, match=r"used: seed: config 3 -> checkpoint 1; n_init: config "):
+        c.setup()
     np.testing.assert_array_equal(c.assignments, a.assignments)
+    same = ready([str(multitask_jsonl)], tmp_path, tokenizer, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing changed: nothing to say
+        same.load_state_dict(state)
+    other_encoder = {**state, "encoder": "all-MiniLM-L12-v2-0123456789abcdef"}
+    with pytest.raises(
+        ValueError,
+        match=r"cannot resume: the checkpoint's clusters were made with the encoder "
+        r"'all-MiniLM-L12-v2-0123456789abcdef' and data.encoder=None is now '.*'; routing would "
+        r"embed prompts with one encoder",
+    ):
+        same.load_state_dict(other_encoder)
     changed = tmp_path / "changed.jsonl"
     records = make_multitask_samples()
     records[0]["response"] = "something else"

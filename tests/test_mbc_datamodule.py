@@ -82,7 +82,12 @@ def test_samples_follow_their_tasks_group_and_resume(
     )
     resumed = _dm(multitask_jsonl, tmp_path, tokenizer, mbc_assignments=str(other))
     resumed.load_state_dict(state)  # before setup: applied at its end
-    resumed.setup("fit")
+    with pytest.warns(
+        UserWarning,
+        match=r"used: mbc_groups: config \{'arithmetic': 0, 'code': 0, 'sentiment': 1, "
+        r"'translation': 1\} -> checkpoint \{",
+    ):
+        resumed.setup("fit")
     np.testing.assert_array_equal(resumed.assignments, dm.assignments)
     np.testing.assert_array_equal(resumed.centroids, dm.centroids)
 

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
@@ -676,18 +676,72 @@ class ClusterDataModule(LightningDataModule):
             "val_fraction": self.val_fraction,
             "embed_field": self.embed_field,
             "encoder": encoder_fingerprint(self.encoder_name),
+            **self._cluster_settings(),
             "assignments": torch.from_numpy(self.assignments.astype(np.int32)),
             "train_indices": torch.from_numpy(self.train_indices.astype(np.int64)),
             "val_indices": torch.from_numpy(self.val_indices.astype(np.int64)),
             "centroids": torch.from_numpy(np.ascontiguousarray(self._centroids)),
         }
 
+    def _cluster_settings(self) -> dict[str, Any]:
+        """The settings that made the clusters and the split, beyond the data and the encoder
+        (kept in the state so that a resume can say which of them the config changed)."""
+        options = self.clustering_options
+        settings: dict[str, Any] = {
+            "fit_fraction": options.fit_fraction,
+            "min_fit_samples": options.min_fit_samples,
+            "n_init": options.n_init,
+            "min_cluster_size": options.min_cluster_size,
+            "small_cluster_policy": options.small_cluster_policy,
+            "configured_num_clusters": options.num_clusters,
+            "num_clusters_range": list(options.num_clusters_range),
+        }
+        if self._mbc_groups is not None:
+            settings["mbc_groups"] = dict(sorted(self._mbc_groups.items()))
+        return settings
+
+    def _check_resumed_settings(self, state: Mapping[str, Any]) -> None:
+        """Refuse a checkpoint whose centroids come from another encoder; name in a warning every
+        other setting the config changed (the checkpoint's clusters are the ones used)."""
+        encoder = encoder_fingerprint(self.encoder_name)
+        if "encoder" in state and state["encoder"] != encoder:
+            raise ValueError(
+                f"cannot resume: the checkpoint's clusters were made with the encoder "
+                f"{state['encoder']!r} and data.encoder={self.encoder_name!r} is now {encoder!r}; "
+                "routing would embed prompts with one encoder and compare them with centroids of "
+                "the other. Set data.encoder back to the checkpoint's encoder or start a new fit"
+            )
+        now = {
+            "clustering": self.clustering,
+            "seed": self.seed,
+            "val_fraction": self.val_fraction,
+            "embed_field": self.embed_field,
+            "num_clusters": self._k,
+            **self._cluster_settings(),
+        }
+        differ = [
+            f"{key}: config {value!r} -> checkpoint {state[key]!r}"
+            for key, value in now.items()
+            if key in state and _plain(state[key]) != _plain(value)
+        ]
+        if differ:
+            rank_zero_warn(
+                "ClusterDataModule: resuming with the checkpoint's clusters (assignments, split, "
+                "centroids), which the adapters were trained on; these settings differ in the "
+                f"config and the checkpoint's are used: {'; '.join(differ)}. Start a new fit "
+                "to cluster with the config's settings"
+            )
+
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the clusters of a checkpoint (after ``setup``, or deferred until it).
 
+        The checkpoint's clusters are kept (its adapters learnt them): every setting that made
+        them and now differs in the config is named in a warning.
+
         Raises:
-            ValueError: The data changed since the checkpoint (different content hash).
+            ValueError: The data changed since the checkpoint (different content hash), or the
+                encoder did (the checkpoint's centroids live in the other encoder's space).
         """
         if not state_dict:
             return
@@ -706,6 +760,7 @@ class ClusterDataModule(LightningDataModule):
                 f"{str(self.data_hash)[:12]}… now; {state_dict.get('num_samples')} vs "
                 f"{len(self.samples)} samples). Restore the original sources or start a new fit"
             )
+        self._check_resumed_settings(state_dict)
         self.assignments = state_dict["assignments"].numpy().astype(np.int64)
         self.train_indices = state_dict["train_indices"].numpy().astype(np.int64)
         self.val_indices = state_dict["val_indices"].numpy().astype(np.int64)
@@ -754,6 +809,15 @@ class ClusterDataModule(LightningDataModule):
             ),
             title=f"{self.clustering}: {self._k} clusters (PCA of embeddings)",
         )
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with tuples as lists (a state read back from a checkpoint has lists)."""
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
 
 
 def _info(message: str) -> None:
