@@ -310,6 +310,7 @@ class LoRAModule(LightningModule):
         # DeepSpeed: the inactive adapters' optimizer state, held across a step and put back
         self._held: tuple[Any, dict[Tensor, dict[str, Any] | None]] | None = None
         self._schedule_lengths: list[int | None] = []
+        self._exported_at: int | None = None  # the global step this fit exported at
         self._batch_start = 0.0
         self._val_sum: Tensor | None = None
         self._val_tokens: Tensor | None = None
@@ -841,14 +842,31 @@ class LoRAModule(LightningModule):
         return [out / name for name in self.adapter_names]
 
     @override
+    def on_fit_start(self) -> None:
+        self._exported_at = None
+
+    @override
     def on_fit_end(self) -> None:
+        self.export_trained_adapters()
+
+    def export_trained_adapters(self) -> None:
+        """Export the adapters to ``export_dir`` at the end of a fit, once per fit.
+
+        ``on_fit_end`` calls it; :class:`~tclora.callbacks.CPMergeCallback` calls it first,
+        before its merge study (callbacks' ``on_fit_end`` run before the module's), so a study
+        that fails loses none of the trained adapters. Call it on every rank: under FSDP the
+        weights are gathered, and rank zero writes. Nothing happens without ``export_dir``, or
+        when this fit's step was exported already.
+        """
         export_dir = self.hparams["export_dir"]
-        if export_dir is None:
+        step = self.trainer.global_step
+        if export_dir is None or self._exported_at == step:
             return
         with self._full_parameters():
             if self.trainer.is_global_zero:
                 folders = self.export_adapters(export_dir)
                 rank_zero_info(f"LoRAModule: exported {len(folders)} adapters to {export_dir}")
+        self._exported_at = step
 
     @override
     def configure_callbacks(self) -> list[Callback]:

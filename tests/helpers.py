@@ -145,6 +145,7 @@ QUICK_MERGE: dict[str, Any] = {
     "rules": ["mean_loading"],
     "baselines": ["uniform"],
     "scales": [1.0],
+    "keep": "cp2_mean_loading",  # without --val_data nothing chooses the best merge
     "references": ["base"],
     "max_length": 64,
     "cp_iters": 5,
@@ -161,14 +162,14 @@ def merge_argv(
         folders: Adapter folders (given as ``--adapters A B ...``).
         out: ``--output_dir`` (omitted when ``None``).
         *extra: More arguments, as they are (e.g. ``"--val_data", "[...]"``).
-        **options: ``--merge.<name>`` values (JSON-encoded).
+        **options: ``--merge.<name>`` values (JSON-encoded, strings as they are).
 
     Returns:
         The argument list.
     """
     args = ["--adapters", *[str(f) for f in folders]]
     for name, value in {**QUICK_MERGE, **options}.items():
-        args += [f"--merge.{name}", json.dumps(value)]
+        args += [f"--merge.{name}", value if isinstance(value, str) else json.dumps(value)]
     if out is not None:
         args += ["--output_dir", str(out)]
     return args + list(extra)

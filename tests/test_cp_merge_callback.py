@@ -291,6 +291,32 @@ def test_fewer_than_two_adapters_is_refused_before_training(tmp_path: Path, toke
     assert trainer.global_step == 0
 
 
+def test_a_data_module_without_validation_samples_is_refused_before_training(
+    tmp_path: Path, tokenizer: Any
+) -> None:
+    """Before: ``val_fraction=0`` gave empty validation loaders, and the study failed on NaN
+    losses after the whole fit; with one scale the first merge was kept as 'best'."""
+
+    class NoValidation(UserData):
+        val_fraction = 0.0
+
+    module = UserModule(len(tokenizer))
+    trainer = _trainer(tmp_path, _callback(tmp_path, []), logger=False)
+    with pytest.raises(
+        ValueError,
+        match=r"CPMergeCallback\.scales=\[0\.5, 1\.0, 3\.0\] \(one scale per merge\) and "
+        r"CPMergeCallback\.keep='best' \(the merge to keep among \['cp2_sum_components', "
+        r"'cp2_mean_loading', 'uniform', 'ties'\]\) are chosen on validation loss, and there is "
+        r"no validation data: the data module has val_fraction=0\.0 \(no validation samples\); "
+        r"set data\.val_fraction > 0, or give a single scale and name the merge to keep "
+        r"\(CPMergeCallback\.keep=<method>\)",
+    ):
+        trainer.fit(module, datamodule=NoValidation(len(tokenizer)))
+    assert trainer.global_step == 0
+    named = _callback(tmp_path, [], scales=[1.0], keep="uniform")
+    named.check(trainer, NoValidation(len(tokenizer)))  # nothing left to choose: allowed
+
+
 def test_a_module_without_peft_model_is_refused(tmp_path: Path, tokenizer: Any) -> None:
     class Plain(LightningModule):
         def __init__(self) -> None:

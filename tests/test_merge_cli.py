@@ -56,6 +56,7 @@ def test_merge_command_on_folders(
             val,
             baselines=["uniform", "tsv"],
             scales=[0.5, 1.0],
+            keep="best",
             references=["base", "single"],
             eval_sets=[str(heldout)],
             cp_iters=100,
@@ -181,12 +182,22 @@ def test_a_truncated_adapter_file_names_its_folder(adapter_folders: list[str]) -
         adapter_base_models(adapter_folders)
 
 
-def test_several_scales_without_validation_data_fail_before_loading(
+def test_choices_on_validation_loss_without_validation_data_fail_before_loading(
     tmp_path: Path, adapter_folders: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """Without --val_data the first scale and the first merge would be taken silently."""
     with pytest.raises(SystemExit):
-        _quick_merge(adapter_folders, tmp_path / "m", "[1.0, 2.0]")
-    assert "choosing among several scales needs validation data" in capsys.readouterr().err
+        merge_main(merge_argv(adapter_folders, tmp_path / "m", scales=[1.0, 2.0], keep="best"))
+    assert (
+        "--merge.scales=[1.0, 2.0] (one scale per merge) and --merge.keep='best' (the merge to "
+        "keep among ['cp2_mean_loading', 'uniform']) are chosen on validation loss, and there is "
+        "no validation data: pass --val_data, or give a single scale and name the merge to keep "
+        "(--merge.keep=<method>)"
+    ) in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        merge_main(merge_argv(adapter_folders, tmp_path / "m", keep="best"))
+    assert "--merge.keep='best' (the merge to keep among" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
 
 
 def test_a_bad_device_or_dtype_is_refused_before_any_model_loads(

@@ -355,6 +355,61 @@ def test_export_set_is_replaced_whole_or_not_at_all(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapters"]
 
 
+@pytest.mark.parametrize("study_fails", [True, False])
+def test_the_adapters_are_exported_once_and_before_the_merge_study(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, study_fails: bool
+) -> None:
+    """Before: callbacks' ``on_fit_end`` runs before the module's, so a merge study that raised
+    left ``export_dir`` unwritten after the whole fit. Now the callback has the module export
+    first, and the module's own ``on_fit_end`` does not export the same step again."""
+    from tclora.callbacks import CPMergeCallback
+    from tclora.study import MergeStudy
+
+    exports: list[str] = []
+    real_export = LoRAModule.export_adapters
+
+    def counted(self: LoRAModule, out_dir: Any, note: Any = None) -> list[Path]:
+        exports.append("export")
+        return real_export(self, out_dir, note)
+
+    real_run = MergeStudy.run
+
+    def run(self: MergeStudy, *args: Any, **kwargs: Any) -> Any:
+        exports.append("study")
+        if study_fails:
+            raise RuntimeError("the study failed")
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(LoRAModule, "export_adapters", counted)
+    monkeypatch.setattr(MergeStudy, "run", run)
+    export = tmp_path / "adapters"
+    merge = CPMergeCallback(
+        cp_ranks=[2],
+        rules=["mean_loading"],
+        baselines=["uniform"],
+        scales=[1.0],
+        keep="uniform",
+        references=[],
+        output_dir=str(tmp_path / "merge"),
+        tokenizer=str(tiny_model_dir),
+        progress=False,
+    )
+    seed_everything(0)
+    module = LoRAModule(model=str(tiny_model_dir), r=4, lr=1e-2, export_dir=str(export))
+    trainer = make_trainer(callbacks=[merge])
+    data = ListDataModule([make_batch(0, 0), make_batch(1, 1)], 2)
+    if study_fails:
+        with pytest.raises(RuntimeError, match="the study failed"):
+            trainer.fit(module, datamodule=data)
+    else:
+        trainer.fit(module, datamodule=data)
+    assert exports == ["export", "study"]
+    manifest = json.loads((export / "tclora_adapters.json").read_text())
+    assert manifest["adapter_steps"] == [1, 1]
+    assert (export / "cluster_0" / "adapter_model.safetensors").is_file()
+    assert (export / "cluster_1" / "adapter_model.safetensors").is_file()
+
+
 def test_export_dir_is_checked_before_any_work(tiny_model_dir: Path, tmp_path: Path) -> None:
     """Before: an unwritable export dir failed only after the whole fit and merge study."""
     blocker = tmp_path / "a_file"

@@ -143,3 +143,27 @@ def test_progress_round_trip_mismatch_and_retirement(tmp_path: Path) -> None:
     assert sorted(p.name for p in moved.iterdir()) == [PROGRESS_FILE, "results.md"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt", moved.name]
     assert retire_outputs(tmp_path) is None
+
+
+def test_choices_on_validation_loss_need_validation_data() -> None:
+    from torch.utils.data import DataLoader
+
+    from tclora.study.run import has_validation_data
+
+    assert not has_validation_data([])
+    assert not has_validation_data([DataLoader([]), DataLoader([])])  # val_fraction=0
+    assert has_validation_data([DataLoader([]), DataLoader([{"input_ids": 1}])])
+    assert has_validation_data([iter([{"input_ids": 1}])])  # no length: assumed to have data
+
+    config = StudyConfig(cp_ranks=[2], rules=["mean_loading"], baselines=["uniform"], scales=[1.0])
+    with pytest.raises(
+        ValueError,
+        match=r"^keep='best' \(the merge to keep among \['cp2_mean_loading', 'uniform'\]\) is "
+        r"chosen on validation loss, and there is no validation data: pass it, or give a single "
+        r"scale and name the merge to keep \(keep=<method>\)$",
+    ):
+        config.check_validation(False, "pass it")
+    config.check_validation(True, "pass it")
+    StudyConfig(scales=[1.0], keep="uniform").check_validation(False, "pass it")
+    only = StudyConfig(cp_ranks=[2], rules=["mean_loading"], baselines=[], scales=[1.0])
+    only.check_validation(False, "pass it")  # one merge: nothing to choose

@@ -366,9 +366,9 @@ def study_only_overrides(overrides: dict[str, Any], piece: Piece) -> dict[str, A
 
 class SaveTrainedAdapters(Callback):
     """Export every adapter as a peft folder when training ends, before the merge study (put this
-    callback before ``CPMergeCallback``: the study runs in ``on_fit_end``, and ``LoRAModule``
-    exports only after it). The data module's state (the clusters the adapters learnt from) is
-    written first, beside the folder (:data:`DATAMODULE_STATE`).
+    callback before ``CPMergeCallback``: the study runs in ``on_fit_end``), with what
+    ``LoRAModule``'s own export lacks: the data module's state (the clusters the adapters learnt
+    from), written first, beside the folder (:data:`DATAMODULE_STATE`).
 
     Exports in ``on_train_end``; a fit resumed from a checkpoint of its final step trains nothing
     and never calls it, so ``on_fit_end`` exports then. A fit of no step exports nothing.

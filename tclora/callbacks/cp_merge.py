@@ -235,8 +235,9 @@ class CPMergeCallback(Callback):
 
         Raises:
             ValueError: A strategy that shards parameters (FSDP, DeepSpeed ZeRO stage 3), a
-                missing or malformed evaluation set (file and line named), or a data module with
-                fewer than 2 clusters.
+                missing or malformed evaluation set (file and line named), a data module with
+                fewer than 2 clusters, or one without validation samples (``val_fraction=0``)
+                where ``scales`` or ``keep="best"`` choose on validation loss.
             PermissionError: The output folder cannot be written.
         """
         check_strategy(trainer.strategy)
@@ -244,6 +245,14 @@ class CPMergeCallback(Callback):
             self.study.load_eval_sets()
         check_writable(self.resolve_output_dir(trainer), "CPMergeCallback.output_dir")
         datamodule = datamodule if datamodule is not None else getattr(trainer, "datamodule", None)
+        val_fraction = getattr(datamodule, "val_fraction", None)
+        if isinstance(val_fraction, int | float) and val_fraction == 0:
+            self.config.check_validation(
+                False,
+                f"the data module has val_fraction={val_fraction} (no validation samples); set "
+                "data.val_fraction > 0",
+                prefix="CPMergeCallback.",
+            )
         k = getattr(datamodule, "num_clusters", None) if datamodule is not None else None
         if isinstance(k, int) and k < 2:
             raise ValueError(
@@ -270,6 +279,9 @@ class CPMergeCallback(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        export = getattr(pl_module, "export_trained_adapters", None)
+        if callable(export):
+            export()  # before the study: a study that fails must not lose the trained adapters
         peft_model = find_peft_model(pl_module)
         if self._tokenizer is None:
             self._tokenizer = self._find_tokenizer(trainer, pl_module, peft_model)

@@ -214,11 +214,10 @@ def merge_main(argv: Sequence[str]) -> int:
     if "routing" in study_config.references:
         print("tclora merge: no data module to route with: the 'routing' reference is skipped")
         study_config = study_config.without_routing()
-    if len(study_config.scales) > 1 and not cfg.val_data:
-        parser.error(
-            f"--merge.scales={study_config.scales}: choosing among several scales needs "
-            "validation data; pass --val_data or a single scale"
-        )
+    try:
+        study_config.check_validation(bool(cfg.val_data), "pass --val_data", prefix="--merge.")
+    except ValueError as err:
+        parser.error(str(err))
     bases = adapter_base_models(folders)
     study = MergeStudy(study_config)
     study.load_eval_sets()  # a missing or malformed evaluation file fails before loading models

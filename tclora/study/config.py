@@ -158,6 +158,35 @@ class StudyConfig:
         cp = [f"cp{r}_{rule}" for r in self.cp_ranks for rule in self.rules]
         return cp + list(self.baselines)
 
+    def check_validation(self, has_validation: bool, how: str, prefix: str = "") -> None:
+        """Refuse options that choose on validation loss when there is no validation data.
+
+        Several scales are chosen among by validation loss, and so is the kept merge
+        (``keep="best"``) when there are several merges; without validation data the first scale
+        and the first merge would be taken silently.
+
+        Args:
+            has_validation: Whether validation data is there.
+            how: How to give validation data, as the error should say (e.g. ``"pass --val_data"``).
+            prefix: Put before each option's name (``"--merge."`` on the command line).
+
+        Raises:
+            ValueError: ``has_validation`` is false and the options need validation data.
+        """
+        if has_validation:
+            return
+        choices = []
+        if len(self.scales) > 1:
+            choices.append(f"{prefix}scales={self.scales} (one scale per merge)")
+        if self.keep == "best" and len(self.method_names) > 1:
+            choices.append(f"{prefix}keep='best' (the merge to keep among {self.method_names})")
+        if choices:
+            raise ValueError(
+                f"{' and '.join(choices)} {'are' if len(choices) > 1 else 'is'} chosen on "
+                f"validation loss, and there is no validation data: {how}, or give a single "
+                f"scale and name the merge to keep ({prefix}keep=<method>)"
+            )
+
     def without_routing(self) -> StudyConfig:
         """A copy with the ``routing`` reference removed (for runs without a router)."""
         values = asdict(self)

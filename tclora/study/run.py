@@ -39,6 +39,7 @@ __all__ = [
     "MERGED_ADAPTER",
     "Router",
     "build_merges",
+    "has_validation_data",
     "lm_loss",
     "route",
     "run_study",
@@ -128,6 +129,25 @@ def select_scale(curve: Mapping[float, float]) -> float:
     if not finite:
         raise ValueError(f"no finite validation metric on the scale grid {sorted(curve)}")
     return min(sorted(finite), key=lambda s: finite[s])
+
+
+def has_validation_data(val_loaders: Sequence[Iterable[Mapping[str, Any]]]) -> bool:
+    """Whether any validation loader has data (a loader without a length is assumed to).
+
+    Args:
+        val_loaders: Validation loaders (one per cluster), e.g. ``DataLoader`` objects.
+
+    Returns:
+        ``False`` for no loaders or loaders whose datasets are all empty.
+    """
+    for loader in val_loaders:
+        data = getattr(loader, "dataset", loader)
+        try:
+            if len(data) > 0:  # type: ignore[arg-type]
+                return True
+        except TypeError:  # an iterable without a length
+            return True
+    return False
 
 
 def _validation_metric(
@@ -287,11 +307,9 @@ def run_study(
     Returns:
         The :class:`StudyResult`.
     """
-    if len(cfg.scales) > 1 and not val_loaders:
-        raise ValueError(
-            f"scales={cfg.scales}: choosing a scale needs validation data, and none was given; "
-            "pass validation loaders or a single scale"
-        )
+    if not has_validation_data(val_loaders):
+        cfg.check_validation(False, "pass validation loaders")
+        val_loaders = []  # empty loaders (val_fraction=0): no validation, not NaN losses
     if "arrow" in cfg.references and (cfg.arrow_top_k or 0) > len(stack.names):
         raise ValueError(
             f"arrow_top_k={cfg.arrow_top_k}: Arrow mixes at most the {len(stack.names)} adapters "

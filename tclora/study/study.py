@@ -37,7 +37,7 @@ from tclora.study.results import (
     to_csv,
     to_markdown,
 )
-from tclora.study.run import Router, run_study
+from tclora.study.run import Router, has_validation_data, run_study
 
 __all__ = ["MergeStudy", "lora_adapter_names"]
 
@@ -140,11 +140,7 @@ class MergeStudy:
             The study's result (also kept as ``self.result``).
         """
         cfg = self.config
-        if len(cfg.scales) > 1 and not val_loaders:
-            raise ValueError(
-                f"scales={cfg.scales}: choosing a scale needs validation data, and none was "
-                "given; pass validation data or a single scale"
-            )
+        cfg.check_validation(has_validation_data(val_loaders), "pass validation data")
         if cfg.eval_sets and len(self.eval_sets) != len(cfg.eval_sets):
             self.load_eval_sets()
         names = self.adapter_names(peft_model)
