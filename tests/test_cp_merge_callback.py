@@ -531,3 +531,19 @@ def test_study_runs_on_the_strategy_device_and_the_model_goes_back(
         assert moves == ["meta"]
         raise RuntimeError("study failed")
     assert moves == ["meta", "cpu"]
+
+
+def test_an_error_in_the_validation_loaders_is_not_swallowed(tmp_path: Path) -> None:
+    """Before: any exception of ``val_dataloader()`` meant "no validation data", and the study
+    then kept the first merge. Only a data module without ``val_dataloader`` means that now."""
+    from types import SimpleNamespace
+
+    class Broken(LightningDataModule):
+        def val_dataloader(self) -> Any:
+            raise RuntimeError("the validation files are unreadable")
+
+    callback = _callback(tmp_path, [])
+    with pytest.raises(RuntimeError, match="the validation files are unreadable"):
+        callback._val_loaders(SimpleNamespace(datamodule=Broken(), val_dataloaders=None))
+    missing = SimpleNamespace(datamodule=LightningDataModule(), val_dataloaders=None)
+    assert callback._val_loaders(missing) == []

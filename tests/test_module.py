@@ -55,7 +55,8 @@ class ListDataModule(LightningDataModule):
         return DataLoader(self.batches, batch_size=None, shuffle=False)  # type: ignore[arg-type]
 
     def val_dataloader(self) -> list[DataLoader]:
-        assert self.val_batches is not None
+        if self.val_batches is None:
+            return []
         return [DataLoader(v, batch_size=None) for v in self.val_batches]  # type: ignore[arg-type]
 
 

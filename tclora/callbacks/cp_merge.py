@@ -23,6 +23,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
@@ -374,7 +375,7 @@ class CPMergeCallback(Callback):
         if datamodule is not None and hasattr(datamodule, "val_dataloader"):
             try:
                 loaders = datamodule.val_dataloader()
-            except Exception:  # noqa: BLE001 -- a data module without validation data
+            except (MisconfigurationException, NotImplementedError):  # no val_dataloader
                 loaders = None
         if loaders is None:
             loaders = trainer.val_dataloaders
