@@ -217,3 +217,16 @@ def test_a_bad_device_or_dtype_is_refused_before_any_model_loads(
     assert exit_info.value.code == 2
     assert "--device='tpu': not a device" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_val_data_is_formatted_as_the_study_formats_its_prompts(
+    tokenizer: Any, multitask_jsonl: Path
+) -> None:
+    """Before: ``--val_data`` was always chat-templated, whatever ``--merge.chat_template``."""
+    from tclora.study.cli import _val_loader
+
+    sources = [{"path": str(multitask_jsonl), "max_samples": 2}]
+    plain = next(iter(_val_loader(sources, tokenizer, 64, 2, False)))
+    chat = next(iter(_val_loader(sources, tokenizer, 64, 2, True)))
+    assert tokenizer.decode(chat["input_ids"][0]).startswith("<|im_start|>")
+    assert "<|im_start|>" not in tokenizer.decode(plain["input_ids"][0])

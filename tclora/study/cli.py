@@ -175,7 +175,11 @@ def _adapter_folders(values: Sequence[Any]) -> list[str]:
     return out
 
 
-def _val_loader(sources: list[Any], tokenizer: Any, max_length: int, batch_size: int) -> Any:
+def _val_loader(
+    sources: list[Any], tokenizer: Any, max_length: int, batch_size: int, chat_template: bool
+) -> Any:
+    """The ``--val_data`` samples as one loader, formatted as the study formats its prompts
+    (``--merge.chat_template``)."""
     import numpy as np
     from torch.utils.data import DataLoader
 
@@ -183,7 +187,7 @@ def _val_loader(sources: list[Any], tokenizer: Any, max_length: int, batch_size:
 
     samples = load_sources([parse_source(s) for s in sources])
     dataset = TokenizedSamples(
-        samples, np.zeros(len(samples), dtype=np.int64), tokenizer, max_length
+        samples, np.zeros(len(samples), dtype=np.int64), tokenizer, max_length, chat_template
     )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return DataLoader(
@@ -241,7 +245,15 @@ def merge_main(argv: Sequence[str]) -> int:
     model.to(device)
     print(f"tclora merge: {len(folders)} adapters on {model_name}, {cfg.dtype}, on {device}")
     val_loaders = (
-        [_val_loader(list(cfg.val_data), tokenizer, study_config.max_length, cfg.val_batch_size)]
+        [
+            _val_loader(
+                list(cfg.val_data),
+                tokenizer,
+                study_config.max_length,
+                cfg.val_batch_size,
+                study_config.chat_template,
+            )
+        ]
         if cfg.val_data
         else []
     )
