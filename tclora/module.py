@@ -452,8 +452,10 @@ class LoRAModule(LightningModule):
 
         ``max_steps_per_adapter`` if given; else, when the train loader's sampler exposes
         ``num_batches_per_cluster()`` (``ClusterBatchSampler``) and the fit is bounded by
-        ``max_epochs``, each cluster's own number of optimizer steps; else the trainer's
-        estimated steps divided by K.
+        ``max_epochs``, each cluster's own number of optimizer steps (scaled down in proportion
+        when ``limit_train_batches`` shortens the epoch); else the trainer's estimated steps
+        divided by K. A warning names the adapters whose schedule is no longer than
+        ``warmup_steps``: they never leave warmup.
         """
         hp: Any = self.hparams
         k = len(self.adapter_names)
@@ -467,13 +469,31 @@ class LoRAModule(LightningModule):
         if per_epoch is not None and len(per_epoch) == k and trainer.max_steps == -1:
             epochs = trainer.max_epochs if trainer.max_epochs is not None else 1
             accumulate = trainer.accumulate_grad_batches
+            # limit_train_batches cuts every epoch short: each cluster keeps its share of it
+            shown = trainer.num_training_batches
+            share = min(1.0, shown / sum(per_epoch)) if math.isfinite(shown) else 1.0
             lengths: list[int | None] = [
-                max(1, math.ceil(n * epochs / accumulate)) for n in per_epoch
+                max(1, math.ceil(n * share * epochs / accumulate)) for n in per_epoch
             ]
         else:
             lengths = [max(1, math.ceil(estimated / k))] * k
         rank_zero_info(f"LoRAModule: max_steps_per_adapter=None, schedule lengths {lengths}")
         return lengths
+
+    def _warn_short_schedules(self, lengths: Sequence[int | None]) -> None:
+        warmup = int(self.hparams["warmup_steps"])
+        short = {
+            name: n
+            for name, n in zip(self.adapter_names, lengths, strict=True)
+            if n is not None and warmup > 0 and n <= warmup
+        }
+        if short:
+            rank_zero_warn(
+                f"LoRAModule: the schedules of {sorted(short)} are {sorted(set(short.values()))} "
+                f"steps long, no longer than warmup_steps={warmup}: these adapters never leave "
+                "warmup nor decay (their learning rate stays below lr); lower warmup_steps or "
+                "train them longer"
+            )
 
     def lr_for(self, index: int) -> float:
         """Learning rate of adapter ``index``'s next step, from its own step count."""
@@ -519,6 +539,7 @@ class LoRAModule(LightningModule):
                 "the epoch's first batches and skip its last ones. Read them in on_train_start."
             )
         self._schedule_lengths = self._schedule_lengths_from_trainer()
+        self._warn_short_schedules(self._schedule_lengths)
 
     @override
     def setup(self, stage: str) -> None:

@@ -745,6 +745,22 @@ def test_schedule_length_follows_each_clusters_own_batches(tiny_model_dir: Path)
     assert module.lr_for(0) == 0.0 and module.lr_for(1) == 0.0  # both schedules ran out
     assert module._adapter_steps == [6, 2]
 
+    # limit_train_batches=2 of the 4 batches per epoch: each cluster keeps half of its steps
+    # (before: [6, 2], a schedule that never got near 0); 2 steps is no longer than the warmup
+    seed_everything(0)
+    module = LoRAModule(
+        model=str(tiny_model_dir), r=4, lr=1.0, lr_schedule="linear", warmup_steps=2
+    )
+    with pytest.warns(
+        UserWarning,
+        match=r"the schedules of \['cluster_1'\] are \[1\] steps long, no longer than "
+        r"warmup_steps=2: these adapters never leave warmup nor decay",
+    ):
+        make_trainer(max_epochs=2, limit_train_batches=2).fit(
+            module, datamodule=Counted(batches, 2)
+        )
+    assert module._schedule_lengths == [3, 1]
+
 
 class ResumableBatches:
     """A stateful iterable of batches: Lightning saves its position and resumes mid-epoch."""
