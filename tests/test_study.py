@@ -167,3 +167,26 @@ def test_choices_on_validation_loss_need_validation_data() -> None:
     StudyConfig(scales=[1.0], keep="uniform").check_validation(False, "pass it")
     only = StudyConfig(cp_ranks=[2], rules=["mean_loading"], baselines=[], scales=[1.0])
     only.check_validation(False, "pass it")  # one merge: nothing to choose
+
+
+def test_an_empty_cluster_validation_loader_is_named() -> None:
+    """Before: a cluster without validation samples dropped out of the metric silently."""
+    from torch.utils.data import DataLoader
+
+    from tclora.study.run import run_study
+
+    model = _peft()
+    stack = AdapterStack.from_peft_model(model, ["a", "b"])
+    ids = torch.ones(1, 3, dtype=torch.long)
+    batch = {"input_ids": ids, "attention_mask": ids, "labels": ids}
+    loaders = [DataLoader([]), DataLoader([batch], batch_size=None)]
+    cfg = StudyConfig(
+        cp_ranks=[1], rules=["mean_loading"], baselines=[], scales=[1.0], references=[]
+    )
+    with pytest.warns(
+        UserWarning,
+        match=r"merge study: validation loaders \[0\] \(of 2; one per cluster\) are empty: "
+        r"val_loss is taken over the other 1, so the scales are chosen without those clusters",
+    ):
+        result = run_study(model, _Tok(), stack, cfg=cfg, val_loaders=loaders)
+    assert math.isfinite(result.row("cp1_mean_loading").selection or math.nan)

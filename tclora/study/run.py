@@ -140,14 +140,16 @@ def has_validation_data(val_loaders: Sequence[Iterable[Mapping[str, Any]]]) -> b
     Returns:
         ``False`` for no loaders or loaders whose datasets are all empty.
     """
-    for loader in val_loaders:
-        data = getattr(loader, "dataset", loader)
-        try:
-            if len(data) > 0:  # type: ignore[arg-type]
-                return True
-        except TypeError:  # an iterable without a length
-            return True
-    return False
+    return any(_size(loader) != 0 for loader in val_loaders)
+
+
+def _size(loader: Iterable[Any]) -> int | None:
+    """Samples in a loader's dataset (or items of a sized iterable); ``None``: unknown."""
+    data = getattr(loader, "dataset", loader)
+    try:
+        return len(data)  # type: ignore[arg-type]
+    except TypeError:  # an iterable without a length
+        return None
 
 
 def _validation_metric(
@@ -310,6 +312,15 @@ def run_study(
     if not has_validation_data(val_loaders):
         cfg.check_validation(False, "pass validation loaders")
         val_loaders = []  # empty loaders (val_fraction=0): no validation, not NaN losses
+    empty = [k for k, loader in enumerate(val_loaders) if _size(loader) == 0]
+    if empty:
+        warnings.warn(
+            f"merge study: validation loaders {empty} (of {len(val_loaders)}; one per cluster) "
+            f"are empty: {cfg.selection_metric} is taken over the other "
+            f"{len(val_loaders) - len(empty)}, so the scales are chosen without those clusters",
+            UserWarning,
+            stacklevel=2,
+        )
     if "arrow" in cfg.references and (cfg.arrow_top_k or 0) > len(stack.names):
         raise ValueError(
             f"arrow_top_k={cfg.arrow_top_k}: Arrow mixes at most the {len(stack.names)} adapters "
