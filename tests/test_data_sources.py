@@ -170,6 +170,17 @@ def test_bad_sources_have_clear_messages(tmp_path: Path) -> None:
         parse_source({"path": "x", "promt_field": "p"})
     with pytest.raises(DataSourceError, match=r"max_samples=0 must be a positive integer"):
         parse_source({"path": "x", "max_samples": 0})
+    # before: split / name were read for Hugging Face datasets only and ignored elsewhere
+    (tmp_path / "train.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
+    with pytest.raises(
+        DataSourceError,
+        match=r"split='validation' applies to Hugging Face datasets only \('hf:<name>'; split "
+        r"also to a folder saved with `save_to_disk`\), and this path source would be read whole",
+    ):
+        parse_source({"path": str(tmp_path / "train.jsonl"), "split": "validation"})
+    with pytest.raises(DataSourceError, match=r"split='test', name='cfg' applies to Hugging Face"):
+        parse_source({"registry": "2d_movement", "split": "test", "name": "cfg"})
+    assert parse_source({"hf": "org/data", "split": "test", "name": "cfg"}).split == "test"
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(DataSourceError, match=r"unknown file type '\.txt'"):
         load_source(str(tmp_path / "notes.txt"))

@@ -144,7 +144,28 @@ def parse_source(source: str | Mapping[str, Any]) -> SourceSpec:
             f"source {dict(source)!r}: max_samples={max_samples!r} must be a positive integer or None"
         )
     options = {k: source[k] for k in _OPTION_KEYS if k in source}
+    _check_hf_options(kinds[0], str(source[kinds[0]]), options, dict(source))
     return SourceSpec(kind=kinds[0], location=str(source[kinds[0]]), **options)
+
+
+def _check_hf_options(kind: str, location: str, options: Mapping[str, Any], source: Any) -> None:
+    """Refuse ``split`` / ``name`` where nothing would read them (before: ignored silently)."""
+    given = [k for k in ("split", "name") if k in options]
+    if kind == "hf" or not given:
+        return
+    if kind == "path":
+        path = Path(location).expanduser()
+        if path.is_dir() and _is_saved_hf_dataset(path):
+            given = [k for k in given if k != "split"]  # a saved DatasetDict has splits
+        elif not path.exists():
+            return  # check_source names the missing path
+    if given:
+        raise DataSourceError(
+            f"source {source!r}: {', '.join(f'{k}={options[k]!r}' for k in given)} applies to "
+            "Hugging Face datasets only ('hf:<name>'; split also to a folder saved with "
+            f"`save_to_disk`), and this {kind} source would be read whole; remove it, or use "
+            "max_samples / a file per split"
+        )
 
 
 def check_source(spec: SourceSpec) -> None:
