@@ -168,9 +168,16 @@ def test_training_and_evaluation_render_prompts_alike(tokenizer: Any, chat_templ
 def test_score_choices_left_truncates_to_max_length(tiny_llama: Any, tokenizer: Any) -> None:
     prompt = "one two three four five six seven eight nine ten eleven twelve"
     example = EvalExample(prompt, ("thirteen",), ("thirteen", "zero"), "t")
-    ((logliks, _),) = score_choices(
-        tiny_llama, tokenizer, [example], chat_template=False, max_length=6
-    )
+    with pytest.warns(
+        UserWarning,
+        match=r"evaluation: 1 of 1 prompts \(e\.g\. item 0\) are longer than max_length=6 "
+        r"tokens \(with the choice, for multiple choice\) and lose their first tokens",
+    ):
+        ((logliks, _),) = score_choices(
+            tiny_llama, tokenizer, [example], chat_template=False, max_length=6
+        )
+    with pytest.warns(UserWarning, match=r"evaluation: 1 of 2 prompts \(e\.g\. item 1\)"):
+        generate_answers(tiny_llama, tokenizer, ["one", prompt], chat_template=False, max_length=6)
     for choice, value in zip(example.choices, logliks, strict=True):
         ctx, cont = encode_pair(tokenizer, prompt, " " + choice, add_special_tokens=True)
         window = (ctx + cont)[-7:]

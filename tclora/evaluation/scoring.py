@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import inspect
 import unicodedata
+import warnings
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -207,6 +208,19 @@ def _cache_argument(model: Any) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def _warn_cut(cut: set[int], total: int, max_length: int) -> None:
+    """Say how many prompts were cut from the left to fit ``max_length`` (as lm-eval cuts)."""
+    if cut:
+        warnings.warn(
+            f"evaluation: {len(cut)} of {total} prompts (e.g. item {min(cut)}) are longer than "
+            f"max_length={max_length} tokens (with the choice, for multiple choice) and lose their "
+            "first tokens "
+            "(cut from the left, as lm-eval does); raise max_length to score them whole",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def _check_positive(**values: int) -> None:
     for key, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -272,6 +286,7 @@ def score_choices(
 
     # (example index, choice index, input ids, number of continuation tokens)
     rows: list[tuple[int, int, list[int], list[int]]] = []
+    cut: set[int] = set()
     for i, ex in enumerate(examples):
         context = render_prompt(tokenizer, ex.prompt, chat_template)
         for j, choice in enumerate(cast(tuple[str, ...], ex.choices)):
@@ -286,7 +301,10 @@ def score_choices(
                     f"than max_length={max_length}"
                 )
             window = (ctx_ids + cont_ids)[-(max_length + 1) :]
+            if len(ctx_ids) + len(cont_ids) > max_length + 1:
+                cut.add(i)
             rows.append((i, j, window[:-1], cont_ids))
+    _warn_cut(cut, len(examples), max_length)
 
     # Rows with the same input (e.g. single-token choices after the same context) share one
     # forward pass: the logits are identical, only the gathered targets differ.
@@ -476,10 +494,12 @@ def generate_answers(
     if pad_id is None:
         raise ValueError("tokenizer has neither a pad nor an EOS token to pad generation batches")
     templated = chat_template and _has_chat_template(tokenizer)
-    encoded = [
-        _encode(tokenizer, render_prompt(tokenizer, p, chat_template), not templated)[-max_length:]
+    whole = [
+        _encode(tokenizer, render_prompt(tokenizer, p, chat_template), not templated)
         for p in prompts
     ]
+    _warn_cut({r for r, ids in enumerate(whole) if len(ids) > max_length}, len(whole), max_length)
+    encoded = [ids[-max_length:] for ids in whole]
     order = sorted(range(len(encoded)), key=lambda r: (-len(encoded[r]), r))
     device = _model_device(model)
     answers = [""] * len(encoded)
