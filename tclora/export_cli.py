@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import pickle
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -76,12 +77,21 @@ def _study_scales(checkpoint: Mapping[str, Any]) -> dict[str, float]:
     return scales
 
 
+def _study_merge_options(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
+    """How a ``CPMergeCallback`` of the checkpoint built its merges (``None`` if not recorded)."""
+    for state in (checkpoint.get("callbacks") or {}).values():
+        if isinstance(state, Mapping) and isinstance(state.get("merge_options"), Mapping):
+            return dict(state["merge_options"])
+    return None
+
+
 def fold_merge(
     peft_model: Any,
     names: Sequence[str],
     fold: str,
     scale: float | None,
     chosen: Mapping[str, float],
+    options: Mapping[str, Any] | None = None,
 ) -> tuple[Any, str]:
     """The merge named ``fold`` of the adapters ``names`` of ``peft_model``, at its scale.
 
@@ -91,6 +101,10 @@ def fold_merge(
         fold: An adapter name, or a merge method of the study (``cp<R>_<rule>`` or a baseline).
         scale: The scale; ``None`` takes ``chosen[fold]``, else 1.
         chosen: Scales a merge study chose, by method.
+        options: How the study built its merges (``StudyConfig.merge_options``: engine, merge
+            space, density, seed, ...); ``None``: the defaults, with a warning when ``chosen``
+            has a scale for ``fold`` (that scale was chosen for a merge built in a way not
+            recorded, so perhaps another merge).
 
     Returns:
         ``(MergedAdapter, where its scale came from)``.
@@ -116,10 +130,20 @@ def fold_merge(
             lowrank[module] = (b.float() * float(scaling), a.float())
         merged = MergedAdapter(method=f"single:{fold}", scale=1.0, lowrank=lowrank)
     elif cp is not None or fold in get_args(Baseline):
+        if options is None and fold in chosen and scale is None:
+            warnings.warn(
+                f"--fold={fold!r}: the checkpoint's merge study did not record how it built its "
+                "merges (a checkpoint of an older tclora), so the merge is rebuilt with the "
+                "default options and the study's scale may belong to another merge; pass "
+                "--scale to choose one",
+                UserWarning,
+                stacklevel=2,
+            )
+        built = dict(options or {})
         cfg = (
-            StudyConfig(cp_ranks=[int(cp[1])], rules=[cp[2]], baselines=[])  # type: ignore[list-item]
+            StudyConfig(cp_ranks=[int(cp[1])], rules=[cp[2]], baselines=[], **built)  # type: ignore[list-item]
             if cp is not None
-            else StudyConfig(rules=[], baselines=[fold])  # type: ignore[list-item]
+            else StudyConfig(rules=[], baselines=[fold], **built)  # type: ignore[list-item]
         )
         merges, _, _ = build_merges(stack, cfg)
         merged = merges[fold]
@@ -190,7 +214,12 @@ def export_main(argv: Sequence[str]) -> int:
         from tclora.merge import fold_into_base
 
         merged, how = fold_merge(
-            module.model, module.adapter_names, args.fold, args.scale, _study_scales(checkpoint)
+            module.model,
+            module.adapter_names,
+            args.fold,
+            args.scale,
+            _study_scales(checkpoint),
+            _study_merge_options(checkpoint),
         )
         fold_into_base(module.model, merged)
         plain = module.model.unload()

@@ -547,3 +547,16 @@ def test_an_error_in_the_validation_loaders_is_not_swallowed(tmp_path: Path) -> 
         callback._val_loaders(SimpleNamespace(datamodule=Broken(), val_dataloaders=None))
     missing = SimpleNamespace(datamodule=LightningDataModule(), val_dataloaders=None)
     assert callback._val_loaders(missing) == []
+
+
+def test_the_state_records_how_the_merges_were_built() -> None:
+    state = CPMergeCallback(density=0.5, merge_space="full", seed=3).state_dict()
+    assert state["merge_options"] == {
+        "engine": "factored",
+        "merge_space": "full",
+        "cp_iters": 100,
+        "cp_tol": 1e-8,
+        "density": 0.5,
+        "cart_rank": 0.1,
+        "seed": 3,
+    }

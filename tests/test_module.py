@@ -1033,6 +1033,35 @@ def test_export_errors_name_the_argument(
     assert re.search(message, text), text
 
 
+def test_export_folds_a_merge_built_as_the_fit_study_built_it(tiny_model_dir: Path) -> None:
+    """Before: ``--fold ties`` rebuilt TIES with the default options (core space, density 0.2,
+    seed 0) and scaled it by the scale the study chose for its own (full space, density 0.5)."""
+    from tclora.export_cli import fold_merge
+    from tclora.merge import AdapterStack
+    from tclora.study import StudyConfig
+    from tclora.study.run import build_merges
+
+    module = LoRAModule(model=str(tiny_model_dir), num_adapters=3, r=4)
+    module.configure_model()
+    randomize_lora(module.model)
+    names = module.adapter_names
+    study = StudyConfig(rules=[], baselines=["ties"], merge_space="full", density=0.5, seed=3)
+    merged, how = fold_merge(
+        module.model, names, "ties", None, {"ties": 2.0}, study.merge_options()
+    )
+    assert how == "scale 2 (chosen by the fit's study)"
+    stack = AdapterStack.from_peft_model(module.model, names)
+    expected = build_merges(stack, study)[0]["ties"].scaled(2.0)
+    default = build_merges(stack, StudyConfig(rules=[], baselines=["ties"]))[0]["ties"].scaled(2.0)
+    for name in stack.module_names[:3]:
+        torch.testing.assert_close(merged.delta(name), expected.delta(name))
+    assert not torch.allclose(
+        merged.delta(stack.module_names[0]), default.delta(stack.module_names[0])
+    )
+    with pytest.warns(UserWarning, match=r"--fold='ties': the checkpoint's merge study did not "):
+        fold_merge(module.model, names, "ties", None, {"ties": 2.0}, None)
+
+
 class _Pickled:
     """A class ``torch.load(weights_only=True)`` does not allow."""
 

@@ -126,7 +126,8 @@ class CPMergeCallback(Callback):
         chat_template: Render evaluation prompts with the tokenizer's chat template.
         cp_iters: Maximum CP-ALS sweeps.
         cp_tol: CP-ALS convergence tolerance.
-        density: Kept fraction for TIES / DARE / magnitude pruning.
+        density: Kept fraction for the TIES / DARE / magnitude-pruning baselines (the CP rule
+            ``ties_loading`` keeps half of each component's loadings, whatever this is).
         cart_rank: CART's kept fraction of each task's deviation rank.
         arrow_top_k: Adapters Arrow mixes per token (``None``: peft's default 3, or every
             adapter when there are fewer).
@@ -317,6 +318,8 @@ class CPMergeCallback(Callback):
             "fingerprint": self.study.fingerprint,
             "finished": self.finished,
             "done_rows": [row_to_dict(r) for r in self.study.rows],
+            # how the merges were built: tclora export --fold rebuilds one as the study did
+            "merge_options": self.config.merge_options(),
         }
 
     @override

@@ -17,6 +17,7 @@ from tclora.merge.baselines import Baseline, MergeSpace
 from tclora.merge.cp import Engine
 
 __all__ = [
+    "MERGE_OPTIONS",
     "Baseline",
     "CPRule",
     "MergeSpace",
@@ -29,6 +30,8 @@ __all__ = [
 CPRule = Literal["sum_components", "mean_loading", "ties_loading"]
 Reference = Literal["base", "single", "routing", "arrow"]
 SelectionMetric = Literal["val_loss", "val_loss_max"]
+MERGE_OPTIONS = ("engine", "merge_space", "cp_iters", "cp_tol", "density", "cart_rank", "seed")
+"""The study options that decide how a merge is built (beyond which methods are built)."""
 
 
 @dataclass
@@ -157,6 +160,12 @@ class StudyConfig:
         """Merge methods in study order: ``cp{R}_{rule}`` for every rank and rule, then baselines."""
         cp = [f"cp{r}_{rule}" for r in self.cp_ranks for rule in self.rules]
         return cp + list(self.baselines)
+
+    def merge_options(self) -> dict[str, Any]:
+        """The options that decide how a merge is built, beyond which methods
+        (:data:`MERGE_OPTIONS`): kept with a study's state, so that ``tclora export --fold``
+        rebuilds a merge as the study built and scored it."""
+        return {name: getattr(self, name) for name in MERGE_OPTIONS}
 
     def check_validation(self, has_validation: bool, how: str, prefix: str = "") -> None:
         """Refuse options that choose on validation loss when there is no validation data.
