@@ -190,3 +190,33 @@ def test_an_empty_cluster_validation_loader_is_named() -> None:
     ):
         result = run_study(model, _Tok(), stack, cfg=cfg, val_loaders=loaders)
     assert math.isfinite(result.row("cp1_mean_loading").selection or math.nan)
+
+
+def test_a_moved_model_and_tokenizer_keep_their_fingerprints(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Before: the study fingerprint and the token-lengths cache key held the folder the model
+    and tokenizer were loaded from, so a checkout or cache on another path redid every row, and
+    a tokenizer re-trained into the same folder kept its cached lengths."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tclora.clustering.cache import token_lengths_file
+    from tclora.study.progress import model_digest, tokenizer_digest
+
+    moved = tmp_path / "elsewhere" / "model"
+    shutil.copytree(tiny_model_dir, moved)
+    tokenizers = [AutoTokenizer.from_pretrained(str(f)) for f in (tiny_model_dir, moved)]
+    assert tokenizers[0].name_or_path != tokenizers[1].name_or_path
+    assert tokenizer_digest(tokenizers[0]) == tokenizer_digest(tokenizers[1])
+    keys = {token_lengths_file(tmp_path, "d" * 64, t, True) for t in tokenizers}
+    assert len(keys) == 1
+    models = [AutoModelForCausalLM.from_pretrained(str(f)) for f in (tiny_model_dir, moved)]
+    assert model_digest(models[0]) == model_digest(models[1])
+
+    tokenizers[1].add_tokens(["<new>"])  # another tokenizer, same folder name
+    assert tokenizer_digest(tokenizers[1]) != tokenizer_digest(tokenizers[0])
+    with torch.no_grad():
+        models[1].model.norm.weight.mul_(2.0)
+    assert model_digest(models[1]) != model_digest(models[0])

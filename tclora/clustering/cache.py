@@ -36,7 +36,7 @@ from tclora._io import (
 )
 from tclora.clustering.encoder import EncodeFn, l2_normalize
 from tclora.clustering.policy import ClusteringOptions, Clusters
-from tclora.data import Sample, content_hash
+from tclora.data import Sample, content_hash, tokenizer_fingerprint
 
 __all__ = [
     "cached_clusters",
@@ -378,8 +378,9 @@ def cached_clusters(
 def token_lengths_file(folder: Path, data_hash: str, tokenizer: Any, chat_template: bool) -> Path:
     """The token-lengths cache entry of some samples under a tokenizer.
 
-    Keyed by the samples' content, the tokenizer (name, vocabulary size, eos token and chat
-    template) and ``chat_template``.
+    Keyed by the samples' content, the tokenizer (:func:`tclora.data.tokenizer_fingerprint`:
+    its definition, special tokens and chat template, not the folder it was loaded from) and
+    ``chat_template``.
 
     Args:
         folder: The cache folder.
@@ -393,10 +394,7 @@ def token_lengths_file(folder: Path, data_hash: str, tokenizer: Any, chat_templa
     record = json.dumps(
         [
             data_hash,
-            str(getattr(tokenizer, "name_or_path", "")),
-            len(tokenizer),
-            tokenizer.eos_token,
-            hashlib.sha256(str(getattr(tokenizer, "chat_template", "")).encode()).hexdigest(),
+            tokenizer_fingerprint(tokenizer),
             chat_template,
         ]
     )

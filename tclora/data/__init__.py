@@ -23,7 +23,13 @@ from tclora.data.sources import (
     load_sources,
     parse_source,
 )
-from tclora.data.tokenized import IGNORE_INDEX, TokenizedSamples, collate_batch, tokenize_sample
+from tclora.data.tokenized import (
+    IGNORE_INDEX,
+    TokenizedSamples,
+    collate_batch,
+    tokenize_sample,
+    tokenizer_fingerprint,
+)
 
 __all__ = [
     "IGNORE_INDEX",
@@ -44,4 +50,5 @@ __all__ = [
     "render_prompt",
     "split_train_val",
     "tokenize_sample",
+    "tokenizer_fingerprint",
 ]

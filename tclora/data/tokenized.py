@@ -8,6 +8,8 @@ model is trained and scored on the same text.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -17,10 +19,49 @@ from torch.utils.data import Dataset
 
 from tclora.data.samples import Sample, render_prompt
 
-__all__ = ["IGNORE_INDEX", "TokenizedSamples", "collate_batch", "tokenize_sample"]
+__all__ = [
+    "IGNORE_INDEX",
+    "TokenizedSamples",
+    "collate_batch",
+    "tokenize_sample",
+    "tokenizer_fingerprint",
+]
 
 IGNORE_INDEX = -100
 """Label of positions without a loss (prompt and padding), as ``torch.nn.CrossEntropyLoss`` skips."""
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Identify a tokenizer by what it does, not by where it was loaded from.
+
+    A fast tokenizer's whole definition (its JSON: vocabulary, merges, normaliser,
+    pre-tokeniser), else its vocabulary, else (a stand-in without either) its name; then its
+    size, special tokens and chat template. A copy in another folder gets the same fingerprint;
+    a tokenizer re-trained into the same folder gets another.
+
+    Args:
+        tokenizer: A transformers tokenizer.
+
+    Returns:
+        A hex sha256 digest.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        what = hashlib.sha256(backend.to_str().encode()).hexdigest()
+    elif callable(getattr(tokenizer, "get_vocab", None)):
+        vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+        what = hashlib.sha256(vocab.encode()).hexdigest()
+    else:
+        what = str(getattr(tokenizer, "name_or_path", ""))
+    record = [
+        what,
+        len(tokenizer),
+        getattr(tokenizer, "bos_token", None),
+        getattr(tokenizer, "eos_token", None),
+        getattr(tokenizer, "pad_token", None),
+        str(getattr(tokenizer, "chat_template", "") or ""),
+    ]
+    return hashlib.sha256(json.dumps(record, default=str).encode()).hexdigest()
 
 
 def tokenize_sample(

@@ -22,6 +22,7 @@ import torch
 
 import tclora
 from tclora._io import atomic_write_text
+from tclora.data import tokenizer_fingerprint
 from tclora.evaluation import EvalSet, HarnessTask
 from tclora.merge import AdapterStack
 from tclora.study.config import StudyConfig
@@ -76,7 +77,12 @@ def model_digest(model: Any) -> str:
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
-    text = config.to_json_string(use_diff=False) if config is not None else type(base).__name__
+    if config is not None:
+        fields = config.to_dict()
+        fields.pop("_name_or_path", None)  # where it was loaded from, not what it is
+        text = json.dumps(fields, sort_keys=True, default=str)
+    else:
+        text = type(base).__name__
     digest = hashlib.sha256(text.encode())
     with torch.no_grad():
         for name, param in base.named_parameters():
@@ -90,16 +96,9 @@ def model_digest(model: Any) -> str:
 
 
 def tokenizer_digest(tokenizer: Any) -> str:
-    """Identify a tokenizer: name, vocabulary size, special tokens and chat template."""
-    record = [
-        str(getattr(tokenizer, "name_or_path", "")),
-        len(tokenizer),
-        getattr(tokenizer, "bos_token", None),
-        getattr(tokenizer, "eos_token", None),
-        getattr(tokenizer, "pad_token", None),
-        str(getattr(tokenizer, "chat_template", "") or ""),
-    ]
-    return hashlib.sha256(json.dumps(record, default=str).encode()).hexdigest()
+    """Identify a tokenizer (:func:`tclora.data.tokenizer_fingerprint`): what it does, not the
+    folder it was loaded from."""
+    return tokenizer_fingerprint(tokenizer)
 
 
 def eval_sets_digest(eval_sets: Sequence[EvalSet]) -> str:
