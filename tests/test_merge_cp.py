@@ -131,6 +131,15 @@ def test_rank_above_stack_rank_is_clamped_with_warning() -> None:
     ):
         res = cp_decompose(stack, 9, n_iter_max=5)
     assert all(r.cp.weights.shape == (3,) and r.rank_requested == 9 for r in res.values())
+    # the core engine is bound by the core's dimensions too (d_out = 3 < Σr = 7): said, not silent
+    small = random_stack([2, 4, 1], d_out=3, d_in=4)
+    with pytest.warns(
+        UserWarning,
+        match=r"rank=5 exceeds what engine='core' can fit \(the core's dimensions min\(k_B, k_A\), "
+        r"at most Σ_t r_t = \[3\]\) on 2 module\(s\)",
+    ):
+        res = cp_decompose(small, 5, n_iter_max=5, engine="core")
+    assert all(r.cp.weights.shape == (3,) for r in res.values())
 
 
 @pytest.mark.parametrize(

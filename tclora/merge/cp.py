@@ -173,7 +173,11 @@ def cp_decompose(
         if not modules:
             continue
         if engine == "core":
-            raw.update(_cp_als_core(stack, modules, r_eff, n_iter_max, tol, init, seed, dtype))
+            core = _cp_als_core(stack, modules, r_eff, n_iter_max, tol, init, seed, dtype)
+            for module, ((c, _, _), _, _) in core.items():
+                if c.shape[1] < r_eff:  # the core's own dimensions bound it further
+                    clamped[module] = int(c.shape[1])
+            raw.update(core)
             continue
         if engine == "dense":
             for module in modules:
@@ -206,9 +210,14 @@ def cp_decompose(
         )
     if clamped:
         caps = sorted(set(clamped.values()))
+        bound = (
+            "what engine='core' can fit (the core's dimensions min(k_B, k_A), at most Σ_t r_t"
+            if engine == "core"
+            else "the CP rank the stack can have (Σ_t r_t"
+        )
         warnings.warn(
-            f"rank={rank} exceeds the CP rank the stack can have (Σ_t r_t = {caps}) on "
-            f"{len(clamped)} module(s), e.g. {next(iter(clamped))!r}; clamped to Σ_t r_t there",
+            f"rank={rank} exceeds {bound} = {caps}) on {len(clamped)} module(s), e.g. "
+            f"{next(iter(clamped))!r}; clamped to it there",
             UserWarning,
             stacklevel=2,
         )
