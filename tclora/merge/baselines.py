@@ -402,13 +402,16 @@ def merge_baseline(
         ) -> Tensor:
             if inner not in _RANDOM:
                 return _elementwise_merge(inner, tensors, density, majority_sign_method, cart_rank)
-            cuda = [device.index or 0] if device.type == "cuda" else []
+            cuda = []
+            if device.type == "cuda":
+                cuda = [device.index if device.index is not None else torch.cuda.current_device()]
             with torch.random.fork_rng(devices=cuda):
-                # the CPU generator (and the module's own GPU's): torch.manual_seed would also
-                # queue seeds for every lazy backend, 1 ms a module
+                # the CPU generator (and the module's own GPU's, which need not be the current
+                # one): torch.manual_seed would also queue seeds for every lazy backend, 1 ms a
+                # module
                 torch.random.default_generator.manual_seed(seed + module_index)
                 if cuda:
-                    torch.cuda.manual_seed(seed + module_index)
+                    torch.cuda.default_generators[cuda[0]].manual_seed(seed + module_index)
                 return _elementwise_merge(inner, tensors, density, majority_sign_method, cart_rank)
 
         def deltas(module_name: str = module) -> list[Tensor]:
