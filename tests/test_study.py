@@ -220,3 +220,24 @@ def test_a_moved_model_and_tokenizer_keep_their_fingerprints(
     with torch.no_grad():
         models[1].model.norm.weight.mul_(2.0)
     assert model_digest(models[1]) != model_digest(models[0])
+
+
+def test_arrow_over_adapters_of_different_ranks_is_refused_before_any_row() -> None:
+    """Before: peft refused them when the Arrow row came, after every other row was scored."""
+    from tclora.study.run import run_study
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        build_tiny_llama(64, seed=1),
+        LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False),
+        adapter_name="a",
+    )
+    model.add_adapter("b", LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    stack = AdapterStack.from_peft_model(model, ["a", "b"])
+    cfg = StudyConfig(scales=[1.0], keep="uniform", references=["arrow"])
+    with pytest.raises(
+        ValueError,
+        match=r"references include 'arrow', which needs adapters of one LoRA rank .* module "
+        r"'model\.layers\.0\.self_attn\.q_proj' has ranks \{'a': 2, 'b': 4\} \(2 such modules\)",
+    ):
+        run_study(model, _Tok(), stack, cfg=cfg)

@@ -326,6 +326,15 @@ def run_study(
             f"arrow_top_k={cfg.arrow_top_k}: Arrow mixes at most the {len(stack.names)} adapters "
             f"{stack.names} per token"
         )
+    mixed = [m for m in stack.module_names if len(set(stack.ranks(m))) > 1]
+    if "arrow" in cfg.references and mixed:
+        # peft's Arrow stacks the adapters' factors; found here, not after hours of other rows
+        raise ValueError(
+            f"references include 'arrow', which needs adapters of one LoRA rank (peft's Arrow "
+            f"stacks their factors), but module {mixed[0]!r} has ranks "
+            f"{dict(zip(stack.names, stack.ranks(mixed[0]), strict=True))} ({len(mixed)} such "
+            "modules); leave 'arrow' out of references or merge adapters of one rank"
+        )
     if "single" in cfg.references:
         check_single_sets(cfg.single_sets, stack.names, [es.name for es in eval_sets])
     previous_adapter = model.active_adapter
