@@ -226,3 +226,17 @@ def test_fold_in_errors() -> None:
         ValueError, match=r"non-finite weights \(nan/inf\) in the new adapter, module"
     ):
         fold_in(res, {**good, MODULES[1]: (a, torch.randn(24, 2), 1.0)})
+
+
+@pytest.mark.parametrize(("copies", "r", "rank"), [(4, 3, 4), (4, 1, 3)])
+def test_copies_of_one_adapter_decompose_instead_of_failing(copies: int, r: int, rank: int) -> None:
+    """Before: the SVD start gave the loadings zero columns, and the factored engine's solve
+    failed on the singular Gram matrix (tensorly's dense engine fitted the same stack)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(r, 20, generator=g), torch.randn(24, r, generator=g)
+    weights = {m: [(a.clone(), b.clone(), 1.0) for _ in range(copies)] for m in MODULES}
+    names = [f"a{i}" for i in range(copies)]
+    stack = AdapterStack(names=names, module_names=[], lora_config=LoraConfig(), weights=weights)
+    for dtype in (torch.float32, torch.float64):
+        for result in cp_decompose(stack, rank, n_iter_max=20, dtype=dtype).values():
+            assert result.fit_error < 1e-3

@@ -393,8 +393,20 @@ def _initialize(cat: _Concat, rank: int, init: Init, seed: int) -> list[Tensor]:
 
 
 def _bsolve(gram: Tensor, mttkrp: Tensor) -> Tensor:
-    """``mttkrp · gram⁻¹`` as tensorly computes it, ``solve(gramᵀ, mttkrpᵀ)ᵀ``, batched."""
-    return torch.linalg.solve(gram.mT, mttkrp.mT).mT
+    """``mttkrp · gram⁻¹`` as tensorly computes it, ``solve(gramᵀ, mttkrpᵀ)ᵀ``, batched.
+
+    A singular ``gram`` (a factor with zero or repeated columns, e.g. adapters that are copies
+    of one another under an SVD start) takes the least-squares solution ``mttkrp · gram⁺``
+    instead of failing; the other modules of the batch keep the exact solve.
+    """
+    solution, info = torch.linalg.solve_ex(gram.mT, mttkrp.mT)
+    solution = solution.mT
+    failed = info != 0
+    if failed.ndim == 0:
+        return mttkrp @ torch.linalg.pinv(gram) if bool(failed) else solution
+    if bool(failed.any()):
+        solution[failed] = mttkrp[failed] @ torch.linalg.pinv(gram[failed])
+    return solution
 
 
 def _als_batched(
