@@ -174,3 +174,17 @@ def test_arrow_errors(tokenizer: Any, one_thread: None) -> None:
         match=r"references='arrows': expected one of \['base', 'single', 'routing', 'arrow'\]",
     ):
         StudyConfig(references=["arrows"])  # type: ignore[list-item]
+
+
+def test_the_prototype_benchmark_computes_the_exact_vector_and_peft_s() -> None:
+    """``benchmarks/arrow_prototypes.py``: the exact top right singular vector of ``B A`` (from
+    a QR of ``Aᵀ``) is the dense SVD's, and peft's power iteration reaches it given the steps."""
+    from benchmarks.arrow_prototypes import exact_top_right, power_top_right
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 24, generator=g), torch.randn(16, 4, generator=g)
+    v, ratio = exact_top_right(a, b)
+    _, s, vh = torch.linalg.svd(b.double() @ a.double())
+    assert abs(float(v @ vh[0])) == pytest.approx(1.0, abs=1e-10)
+    assert ratio == pytest.approx(float(s[1] / s[0]), rel=1e-10)
+    assert abs(float(power_top_right(a, b, iters=500).double() @ v)) == pytest.approx(1.0, abs=1e-5)
