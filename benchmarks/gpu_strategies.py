@@ -136,6 +136,7 @@ def merge_options(args: argparse.Namespace) -> dict[str, Any]:
         "rules": ["sum_components"],
         "baselines": ["uniform", "ties"],
         "scales": [1.0],
+        "keep": "cp4_sum_components",  # `tclora merge` has no validation data to choose with
         "references": ["base"],
         "eval_sets": [str(data / "test" / f"{t}.jsonl") for t in TASKS],
         "eval_max_items": args.eval_items,

@@ -140,14 +140,20 @@ def test_arrow_errors(tokenizer: Any, one_thread: None) -> None:
         cp_ranks=[2], rules=["mean_loading"], baselines=[], references=["arrow"], progress=False
     )
     stack = AdapterStack.from_peft_model(model, ADAPTERS)
+    with pytest.raises(  # the study refuses them before its first row
+        ValueError,
+        match=r"references include 'arrow', which needs adapters of one LoRA rank .*"
+        r"\{'u': 2, 'v': 4, 'w': 2\}",
+    ):
+        run_study(model, tokenizer, stack, cfg=cfg)
     with pytest.raises(
         ValueError,
         match=r"adapters=\['u', 'v', 'w'\]: peft's Arrow refuses them \(task_0 = u, task_1 = v, "
         r"task_2 = w\): \[task_1\] rank mismatch: 4 != 2\. Arrow needs every adapter with the "
         r"same LoRA rank, shapes and target modules",
     ):
-        run_study(model, tokenizer, stack, cfg=cfg)
-    assert list(model.peft_config) == ADAPTERS  # the study's model keeps its adapters
+        build_arrow_model(model, ADAPTERS, top_k=2)
+    assert list(model.peft_config) == ADAPTERS  # the model keeps its adapters
 
     with pytest.raises(
         ValueError, match=r"top_k=3: must be an integer from 1 to the number of adapters, 2"

@@ -373,6 +373,7 @@ def test_study_scores_lm_eval_tasks_like_its_own_sets(
         cp_ranks=[2],
         rules=["mean_loading"],
         baselines=["uniform"],
+        keep="uniform",  # no validation data to choose with
         eval_sets=[mc_set.source, f"lm_eval:{yaml_path}"],
         references=["base", "single", "routing"],
         max_length=MAX_LENGTH,
