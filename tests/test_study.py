@@ -203,20 +203,21 @@ def test_a_moved_model_and_tokenizer_keep_their_fingerprints(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tclora.clustering.cache import token_lengths_file
-    from tclora.study.progress import model_digest, tokenizer_digest
+    from tclora.data import tokenizer_fingerprint
+    from tclora.study.progress import model_digest
 
     moved = tmp_path / "elsewhere" / "model"
     shutil.copytree(tiny_model_dir, moved)
     tokenizers = [AutoTokenizer.from_pretrained(str(f)) for f in (tiny_model_dir, moved)]
     assert tokenizers[0].name_or_path != tokenizers[1].name_or_path
-    assert tokenizer_digest(tokenizers[0]) == tokenizer_digest(tokenizers[1])
+    assert tokenizer_fingerprint(tokenizers[0]) == tokenizer_fingerprint(tokenizers[1])
     keys = {token_lengths_file(tmp_path, "d" * 64, t, True) for t in tokenizers}
     assert len(keys) == 1
     models = [AutoModelForCausalLM.from_pretrained(str(f)) for f in (tiny_model_dir, moved)]
     assert model_digest(models[0]) == model_digest(models[1])
 
     tokenizers[1].add_tokens(["<new>"])  # another tokenizer, same folder name
-    assert tokenizer_digest(tokenizers[1]) != tokenizer_digest(tokenizers[0])
+    assert tokenizer_fingerprint(tokenizers[1]) != tokenizer_fingerprint(tokenizers[0])
     with torch.no_grad():
         models[1].model.norm.weight.mul_(2.0)
     assert model_digest(models[1]) != model_digest(models[0])

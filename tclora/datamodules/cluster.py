@@ -671,10 +671,6 @@ class ClusterDataModule(LightningDataModule):
             "data_hash": self.data_hash,
             "num_samples": len(self.samples),
             "num_clusters": self._k,
-            "clustering": self.clustering,
-            "seed": self.seed,
-            "val_fraction": self.val_fraction,
-            "embed_field": self.embed_field,
             "encoder": encoder_fingerprint(self.encoder_name),
             **self._cluster_settings(),
             "assignments": torch.from_numpy(self.assignments.astype(np.int32)),
@@ -685,9 +681,13 @@ class ClusterDataModule(LightningDataModule):
 
     def _cluster_settings(self) -> dict[str, Any]:
         """The settings that made the clusters and the split, beyond the data and the encoder
-        (kept in the state so that a resume can say which of them the config changed)."""
+        (kept in the state, so that a resume can say which of them the config changed)."""
         options = self.clustering_options
         settings: dict[str, Any] = {
+            "clustering": self.clustering,
+            "seed": self.seed,
+            "val_fraction": self.val_fraction,
+            "embed_field": self.embed_field,
             "fit_fraction": options.fit_fraction,
             "min_fit_samples": options.min_fit_samples,
             "n_init": options.n_init,
@@ -711,14 +711,7 @@ class ClusterDataModule(LightningDataModule):
                 "routing would embed prompts with one encoder and compare them with centroids of "
                 "the other. Set data.encoder back to the checkpoint's encoder or start a new fit"
             )
-        now = {
-            "clustering": self.clustering,
-            "seed": self.seed,
-            "val_fraction": self.val_fraction,
-            "embed_field": self.embed_field,
-            "num_clusters": self._k,
-            **self._cluster_settings(),
-        }
+        now = {"num_clusters": self._k, **self._cluster_settings()}
         differ = [
             f"{key}: config {value!r} -> checkpoint {state[key]!r}"
             for key, value in now.items()

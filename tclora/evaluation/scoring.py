@@ -214,8 +214,8 @@ def _warn_cut(cut: set[int], total: int, max_length: int) -> None:
         warnings.warn(
             f"evaluation: {len(cut)} of {total} prompts (e.g. item {min(cut)}) are longer than "
             f"max_length={max_length} tokens (with the choice, for multiple choice) and lose their "
-            "first tokens "
-            "(cut from the left, as lm-eval does); raise max_length to score them whole",
+            "first tokens (cut from the left, as lm-eval does); raise max_length to score them "
+            "whole",
             UserWarning,
             stacklevel=3,
         )

@@ -401,9 +401,7 @@ def _bsolve(gram: Tensor, mttkrp: Tensor) -> Tensor:
     """
     solution, info = torch.linalg.solve_ex(gram.mT, mttkrp.mT)
     solution = solution.mT
-    failed = info != 0
-    if failed.ndim == 0:
-        return mttkrp @ torch.linalg.pinv(gram) if bool(failed) else solution
+    failed = info != 0  # one flag per module of the batch
     if bool(failed.any()):
         solution[failed] = mttkrp[failed] @ torch.linalg.pinv(gram[failed])
     return solution

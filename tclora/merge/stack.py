@@ -372,19 +372,17 @@ def _read_folder(path: Path) -> tuple[LoraConfig, dict[str, Factors]]:
     else:
         raise FileNotFoundError(f"{path} has no adapter_model.safetensors (or adapter_model.bin)")
     parts: dict[str, dict[str, Tensor]] = {}
-    others = sorted(key for key in state if _KEY_RE.match(key) is None)
+    matches = {key: _KEY_RE.match(key) for key in state}
+    others = sorted(key for key, match in matches.items() if match is None)
     if others:
         raise ValueError(
             f"{path}: the adapter file holds {len(others)} weights besides lora_A/lora_B "
             f"({_what_else(others)}; e.g. {others[:3]}); a merge of B@A would drop them "
             "silently, so only plain Linear LoRA adapters are merged"
         )
-    for key, value in state.items():
-        match = _KEY_RE.match(key)
-        if match is None:
-            continue
-        module = strip_peft_prefix(match["module"])
-        parts.setdefault(module, {})[match["which"]] = value
+    for key, match in matches.items():
+        assert match is not None  # every other key was refused above
+        parts.setdefault(strip_peft_prefix(match["module"]), {})[match["which"]] = state[key]
     if not parts:
         raise ValueError(f"{path}: no lora_A/lora_B weights found in the adapter file")
     factors: dict[str, Factors] = {}

@@ -95,12 +95,6 @@ def model_digest(model: Any) -> str:
     return digest.hexdigest()
 
 
-def tokenizer_digest(tokenizer: Any) -> str:
-    """Identify a tokenizer (:func:`tclora.data.tokenizer_fingerprint`): what it does, not the
-    folder it was loaded from."""
-    return tokenizer_fingerprint(tokenizer)
-
-
 def eval_sets_digest(eval_sets: Sequence[EvalSet]) -> str:
     """sha256 of every evaluation set's name, kind and items (prompts, answers, choices).
 
@@ -181,7 +175,7 @@ def fingerprint_components(
     return {
         "adapters": adapters_digest(stack),
         "base_model": model_digest(model),
-        "tokenizer": tokenizer_digest(tokenizer),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
         "options": cfg.outcome_fields(),
         "eval_sets": eval_sets_digest(eval_sets),
         "validation": batches_digest(val_loaders, cfg.val_max_batches),

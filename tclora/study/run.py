@@ -326,8 +326,12 @@ def run_study(
             f"arrow_top_k={cfg.arrow_top_k}: Arrow mixes at most the {len(stack.names)} adapters "
             f"{stack.names} per token"
         )
-    mixed = [m for m in stack.module_names if len(set(stack.ranks(m))) > 1]
-    if "arrow" in cfg.references and mixed:
+    mixed = (
+        [m for m in stack.module_names if len(set(stack.ranks(m))) > 1]
+        if "arrow" in cfg.references
+        else []
+    )
+    if mixed:
         # peft's Arrow stacks the adapters' factors; found here, not after hours of other rows
         raise ValueError(
             f"references include 'arrow', which needs adapters of one LoRA rank (peft's Arrow "
