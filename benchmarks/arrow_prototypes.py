@@ -18,7 +18,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +28,6 @@ from torch import Tensor
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ROOT / "benchmarks" / "results" / "pieces" / "per_task-seed0" / "adapters"
-_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
 
 
 def exact_top_right(a: Tensor, b: Tensor) -> tuple[Tensor, float]:
@@ -66,23 +64,14 @@ def power_top_right(a: Tensor, b: Tensor, iters: int = 15, seed: int = 0) -> Ten
     return ArrowLoraLinearLayer.top_right_singular_vec_from_BA(layer, a, b, iters=iters)  # type: ignore[arg-type]
 
 
-def read_adapter(folder: Path) -> dict[str, tuple[Tensor, Tensor]]:
-    """``{module: (A, B)}`` of one peft adapter folder."""
-    from safetensors.torch import load_file
-
-    parts: dict[str, dict[str, Tensor]] = {}
-    for key, value in load_file(str(folder / "adapter_model.safetensors")).items():
-        match = _KEY.match(key)
-        if match is not None:
-            parts.setdefault(match["module"], {})[match["which"]] = value
-    return {m: (p["A"], p["B"]) for m, p in sorted(parts.items()) if {"A", "B"} <= set(p)}
-
-
 def compare(folders: Sequence[Path], iters: int, seed: int) -> list[tuple[float, float]]:
-    """``(|cos|, σ₂/σ₁)`` of every adapter and module."""
+    """``(|cos|, σ₂/σ₁)`` of every adapter and module (read by ``AdapterStack.from_folders``)."""
+    from tclora.merge import AdapterStack
+
+    stack = AdapterStack.from_folders(folders)
     out = []
-    for folder in folders:
-        for a, b in read_adapter(folder).values():
+    for module in stack.module_names:
+        for a, b, _ in stack.factors(module):  # the scaling changes no direction
             exact, ratio = exact_top_right(a, b)
             power = power_top_right(a, b, iters, seed).double()
             cos = abs(float(exact @ power)) / float(power.norm())
