@@ -425,14 +425,14 @@ def main() -> int:
         print(f"=== {strategy}", flush=True)
         records.append(run_strategy(strategy, model, args))
         print(table(records[-1:]), flush=True)
-
-    summary = {
-        "model": label,
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "records": records,
-    }
-    (out / "gpu_strategies.json").write_text(json.dumps(summary, indent=1))
+        # after every strategy, so a run cut off by its time limit keeps the finished records
+        summary = {
+            "model": label,
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "records": records,
+        }
+        (out / "gpu_strategies.json").write_text(json.dumps(summary, indent=1))
     print(f"\nmodel: {label}; {args.steps} steps, batch {args.batch_size}, 4 per-task adapters")
     print(table(records))
     return 0 if records and all(not r["problems"] for r in records) else 1

@@ -4,7 +4,9 @@
 #   bash benchmarks/gpu_kit/run.sh [KIT_DIR] [OUT_DIR]     # defaults: .gpu and $OUT (or /tmp/gpu-out)
 # STRATEGIES="deepspeed" runs some strategy files only (default: all three; "fsdp fsdp_layers"
 # sets AdapterWrapPolicy's FSDP units beside the decoder layers alone); TRAIN_STEP=0 skips
-# the train-step benchmark; T1 and T2 are their time limits in seconds.
+# the train-step benchmark; STEPS sets the strategy fits' steps (default 64); T1, T2, T3 and T4
+# are the time limits in seconds of the strategy fits, the train-step benchmark and the two
+# DeepSpeed checks.
 set -u
 kit=${1:-.gpu}
 out=${2:-${OUT:-/tmp/gpu-out}}
@@ -18,15 +20,15 @@ export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_
 cat "$out/env.txt"
 timeout "${T1:-360}" python3 benchmarks/gpu_strategies.py --data runs/repro_small/data \
   --out /tmp/gpu --random-weights-from "$kit/smollm2-shape" --random-encoder-from "$kit/minilm-shape" \
-  --steps 64 --eval-items 32 --strategies ${STRATEGIES:-ddp fsdp deepspeed} \
+  --steps ${STEPS:-64} --eval-items 32 --strategies ${STRATEGIES:-ddp fsdp deepspeed} \
   > "$out/gpu_strategies.log" 2>&1
 echo "gpu_strategies rc=$?"; tail -8 "$out/gpu_strategies.log"
 cp /tmp/gpu/gpu_strategies.json "$out/" 2>/dev/null
 for s in ddp fsdp fsdp_layers deepspeed; do cp /tmp/gpu/$s/fit.log "$out/fit-$s.log" 2>/dev/null; done
 for s in fsdp fsdp_layers; do cp /tmp/gpu/$s/merge.log "$out/merge-$s.log" 2>/dev/null; done
-timeout 120 python3 benchmarks/gpu_kit/deepspeed_check.py > "$out/deepspeed_check.log" 2>&1
+timeout "${T3:-120}" python3 benchmarks/gpu_kit/deepspeed_check.py > "$out/deepspeed_check.log" 2>&1
 echo "deepspeed_check rc=$?"; grep '^|' "$out/deepspeed_check.log"
-timeout 240 python3 benchmarks/gpu_kit/deepspeed_fit_check.py > "$out/deepspeed_fit_check.log" 2>&1
+timeout "${T4:-240}" python3 benchmarks/gpu_kit/deepspeed_fit_check.py > "$out/deepspeed_fit_check.log" 2>&1
 echo "deepspeed_fit_check rc=$?"; grep '^|' "$out/deepspeed_fit_check.log"
 [ "${TRAIN_STEP:-1}" = 0 ] && exit 0
 timeout "${T2:-150}" python3 benchmarks/train_step.py --accelerator gpu --precision bf16-mixed \
