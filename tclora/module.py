@@ -558,6 +558,8 @@ class LoRAModule(LightningModule):
                 "tclora.fsdp_policy.AdapterWrapPolicy([<decoder layer class>]), as "
                 "configs/strategies/fsdp.yaml does"
             )
+        if is_deepspeed(strategy):
+            self._set_deepspeed_micro_batch(strategy)
         if zero_stage(strategy) == 3 and self.hparams["export_dir"] is not None:
             raise ValueError(
                 f"export_dir={self.hparams['export_dir']!r} under DeepSpeedStrategy(stage=3): "
@@ -574,6 +576,24 @@ class LoRAModule(LightningModule):
                 f"strategy={type(strategy).__name__} without find_unused_parameters: inactive "
                 "adapters are unused in a step, use strategy='ddp_find_unused_parameters_true'"
             )
+
+    def _set_deepspeed_micro_batch(self, strategy: Any) -> None:
+        """Give DeepSpeed's config ``train_micro_batch_size_per_gpu`` when it has none.
+
+        Lightning's ``DeepSpeedStrategy`` otherwise reads it from the train loader's
+        ``batch_sampler.batch_size``, and a loader whose sampler yields whole batches (as
+        :class:`~tclora.datamodules.ClusterDataModule`'s does) has no ``batch_sampler``: the fit
+        died before its first step (``AttributeError: 'NoneType' object has no attribute
+        'batch_size'``, H100, 2026-11-27). The value is the data module's ``batch_size`` (1 when
+        the data module has none: Lightning's own fallback); DeepSpeed uses it for its throughput
+        log and its batch-size consistency check only.
+        """
+        config = getattr(strategy, "config", None)
+        if config is None or "train_micro_batch_size_per_gpu" in config:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        size = getattr(datamodule, "batch_size", None)
+        config["train_micro_batch_size_per_gpu"] = int(size) if isinstance(size, int) else 1
 
     # --------------------------------------------------------------- training
     def _batch_cluster(self, batch: Mapping[str, Tensor]) -> int:

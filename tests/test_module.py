@@ -619,6 +619,38 @@ def test_deepspeed_setup_checks(tiny_model_dir: Path) -> None:
     unexported.setup("fit")  # nothing to export: accepted
 
 
+def test_deepspeed_micro_batch_comes_from_the_data_module(tiny_model_dir: Path) -> None:
+    """Lightning's DeepSpeedStrategy reads ``train_micro_batch_size_per_gpu`` from the train
+    loader's ``batch_sampler``, which a loader of whole batches (ClusterDataModule's) lacks: the
+    H100 fit died there. ``setup`` now gives the config the data module's batch size, and keeps
+    a value the user's config sets."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader
+
+    whole_batches = DataLoader([{"input_ids": torch.zeros(6, 4)}], batch_size=None)
+    source = SimpleNamespace(is_defined=lambda: True, dataloader=lambda: whole_batches)
+    module = LoRAModule(model=str(tiny_model_dir), num_adapters=2)
+    strategy = deepspeed_strategy(2)
+    module.trainer = SimpleNamespace(  # type: ignore[assignment]
+        strategy=strategy,
+        datamodule=SimpleNamespace(batch_size=6),
+        accumulate_grad_batches=1,
+        gradient_clip_val=None,
+        fit_loop=SimpleNamespace(_data_source=source),
+    )
+    strategy._lightning_module = module
+    with pytest.raises(AttributeError, match="'NoneType' object has no attribute 'batch_size'"):
+        strategy._format_batch_size_and_grad_accum_config()  # Lightning's own, before setup
+    module.setup("fit")
+    strategy.config.pop("gradient_accumulation_steps")  # the failed call's first write
+    strategy._format_batch_size_and_grad_accum_config()
+    assert strategy.config["train_micro_batch_size_per_gpu"] == 6
+    strategy.config = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 3}
+    module.setup("fit")
+    assert strategy.config["train_micro_batch_size_per_gpu"] == 3
+
+
 def test_deepspeed_steps_the_inactive_adapters_with_learning_rate_zero(
     tiny_model_dir: Path,
 ) -> None:

@@ -97,9 +97,8 @@ def fit(model_dir: Path, strategy: Any, accelerator: str) -> dict[str, torch.Ten
 def deepspeed_strategy(stage: int, accelerator: str) -> Any:
     from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
-    kwargs: dict[str, Any] = dict(
-        stage=stage, exclude_frozen_parameters=True, logging_batch_size_per_gpu=4
-    )
+    # no logging_batch_size_per_gpu: LoRAModule.setup gives DeepSpeed the micro batch size
+    kwargs: dict[str, Any] = dict(stage=stage, exclude_frozen_parameters=True)
     if accelerator != "cpu":
         return DeepSpeedStrategy(**kwargs)
 
