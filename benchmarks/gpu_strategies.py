@@ -62,7 +62,13 @@ sys.path.insert(0, str(ROOT))  # the checkout, for `benchmarks`
 from benchmarks.common import build_random_model, cuda_sync  # noqa: E402
 
 STRATEGIES = ("ddp", "fsdp", "deepspeed")
-VARIANTS = {"fsdp_layers": "fsdp"}
+VARIANTS = {
+    "fsdp_layers": "fsdp",  # the decoder layers as the only FSDP units
+    "fsdp_noac": "fsdp",  # AdapterWrapPolicy without activation checkpointing
+    "fsdp_32": "fsdp",  # AdapterWrapPolicy in float32 (no FSDP mixed precision, no autocast)
+    "fsdp_bf16true": "fsdp",  # AdapterWrapPolicy with everything in bfloat16 (no autocast)
+    "fsdp_ltac": "fsdp",  # AdapterWrapPolicy with Lightning's activation checkpointing
+}
 """Runs on request (not by default), each a strategy file with one change: ``fsdp_layers`` is
 ``fsdp.yaml`` with the decoder layers as the only FSDP units (a plain list of classes, as it was
 before ``AdapterWrapPolicy``), to set its step time and memory beside ``fsdp``'s."""
@@ -209,7 +215,7 @@ def run_config(
 def fix_config(strategy: str, args: argparse.Namespace) -> dict[str, Any] | None:
     """What the strategy file leaves to the user, or a CPU dry run's replacements."""
     fix: dict[str, Any] = {}
-    if strategy in ("fsdp", "fsdp_layers"):
+    if strategy.startswith("fsdp"):
         policy: Any = {
             "class_path": "tclora.fsdp_policy.AdapterWrapPolicy",
             "init_args": {"layer_classes": [args.decoder_layer]},
@@ -224,6 +230,14 @@ def fix_config(strategy: str, args: argparse.Namespace) -> dict[str, Any] | None
                 },
             }
         }
+    if strategy in ("fsdp_noac", "fsdp_ltac"):
+        fix["model"] = {"gradient_checkpointing": False}
+    if strategy == "fsdp_ltac":
+        init_args = fix["trainer"]["strategy"]["init_args"]
+        init_args["activation_checkpointing_policy"] = [args.decoder_layer]
+    elif strategy in ("fsdp_32", "fsdp_bf16true"):
+        fix["trainer"]["precision"] = "32-true" if strategy == "fsdp_32" else "bf16-true"
+        fix["model"] = {"dtype": "float32" if strategy == "fsdp_32" else "bfloat16"}
     if args.accelerator == "cpu":
         fix.setdefault("trainer", {}).update(
             {"accelerator": "cpu", "devices": 1, "precision": "32-true"}
@@ -315,6 +329,10 @@ def run_strategy(strategy: str, model: str, args: argparse.Namespace) -> dict[st
         _tail(run_dir / "fit.log", strategy)
         record["problems"] = [f"fit exit {code}"]
         return record
+    if args.fit_only:
+        record["merge"] = "-"
+        record["problems"] = []
+        return record
     device = "cuda" if args.accelerator == "gpu" else "cpu"
     if at_fit_end:
         log, wanted = run_dir / "fit.log", f"CPMergeCallback: merge study on {device}"
@@ -366,7 +384,9 @@ def main() -> int:
         default=list(STRATEGIES),
         choices=[*STRATEGIES, *VARIANTS],
         help="strategy files to run; fsdp_layers: fsdp.yaml with the decoder layers as the only "
-        "units (to compare with fsdp's AdapterWrapPolicy)",
+        "units (to compare with fsdp's AdapterWrapPolicy); fsdp_noac, fsdp_32, fsdp_bf16true, "
+        "fsdp_ltac: fsdp.yaml without activation checkpointing, in float32, in bfloat16, with "
+        "Lightning's activation checkpointing instead of transformers'",
     )
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--random-weights-from", type=Path, default=None, metavar="DIR")
@@ -380,6 +400,9 @@ def main() -> int:
         "--merge-after",
         action="store_true",
         help="merge with `tclora merge` after every fit (FSDP always does: the callback refuses it)",
+    )
+    parser.add_argument(
+        "--fit-only", action="store_true", help="stop after each fit (no merge, no checks)"
     )
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)

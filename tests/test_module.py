@@ -749,11 +749,45 @@ def test_fsdp_without_adapter_units_is_warned_about(tiny_model_dir: Path) -> Non
             r"tclora.fsdp_policy.AdapterWrapPolicy\(\[<decoder layer class>\]\)",
         ):
             module.setup("fit")
-    strategy = FSDPStrategy(auto_wrap_policy=AdapterWrapPolicy([LlamaDecoderLayer]))
+    policy = AdapterWrapPolicy([LlamaDecoderLayer])
+    strategy = FSDPStrategy(auto_wrap_policy=policy)
+    strategy.cluster_environment = SimpleNamespace(world_size=lambda: 2)  # type: ignore[assignment]
     module.trainer = SimpleNamespace(strategy=strategy)  # type: ignore[assignment]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         module.setup("fit")
+    assert strategy.kwargs["auto_wrap_policy"] is policy
+
+
+@pytest.mark.parametrize("world, sharding", [(1, "FULL_SHARD"), (2, "NO_SHARD")])
+def test_fsdp_without_sharding_wraps_the_decoder_layers_alone(
+    tiny_model_dir: Path, world: int, sharding: str
+) -> None:
+    """Where FSDP shards nothing (one process, or NO_SHARD), AdapterWrapPolicy's adapter units got
+    no gradient on an H100; setup replaces the policy by its decoder layers, with a warning."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from tclora.fsdp_policy import AdapterWrapPolicy
+
+    module = LoRAModule(model=str(tiny_model_dir), num_adapters=2)
+    strategy = FSDPStrategy(
+        auto_wrap_policy=AdapterWrapPolicy([LlamaDecoderLayer]), sharding_strategy=sharding
+    )
+    strategy.cluster_environment = SimpleNamespace(world_size=lambda: world)  # type: ignore[assignment]
+    module.trainer = SimpleNamespace(strategy=strategy)  # type: ignore[assignment]
+    with pytest.warns(
+        UserWarning,
+        match=rf"AdapterWrapPolicy\) with {world} process\(es\) and sharding_strategy={sharding}: "
+        r"FSDP shards nothing .* no gradient on a GPU .* decoder layers \['LlamaDecoderLayer'\]",
+    ):
+        module.setup("fit")
+    layers = strategy.kwargs["auto_wrap_policy"]
+    assert type(layers) is ModuleWrapPolicy
+    assert layers._module_classes == {LlamaDecoderLayer}
 
 
 def test_schedule_length_follows_each_clusters_own_batches(tiny_model_dir: Path) -> None:
