@@ -603,7 +603,7 @@ class LoRAModule(LightningModule):
             f"FSDPStrategy(auto_wrap_policy=AdapterWrapPolicy) with {world} process(es) and "
             f"sharding_strategy={getattr(sharding, 'name', sharding)}: FSDP shards nothing "
             "(NO_SHARD), and AdapterWrapPolicy's adapter units then got no gradient on a GPU "
-            "(\"element 0 of tensors does not require grad\", H100, 2026-11-27); wrapping the "
+            '("element 0 of tensors does not require grad", H100, 2026-11-27); wrapping the '
             f"decoder layers {names} alone instead (they train there)"
         )
 

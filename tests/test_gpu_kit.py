@@ -110,3 +110,21 @@ def test_gpu_strategies_fsdp_runs_wrap_with_adapter_units_or_layers_alone(
         assert [c.__name__ for c in policy.init_args.layer_classes] == ["LlamaDecoderLayer"]
     else:
         assert [c.__name__ for c in policy] == ["LlamaDecoderLayer"]
+
+
+def test_fsdp_noshard_check_reports_each_set_up(tmp_path: Path) -> None:
+    """The one-process FSDP check the GPU kit runs: on the CPU, bf16 mixed precision with
+    AdapterWrapPolicy trains both adapters; float32 with tied embeddings hits FSDP's own
+    assertion, which the row reports instead of stopping the table."""
+    argv = [sys.executable, str(ROOT / "benchmarks" / "gpu_kit" / "fsdp_noshard_check.py")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(
+        [*argv, "--quick"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| adapters")]
+    assert rows == [
+        "| adapters | bf16 mixed + autocast | True | True | ok, cluster_0 moved, cluster_1 moved |",
+        "| adapters | float32 | True | True | AssertionError: as_params=True "
+        "type(prim_param)=<class 'torch.Tensor'> |",
+    ]

@@ -4,9 +4,10 @@
 #   bash benchmarks/gpu_kit/run.sh [KIT_DIR] [OUT_DIR]     # defaults: .gpu and $OUT (or /tmp/gpu-out)
 # STRATEGIES="deepspeed" runs some strategy files only (default: all three; "fsdp fsdp_layers"
 # sets AdapterWrapPolicy's FSDP units beside the decoder layers alone); TRAIN_STEP=0 skips
-# the train-step benchmark; STEPS sets the strategy fits' steps (default 64); T1, T2, T3 and T4
-# are the time limits in seconds of the strategy fits, the train-step benchmark and the two
-# DeepSpeed checks.
+# the train-step benchmark; STEPS sets the strategy fits' steps (default 64); T1, T2, T3, T4 and
+# T5 are the time limits in seconds of the strategy fits, the train-step benchmark, the two
+# DeepSpeed checks and fsdp_noshard_check.py. Logs: at most 8 files come back from a device call,
+# so pack them (tar) rather than count on each one.
 set -u
 kit=${1:-.gpu}
 out=${2:-${OUT:-/tmp/gpu-out}}
@@ -26,6 +27,8 @@ echo "gpu_strategies rc=$?"; tail -8 "$out/gpu_strategies.log"
 cp /tmp/gpu/gpu_strategies.json "$out/" 2>/dev/null
 for s in ddp fsdp fsdp_layers deepspeed; do cp /tmp/gpu/$s/fit.log "$out/fit-$s.log" 2>/dev/null; done
 for s in fsdp fsdp_layers; do cp /tmp/gpu/$s/merge.log "$out/merge-$s.log" 2>/dev/null; done
+timeout "${T5:-120}" python3 benchmarks/gpu_kit/fsdp_noshard_check.py > "$out/fsdp_noshard_check.log" 2>&1
+echo "fsdp_noshard_check rc=$?"; grep '^|' "$out/fsdp_noshard_check.log"
 timeout "${T3:-120}" python3 benchmarks/gpu_kit/deepspeed_check.py > "$out/deepspeed_check.log" 2>&1
 echo "deepspeed_check rc=$?"; grep '^|' "$out/deepspeed_check.log"
 timeout "${T4:-240}" python3 benchmarks/gpu_kit/deepspeed_fit_check.py > "$out/deepspeed_fit_check.log" 2>&1

@@ -1,0 +1,173 @@
+"""Which FSDP set-ups train a LoRAModule's adapters on one process (``NO_SHARD``)?
+
+On one H100 (2026-11-27) ``fsdp.yaml`` with ``AdapterWrapPolicy`` failed: under bf16-mixed the
+active adapter's weights reached the forward pass without ``requires_grad`` (a ``CheckpointError``
+with activation checkpointing, "element 0 of tensors does not require grad" without), and in
+float32 or bf16-true FSDP asserted ``as_params=True type(prim_param)=<class 'torch.Tensor'>``.
+This script runs torch's FSDP (no Lightning) over one process on a tiny Llama with 2 adapters, three
+steps switched as ``LoRAModule`` switches them, for every combination of
+
+* wrap policy: ``AdapterWrapPolicy`` or the decoder layers alone,
+* precision: float32, or bfloat16 ``MixedPrecision`` with autocast (what Lightning's bf16-mixed
+  does under FSDP),
+* activation checkpointing (transformers', non-reentrant) on or off,
+* tied input and output embeddings (SmolLM2 ties them; Mistral-7B and Phi-3-mini do not),
+
+and prints one table row each: ``ok``, or the error, and whether every adapter moved. On the CPU
+(2026-11-27, torch 2.13, gloo) every bf16 row is ``ok``; the float32 rows with tied embeddings fail
+with the assertion under both policies, the untied ones are ``ok``: that assertion is FSDP's,
+with shared parameters under ``NO_SHARD`` and ``use_orig_params``. A GPU run tells whether the
+bf16 no-grad failure is the tied embeddings too. Usage::
+
+    python benchmarks/gpu_kit/fsdp_noshard_check.py            # cuda when there is one
+    python benchmarks/gpu_kit/fsdp_noshard_check.py --quick    # two rows (a test runs it)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+TINY = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
+
+def one_case(
+    model_dir: str, policy_name: str, bf16: bool, checkpointing: bool, device: torch.device
+) -> str:
+    """Three steps (adapters 0, 1, 0) under FSDP ``NO_SHARD``; ``ok`` or the error, and whether
+    both adapters moved."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision, ShardingStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from tclora.fsdp_policy import AdapterWrapPolicy
+    from tclora.module import LoRAModule
+
+    torch.manual_seed(0)
+    module = LoRAModule(model=model_dir, num_adapters=2, r=4, gradient_checkpointing=checkpointing)
+    module.configure_model()
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters() if "lora_B" in n}
+    policy = (
+        AdapterWrapPolicy([LlamaDecoderLayer])
+        if policy_name == "adapters"
+        else ModuleWrapPolicy({LlamaDecoderLayer})
+    )
+    mixed = (
+        MixedPrecision(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16, buffer_dtype=torch.bfloat16
+        )
+        if bf16
+        else None
+    )
+    wrapped = FullyShardedDataParallel(
+        module.model,
+        auto_wrap_policy=policy,
+        use_orig_params=True,
+        device_id=device,
+        sharding_strategy=ShardingStrategy.NO_SHARD,
+        mixed_precision=mixed,
+    )
+    groups = [{"params": [p for _, p in module.adapter_parameters(i)]} for i in range(2)]
+    optimizer = torch.optim.AdamW(groups, lr=1e-2)
+    generator = torch.Generator().manual_seed(1)
+    try:
+        for index in (0, 1, 0):
+            module.activate(index)
+            ids = torch.randint(0, 128, (2, 16), generator=generator).to(device)
+            autocast = (
+                torch.autocast(device.type, dtype=torch.bfloat16)
+                if bf16
+                else contextlib.nullcontext()
+            )
+            with autocast:
+                loss = wrapped(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    except Exception as error:  # noqa: BLE001 - the row reports it
+        return f"{type(error).__name__}: {str(error).splitlines()[0][:110]}"
+    with FullyShardedDataParallel.summon_full_params(wrapped, writeback=False):
+        after = {n: p for n, p in wrapped.named_parameters() if "lora_B" in n}
+        moved = {
+            name: any(
+                not torch.equal(before[k].to(p.device), p.detach())
+                for k, p in after.items()
+                if f".{name}." in k and k in before
+            )
+            for name in module.adapter_names
+        }
+    return "ok, " + ", ".join(f"{k} {'moved' if v else 'UNMOVED'}" for k, v in moved.items())
+
+
+def main() -> int:
+    import argparse
+
+    import torch.distributed as dist
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tied embeddings, AdapterWrapPolicy, checkpointing only",
+    )
+    args = parser.parse_args()
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    with socket.socket() as free:  # a port that is free now, for the one-process group
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=0,
+        world_size=1,
+    )
+    print(
+        f"device: {torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'}; "
+        f"torch {torch.__version__}"
+    )
+    print("| policy | precision | checkpointing | tied embeddings | result |")
+    print("|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for tied in (True,) if args.quick else (True, False):
+            torch.manual_seed(0)
+            model_dir = str(Path(tmp) / f"tied{int(tied)}")
+            config = LlamaConfig(vocab_size=128, tie_word_embeddings=tied, **TINY)
+            LlamaForCausalLM(config).save_pretrained(model_dir)
+            cases = itertools.product(
+                ("adapters",) if args.quick else ("adapters", "layers"),
+                (True, False),
+                (True,) if args.quick else (True, False),
+            )
+            for policy, bf16, checkpointing in cases:
+                result = one_case(model_dir, policy, bf16, checkpointing, device)
+                precision = "bf16 mixed + autocast" if bf16 else "float32"
+                print(
+                    f"| {policy} | {precision} | {checkpointing} | {tied} | {result} |", flush=True
+                )
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
