@@ -128,3 +128,20 @@ def test_fsdp_noshard_check_reports_each_set_up(tmp_path: Path) -> None:
         "| adapters | float32 | True | True | AssertionError: as_params=True "
         "type(prim_param)=<class 'torch.Tensor'> |",
     ]
+
+
+def test_memory_check_dry_run_trains_a_random_model_of_a_shape() -> None:
+    """memory_check.py, which measures the paper configs' peak GPU memory on a GPU, runs end to
+    end on the CPU on its tiny shape: a random model saved, K adapters trained, one row."""
+    argv = [sys.executable, str(ROOT / "benchmarks" / "gpu_kit" / "memory_check.py")]
+    argv += ["--shape", "tiny", "--accelerator", "cpu", "--batch-size", "2", "--seq-len", "16"]
+    argv += ["--num-adapters", "3", "--steps", "3"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = [line for line in proc.stdout.splitlines() if line.startswith("| tiny |")]
+    assert row.startswith("| tiny | 0.00 | 2 x 16 | 3 | 3 | ")
+    assert row.endswith("| nan | nan | cpu |")
+    bad = subprocess.run([*argv[:2], "--steps", "1"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert "--steps 1: at least 2 (the first step is not timed)" in bad.stderr
