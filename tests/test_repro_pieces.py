@@ -427,3 +427,82 @@ def test_a_fit_resumed_at_its_final_step_still_keeps_its_adapters(
         for key, value in tensors.items():
             torch.testing.assert_close(again[name][key], value, rtol=0, atol=0)
     assert (tmp_path / DATAMODULE_STATE).is_file()
+
+
+def test_a_kept_training_checkpoint_resumes_the_fit_on_a_new_machine(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fit unfinished at a session's end: ``--keep-checkpoints`` commits its last checkpoint;
+    a new machine's sweep start puts it back where the pinned code resumes it; it goes once the
+    run's adapters are kept; a changed file is never restored."""
+    import hashlib
+
+    from benchmarks.repro.checkpoints import Kept, keep_checkpoints, restore_checkpoints
+    from benchmarks.repro.cli import main
+    from benchmarks.repro.runs import resume_checkpoint
+
+    repo, sweep = _sweep_in_repo(tmp_path, monkeypatch)
+    sweep.seeds, sweep.variants = (0,), ("kmeans4", "mbc4")
+    kept = Kept(sweep, "mbc4", 0)
+    ckpts = kept.run_checkpoints
+    ckpts.mkdir(parents=True)
+    torch.save({"global_step": 30, "state_dict": {"w": torch.ones(3)}}, ckpts / "last.ckpt")
+    (ckpts / "made_by.sha256").write_text(hashlib.sha256(b"the run").hexdigest())
+    (kept.piece.run / "attempts.json").write_text("[100.0]")
+
+    assert keep_checkpoints(sweep, commit=True) == [
+        f"[ckpt] mbc4 seed 0: checkpoint at step 30 kept in {kept.folder}"
+    ]
+    assert git(repo, "log", "--format=%s", "-1") == (
+        "Sweep checkpoint: mbc4 seed 0, training at step 30 (the fit resumes from it on any "
+        "machine)\n"
+    )
+    assert git(repo, "status", "--porcelain", "results") == ""
+    assert kept.meta()["attempts_seconds"] == [100.0]
+    assert keep_checkpoints(sweep, commit=True) == [
+        "[ckpt] mbc4 seed 0: its checkpoint is kept already"
+    ]
+
+    # a new machine: runs/ is empty; the sweep's start puts the checkpoint back, and the (pinned)
+    # run resumes it because the same configuration made it
+    shutil.rmtree(sweep.work_dir)
+    assert restore_checkpoints(sweep, commit=True) == [
+        f"[ckpt] mbc4 seed 0: its kept checkpoint (step 30) put into {ckpts}"
+    ]
+    assert (ckpts / "last.ckpt").read_bytes() == (kept.folder / "last.ckpt").read_bytes()
+    assert json.loads((kept.piece.run / "attempts.json").read_text()) == [100.0]
+    assert resume_checkpoint(kept.piece.run, "the run")
+    # a checkpoint of this machine as far on is left alone
+    torch.save({"global_step": 40}, ckpts / "last.ckpt")
+    assert restore_checkpoints(sweep, commit=True) == []
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 40
+
+    # the status says so
+    argv = ["--work-dir", str(sweep.work_dir), "--results-dir", str(sweep.results_dir)]
+    assert main(["--status", *argv, "--seeds", "0", "--variants", "kmeans4", "mbc4"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "mbc4 seed 0: training on this machine (checkpoint, nothing committed yet); "
+        "a checkpoint at step 30 committed"
+    )
+
+    # a kept file that changed is removed, never restored
+    shutil.rmtree(sweep.work_dir)
+    (kept.folder / "last.ckpt").write_bytes(b"changed")
+    assert restore_checkpoints(sweep, commit=True) == [
+        f"[ckpt] mbc4 seed 0: its last.ckpt is not the file checkpoint.json names (sha256 "
+        f"differs); removed {kept.folder}"
+    ]
+    assert not ckpts.exists() and git(repo, "ls-files", "results/checkpoints") == ""
+
+    # once the run's trained adapters are kept, its checkpoint is not needed
+    ckpts.mkdir(parents=True)
+    torch.save({"global_step": 50}, ckpts / "last.ckpt")
+    (ckpts / "made_by.sha256").write_text("x")
+    assert main(["--keep-checkpoints", "--commit-records", *argv, "--seeds", "0"]) == 0
+    assert kept.exists() and "step 50 kept" in capsys.readouterr().out
+    _fake_export(repo / "trained", ["cluster_0"])
+    kept.piece.save_adapters(repo / "trained", training_identity({"trainer": {}}, "d"), [1.0])
+    assert restore_checkpoints(sweep, commit=True) == [
+        f"[ckpt] mbc4 seed 0: trained (adapters kept or recorded); removed {kept.folder}"
+    ]
+    assert git(repo, "ls-files", "results/checkpoints") == ""

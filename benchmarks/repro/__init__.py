@@ -19,6 +19,8 @@ Modules, each using only those above it: :mod:`~benchmarks.repro.sweep` (what th
 top of ``configs/repro_small.yaml``), :mod:`~benchmarks.repro.data` (splits and eval-set files),
 :mod:`~benchmarks.repro.pieces` (the committed pieces of a run in progress: trained adapters and
 study rows, so that a run goes on from the repository on a new machine),
+:mod:`~benchmarks.repro.checkpoints` (an unfinished fit's last checkpoint, kept at a session's
+end so that the fit resumes on a new machine),
 :mod:`~benchmarks.repro.code_pin` (every run of the sweep runs one pinned commit's code, from a
 worktree of it, while the checkout moves on),
 :mod:`~benchmarks.repro.runs` (one run through the CLI; the one-LoRA evaluation),
@@ -32,6 +34,7 @@ Usage::
     .venv/bin/python benchmarks/repro_small.py                 # the sweep (see the config header)
     .venv/bin/python benchmarks/repro_small.py --quick         # harness smoke run, tiny sizes
     .venv/bin/python benchmarks/repro_small.py --aggregate-only
+    .venv/bin/python benchmarks/repro_small.py --keep-checkpoints --commit-records  # session end
     .venv/bin/python -m benchmarks.repro --quick               # the same, as a module
     .venv/bin/python benchmarks/make_figures.py                # results figure
 """

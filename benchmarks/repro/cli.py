@@ -21,6 +21,7 @@ from benchmarks.repro.aggregate import (
     summarise,
     timings,
 )
+from benchmarks.repro.checkpoints import Kept, keep_checkpoints, restore_checkpoints
 from benchmarks.repro.code_pin import PIN_FILE, pinned_checkout, read_pin, write_pin
 from benchmarks.repro.data import prepare_data
 from benchmarks.repro.pieces import status_lines
@@ -61,6 +62,14 @@ def _parser() -> argparse.ArgumentParser:
         "that spans sessions loses no finished run",
     )
     parser.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep the last checkpoint of each fit unfinished on this machine under "
+        "<results_dir>/checkpoints (committed with --commit-records), and stop: run it after "
+        "stopping the sweep at a session's end, so the fit resumes on any machine "
+        "(benchmarks/repro/checkpoints.py)",
+    )
+    parser.add_argument(
         "--pin-code",
         metavar="WHY",
         help="run every later run of the sweep from this checkout's HEAD (benchmarks/repro/"
@@ -73,6 +82,12 @@ def _parser() -> argparse.ArgumentParser:
         "clearly beat its majority answer (by default the sweep stops there: issue 13's gate)",
     )
     return parser
+
+
+def _variant_seed(status_line: str) -> tuple[str, int]:
+    """``("mbc4", 0)`` from a status line ``"mbc4 seed 0: ..."``."""
+    variant, _, rest = status_line.partition(" seed ")
+    return variant, int(rest.split(":", 1)[0])
 
 
 def _portable(value: object) -> object:
@@ -135,13 +150,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         pin = read_pin(sweep.results_dir)
         if pin is not None:
             print(f"code: pinned to {pin['commit'][:12]} ({pin['why']})")
-        print("\n".join(status_lines(sweep)))
+        lines = status_lines(sweep)
+        for i, line in enumerate(lines):  # a kept training checkpoint (checkpoints.py)
+            kept = Kept(sweep, *_variant_seed(line))
+            if kept.exists():
+                lines[i] += f"; a checkpoint at step {kept.meta().get('step')} committed"
+        print("\n".join(lines))
+        return 0
+    if args.keep_checkpoints:
+        print("\n".join(keep_checkpoints(sweep, args.commit_records)) or "no checkpoint to keep")
         return 0
     if args.pin_code:
         pin = write_pin(ROOT, sweep.results_dir, args.pin_code)
         print(f"[pin ] the sweep runs commit {pin['commit']} from now on ({PIN_FILE} written)")
         return 0
     if not (args.quick or args.prepare_only or args.aggregate_only):
+        # this checkout's code, before the pinned one runs (which does not know kept checkpoints)
+        for line in restore_checkpoints(sweep, args.commit_records):
+            print(line, flush=True)
         pinned = pinned_checkout(ROOT, sweep.results_dir)
         if pinned is not None:  # the folders stay this checkout's: records are committed here
             folders = ["--work-dir", str(sweep.work_dir), "--results-dir", str(sweep.results_dir)]
