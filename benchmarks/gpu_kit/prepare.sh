@@ -8,8 +8,9 @@
 # dependencies it needs beyond torch (the GPU machine had none of DeepSpeed). About 40 MB.
 #   bash benchmarks/gpu_kit/prepare.sh [KIT_DIR]        # default: .gpu (add it to .git/info/exclude)
 # The device tool sends tracked files too, capped at 64 MiB: while the sweep's pieces are tracked
-# (benchmarks/results/pieces, 183 MB on 2026-11-27), pause the sweep, take them out of the index
-# and ignore them for the call, then put them back:
+# (benchmarks/results/pieces, 183 MB on 2026-11-27; and a kept training checkpoint under
+# benchmarks/results/checkpoints, ~120 MB), pause the sweep, take them out of the index and
+# ignore them for the call, then put them back (for each of the two folders that exists):
 #   git rm -r -q --cached benchmarks/results/pieces && echo benchmarks/results/pieces/ >> .git/info/exclude
 #   ... the device call ...
 #   sed -i '\#^benchmarks/results/pieces/$#d' .git/info/exclude && git reset -q -- benchmarks/results/pieces
