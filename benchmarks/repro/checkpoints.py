@@ -1,9 +1,10 @@
-"""Training checkpoints kept in the repository: a fit longer than a session goes on, on any machine.
+"""Training checkpoints kept in the repository: a fit cut by a session's end goes on, on any machine.
 
-A run's fit can outlast a session (mbc4's 518 steps take ~4 h on 2 cores), and the next session
-may get a new machine whose ``runs/`` is empty: the fit would start again from step 0, and with
-sessions of ~3 h it would never end. Pieces (:mod:`benchmarks.repro.pieces`) keep a run only from
-the end of its training on. So, at a session's end, after the sweep was stopped,
+A run's fit takes ~1.5-2 h on 2 cores and starts whenever the run before it ends, so a session
+often ends mid-fit, and the next session may get a new machine whose ``runs/`` is empty: the fit
+starts again from step 0 (mbc4 seed 0's did on 2026-11-27). Pieces
+(:mod:`benchmarks.repro.pieces`) keep a run only from the end of its training on. So, at a
+session's end, after the sweep was stopped,
 
     python benchmarks/repro_small.py --keep-checkpoints --commit-records
 
