@@ -39,15 +39,6 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-TINY = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
-
 
 def one_case(
     model_dir: str, policy_name: str, bf16: bool, checkpointing: bool, device: torch.device
@@ -121,7 +112,8 @@ def main() -> int:
     import argparse
 
     import torch.distributed as dist
-    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from benchmarks.common import save_tiny_llama
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -150,10 +142,16 @@ def main() -> int:
     print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for tied in (True,) if args.quick else (True, False):
-            torch.manual_seed(0)
-            model_dir = str(Path(tmp) / f"tied{int(tied)}")
-            config = LlamaConfig(vocab_size=128, tie_word_embeddings=tied, **TINY)
-            LlamaForCausalLM(config).save_pretrained(model_dir)
+            model_dir = str(
+                save_tiny_llama(
+                    Path(tmp) / f"tied{int(tied)}",
+                    vocab_size=128,
+                    hidden_size=32,
+                    intermediate_size=64,
+                    max_position_embeddings=64,
+                    tie_word_embeddings=tied,
+                )
+            )
             cases = itertools.product(
                 ("adapters",) if args.quick else ("adapters", "layers"),
                 (True, False),

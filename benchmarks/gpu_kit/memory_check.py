@@ -25,7 +25,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +43,6 @@ SHAPES: dict[str, tuple[str, list[str]]] = {
     "mistral-7b": ("MistralConfig", ["q_proj", "k_proj", "v_proj", "o_proj"]),  # mistral7b_flan
     "tiny": ("LlamaConfig", ["q_proj", "v_proj"]),  # a CPU dry run
 }
-TINY = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=128,
-)
 
 
 def save_random_model(shape: str, out: Path, device: torch.device) -> Path:
@@ -59,8 +50,12 @@ def save_random_model(shape: str, out: Path, device: torch.device) -> Path:
     import transformers
     from transformers import AutoModelForCausalLM
 
+    from benchmarks.common import save_tiny_llama
+
+    if shape == "tiny":
+        return save_tiny_llama(out, vocab_size=128, hidden_size=32, intermediate_size=64)
     config_class, _ = SHAPES[shape]
-    config = getattr(transformers, config_class)(**(TINY if shape == "tiny" else {}))
+    config = getattr(transformers, config_class)()
     torch.manual_seed(0)
     with device:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -73,11 +68,10 @@ def save_random_model(shape: str, out: Path, device: torch.device) -> Path:
 
 def measure(model_dir: Path, shape: str, args: argparse.Namespace) -> dict[str, Any]:
     """Train ``args.steps`` steps; peak memory and step times."""
-    from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_everything
-    from torch.utils.data import DataLoader
+    from lightning.pytorch import Trainer, seed_everything
     from transformers import AutoConfig
 
-    from benchmarks.common import cuda_sync
+    from benchmarks.train_step import Batches, StepTimer
     from tclora.module import LoRAModule
 
     vocab = int(AutoConfig.from_pretrained(model_dir).vocab_size)
@@ -91,21 +85,6 @@ def measure(model_dir: Path, shape: str, args: argparse.Namespace) -> dict[str, 
             | {"cluster_id": cluster}
         )
 
-    class Batches(LightningDataModule):
-        num_clusters = args.num_adapters
-        batch_size = args.batch_size
-
-        def train_dataloader(self) -> DataLoader:
-            return DataLoader(batches, batch_size=None)  # type: ignore[arg-type]
-
-    class StepTimes(Callback):
-        def __init__(self) -> None:
-            self.ends: list[float] = []
-
-        def on_train_batch_end(self, *_: Any) -> None:
-            cuda_sync()
-            self.ends.append(time.perf_counter())
-
     seed_everything(0)
     module = LoRAModule(
         model=str(model_dir),
@@ -118,7 +97,7 @@ def measure(model_dir: Path, shape: str, args: argparse.Namespace) -> dict[str, 
         dtype="bfloat16",
         gradient_checkpointing=True,
     )
-    timer = StepTimes()
+    timer = StepTimer()
     gpu = args.accelerator == "gpu"
     if gpu:
         torch.cuda.reset_peak_memory_stats()
@@ -134,7 +113,7 @@ def measure(model_dir: Path, shape: str, args: argparse.Namespace) -> dict[str, 
         num_sanity_val_steps=0,
         limit_val_batches=0,
         callbacks=[timer],
-    ).fit(module, datamodule=Batches())
+    ).fit(module, datamodule=Batches(batches, args.num_adapters))
     steps = [b - a for a, b in zip(timer.ends, timer.ends[1:], strict=False)]
     params = sum(p.numel() for p in module.model.parameters())
     return {

@@ -84,12 +84,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _variant_seed(status_line: str) -> tuple[str, int]:
-    """``("mbc4", 0)`` from a status line ``"mbc4 seed 0: ..."``."""
-    variant, _, rest = status_line.partition(" seed ")
-    return variant, int(rest.split(":", 1)[0])
-
-
 def _portable(value: object) -> object:
     """A path as written into the committed summary: relative to the checkout when inside it."""
     if not isinstance(value, Path):
@@ -150,9 +144,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         pin = read_pin(sweep.results_dir)
         if pin is not None:
             print(f"code: pinned to {pin['commit'][:12]} ({pin['why']})")
-        lines = status_lines(sweep)
-        for i, line in enumerate(lines):  # a kept training checkpoint (checkpoints.py)
-            kept = Kept(sweep, *_variant_seed(line))
+        lines = status_lines(sweep)  # one per run, seeds outer, variants inner
+        runs = [(variant, seed) for seed in sweep.seeds for variant in sweep.variants]
+        for i, (variant, seed) in enumerate(runs):  # a kept training checkpoint (checkpoints.py)
+            kept = Kept(sweep, variant, seed)
             if kept.exists():
                 lines[i] += f"; a checkpoint at step {kept.meta().get('step')} committed"
         print("\n".join(lines))
