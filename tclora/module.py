@@ -549,9 +549,7 @@ class LoRAModule(LightningModule):
 
         strategy = self.trainer.strategy
         policy = getattr(strategy, "kwargs", {}).get("auto_wrap_policy")
-        if isinstance(strategy, FSDPStrategy) and isinstance(policy, AdapterWrapPolicy):
-            self._unsharded_fsdp_wraps_layers(strategy, policy)
-        elif isinstance(strategy, FSDPStrategy):
+        if isinstance(strategy, FSDPStrategy) and not isinstance(policy, AdapterWrapPolicy):
             rank_zero_warn(
                 f"FSDPStrategy(auto_wrap_policy={type(policy).__name__}): FSDP units that hold "
                 "frozen and LoRA weights together give each rank a gradient of those whole units, "
@@ -578,34 +576,6 @@ class LoRAModule(LightningModule):
                 f"strategy={type(strategy).__name__} without find_unused_parameters: inactive "
                 "adapters are unused in a step, use strategy='ddp_find_unused_parameters_true'"
             )
-
-    @staticmethod
-    def _unsharded_fsdp_wraps_layers(strategy: Any, policy: Any) -> None:
-        """Replace ``AdapterWrapPolicy`` by its decoder layers alone where FSDP shards nothing.
-
-        On one process (torch switches ``FULL_SHARD`` to ``NO_SHARD`` there) or under
-        ``sharding_strategy=NO_SHARD``, ``AdapterWrapPolicy``'s adapter units got no gradient on
-        an H100 (2026-11-27, Lightning 2.6.6, torch 2.11: "element 0 of tensors does not require
-        grad"; with activation checkpointing a ``CheckpointError``; in float32 and bf16-true an
-        FSDP assertion), while the decoder layers as the only units trained. Without sharding the
-        adapter units save nothing either, so the layers are wrapped alone, with a warning.
-        """
-        from torch.distributed.fsdp import ShardingStrategy
-        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-        world = int(strategy.world_size)
-        sharding = getattr(strategy, "sharding_strategy", None)
-        if world > 1 and sharding != ShardingStrategy.NO_SHARD:
-            return
-        strategy.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(set(policy.layer_classes))
-        names = [c.__qualname__ for c in policy.layer_classes]
-        rank_zero_warn(
-            f"FSDPStrategy(auto_wrap_policy=AdapterWrapPolicy) with {world} process(es) and "
-            f"sharding_strategy={getattr(sharding, 'name', sharding)}: FSDP shards nothing "
-            "(NO_SHARD), and AdapterWrapPolicy's adapter units then got no gradient on a GPU "
-            '("element 0 of tensors does not require grad", H100, 2026-11-27); wrapping the '
-            f"decoder layers {names} alone instead (they train there)"
-        )
 
     def _set_deepspeed_micro_batch(self, strategy: Any) -> None:
         """Give DeepSpeed's config ``train_micro_batch_size_per_gpu`` when it has none.
@@ -676,11 +646,18 @@ class LoRAModule(LightningModule):
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._batch_start = time.perf_counter()
+        # Switch here, before the strategy's forward: FSDP (use_orig_params) sets each unit's
+        # flat parameter's requires_grad from its original parameters in the root module's
+        # pre-forward, which under Lightning runs before training_step. Switched only inside
+        # training_step, an AdapterWrapPolicy unit of the adapter that was inactive on the
+        # previous step kept requires_grad=False: "element 0 of tensors does not require grad"
+        # (an H100 on 2026-11-27; tests/test_module.py reproduces it with FSDP on the CPU).
+        self.activate(self._batch_cluster(batch))
 
     @override
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         index = self._batch_cluster(batch)
-        self.activate(index)
+        self.activate(index)  # done in on_train_batch_start already; kept for direct calls
         lr = self.lr_for(index)
         for optimizer in self.trainer.optimizers:
             optimizer.param_groups[index]["lr"] = lr

@@ -11,8 +11,14 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import deepspeed_strategy, free_port, randomize_lora
-from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_everything
+from helpers import build_tiny_llama, deepspeed_strategy, free_port, randomize_lora
+from lightning.pytorch import (
+    Callback,
+    LightningDataModule,
+    LightningModule,
+    Trainer,
+    seed_everything,
+)
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
@@ -759,35 +765,63 @@ def test_fsdp_without_adapter_units_is_warned_about(tiny_model_dir: Path) -> Non
     assert strategy.kwargs["auto_wrap_policy"] is policy
 
 
-@pytest.mark.parametrize("world, sharding", [(1, "FULL_SHARD"), (2, "NO_SHARD")])
-def test_fsdp_without_sharding_wraps_the_decoder_layers_alone(
-    tiny_model_dir: Path, world: int, sharding: str
+@pytest.mark.parametrize("switch_in_step_only", [False, True])
+def test_lightning_fsdp_with_adapter_units_trains_every_adapter(
+    tmp_path: Path, tokenizer: Any, monkeypatch: pytest.MonkeyPatch, switch_in_step_only: bool
 ) -> None:
-    """Where FSDP shards nothing (one process, or NO_SHARD), AdapterWrapPolicy's adapter units got
-    no gradient on an H100; setup replaces the policy by its decoder layers, with a warning."""
-    from types import SimpleNamespace
-
+    """Lightning's FSDPStrategy with AdapterWrapPolicy (one process: NO_SHARD) trains both
+    adapters. FSDP sets each unit's requires_grad from its original parameters in the root
+    pre-forward, which Lightning runs before training_step; the adapter is switched before it, in
+    on_train_batch_start. Switched in training_step only (the code until 2026-11-27), the
+    second adapter's units got no gradient: the H100's "element 0 of tensors does not require
+    grad"."""
     from lightning.pytorch.strategies import FSDPStrategy
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from torch.distributed.fsdp import FullyShardedDataParallel
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     from tclora.fsdp_policy import AdapterWrapPolicy
 
-    module = LoRAModule(model=str(tiny_model_dir), num_adapters=2)
-    strategy = FSDPStrategy(
-        auto_wrap_policy=AdapterWrapPolicy([LlamaDecoderLayer]), sharding_strategy=sharding
+    class CPUFSDPStrategy(FSDPStrategy):
+        """Lightning refuses FSDPStrategy itself off a GPU; torch's FSDP runs over gloo."""
+
+    fsdp_init = FullyShardedDataParallel.__init__
+
+    def on_cpu(self: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs["device_id"] = kwargs.get("device_id") or torch.device("cpu")
+        fsdp_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(FullyShardedDataParallel, "__init__", on_cpu)
+    # untied embeddings: tied ones under NO_SHARD hit an FSDP assertion of their own in float32
+    # under either policy (benchmarks/gpu_kit/fsdp_noshard_check.py)
+    model_dir = tmp_path / "untied"
+    build_tiny_llama(len(tokenizer), tie_word_embeddings=False).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    if switch_in_step_only:
+        monkeypatch.setattr(
+            LoRAModule, "on_train_batch_start", LightningModule.on_train_batch_start
+        )
+    seed_everything(0)
+    module = LoRAModule(model=str(model_dir), r=4, lr=1e-2, gradient_checkpointing=False)
+    batches = [make_batch(c, seed) for seed, c in enumerate((0, 1, 0, 1))]
+    strategy = CPUFSDPStrategy(
+        auto_wrap_policy=AdapterWrapPolicy([LlamaDecoderLayer]), use_orig_params=True
     )
-    strategy.cluster_environment = SimpleNamespace(world_size=lambda: world)  # type: ignore[assignment]
-    module.trainer = SimpleNamespace(strategy=strategy)  # type: ignore[assignment]
-    with pytest.warns(
-        UserWarning,
-        match=rf"AdapterWrapPolicy\) with {world} process\(es\) and sharding_strategy={sharding}: "
-        r"FSDP shards nothing .* no gradient on a GPU .* decoder layers \['LlamaDecoderLayer'\]",
-    ):
-        module.setup("fit")
-    layers = strategy.kwargs["auto_wrap_policy"]
-    assert type(layers) is ModuleWrapPolicy
-    assert layers._module_classes == {LlamaDecoderLayer}
+    trainer = make_trainer(strategy=strategy, max_steps=4)
+    try:
+        if switch_in_step_only:
+            with pytest.raises(RuntimeError, match="element 0 of tensors does not require grad"):
+                trainer.fit(module, datamodule=ListDataModule(batches, 2))
+            return
+        trainer.fit(module, datamodule=ListDataModule(batches, 2))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    units = FullyShardedDataParallel.fsdp_modules(trainer.strategy.model)
+    assert len(units) == 3 + 14 * 2 * 2  # root, 2 layers, lora_A and lora_B of 14 layers x 2
+    for index in range(2):
+        moved = [p.detach().abs().max() for _, p in module.adapter_parameters(index)]
+        assert all(m > 0 for m in moved)  # lora_B starts at zero: each adapter took steps
+    assert module._adapter_steps == [2, 2]
 
 
 def test_schedule_length_follows_each_clusters_own_batches(tiny_model_dir: Path) -> None:

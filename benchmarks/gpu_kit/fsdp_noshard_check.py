@@ -12,15 +12,19 @@ steps switched as ``LoRAModule`` switches them, for every combination of
   does under FSDP),
 * activation checkpointing (transformers', non-reentrant) on or off,
 * tied input and output embeddings (SmolLM2 ties them; Mistral-7B and Phi-3-mini do not),
+* where the adapter is switched: ``before`` the root module's forward (``LoRAModule`` does it in
+  ``on_train_batch_start`` since 2026-11-27), or ``in forward`` (inside the root forward, after
+  FSDP's root pre-forward has set each unit's ``requires_grad`` from its original parameters:
+  where Lightning ran ``training_step``, the only place it switched before),
 
 and prints one table row each: ``ok``, or the error, and whether every adapter moved. On the CPU
-(2026-11-27, torch 2.13, gloo) every bf16 row is ``ok``; the float32 rows with tied embeddings fail
-with the assertion under both policies, the untied ones are ``ok``: that assertion is FSDP's,
-with shared parameters under ``NO_SHARD`` and ``use_orig_params``. A GPU run tells whether the
-bf16 no-grad failure is the tied embeddings too. Usage::
+(torch 2.13, gloo) every ``before`` row is ``ok`` except float32 with tied embeddings, which fails
+with the assertion under both policies (FSDP's own, with shared parameters under ``NO_SHARD`` and
+``use_orig_params``); ``in forward`` with ``AdapterWrapPolicy`` gives the H100's no-grad errors
+(the decoder-layer units hold every adapter, so some weight always requires grad). Usage::
 
     python benchmarks/gpu_kit/fsdp_noshard_check.py            # cuda when there is one
-    python benchmarks/gpu_kit/fsdp_noshard_check.py --quick    # two rows (a test runs it)
+    python benchmarks/gpu_kit/fsdp_noshard_check.py --quick    # three rows (a test runs it)
 """
 
 from __future__ import annotations
@@ -40,8 +44,26 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 
+class _SwitchInForward(torch.nn.Module):
+    """A root module that switches the adapter inside its own forward, as a ``training_step``
+    that Lightning runs through the FSDP root's forward does."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, index: int, **batch: torch.Tensor) -> torch.Tensor:
+        self.module.activate(index)  # type: ignore[operator]
+        return self.module.model(**batch).loss  # type: ignore[union-attr]
+
+
 def one_case(
-    model_dir: str, policy_name: str, bf16: bool, checkpointing: bool, device: torch.device
+    model_dir: str,
+    policy_name: str,
+    bf16: bool,
+    checkpointing: bool,
+    device: torch.device,
+    in_forward: bool = False,
 ) -> str:
     """Three steps (adapters 0, 1, 0) under FSDP ``NO_SHARD``; ``ok`` or the error, and whether
     both adapters moved."""
@@ -68,8 +90,9 @@ def one_case(
         if bf16
         else None
     )
+    root = _SwitchInForward(module) if in_forward else module.model
     wrapped = FullyShardedDataParallel(
-        module.model,
+        root,
         auto_wrap_policy=policy,
         use_orig_params=True,
         device_id=device,
@@ -81,7 +104,8 @@ def one_case(
     generator = torch.Generator().manual_seed(1)
     try:
         for index in (0, 1, 0):
-            module.activate(index)
+            if not in_forward:
+                module.activate(index)
             ids = torch.randint(0, 128, (2, 16), generator=generator).to(device)
             autocast = (
                 torch.autocast(device.type, dtype=torch.bfloat16)
@@ -89,19 +113,28 @@ def one_case(
                 else contextlib.nullcontext()
             )
             with autocast:
-                loss = wrapped(input_ids=ids, labels=ids).loss
+                if in_forward:
+                    loss = wrapped(index, input_ids=ids, labels=ids)
+                else:
+                    loss = wrapped(input_ids=ids, labels=ids).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     except Exception as error:  # noqa: BLE001 - the row reports it
         return f"{type(error).__name__}: {str(error).splitlines()[0][:110]}"
     with FullyShardedDataParallel.summon_full_params(wrapped, writeback=False):
-        after = {n: p for n, p in wrapped.named_parameters() if "lora_B" in n}
+        after = {  # the in-forward root holds the peft model as module.model
+            n.removeprefix("module.model."): p
+            for n, p in wrapped.named_parameters()
+            if "lora_B" in n
+        }
+        if sorted(after) != sorted(before):
+            raise AssertionError(f"lora_B names differ after wrapping: {sorted(after)[:2]}")
         moved = {
             name: any(
                 not torch.equal(before[k].to(p.device), p.detach())
                 for k, p in after.items()
-                if f".{name}." in k and k in before
+                if f".{name}." in k
             )
             for name in module.adapter_names
         }
@@ -119,7 +152,7 @@ def main() -> int:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="tied embeddings, AdapterWrapPolicy, checkpointing only",
+        help="tied embeddings, AdapterWrapPolicy, checkpointing only; in forward for bf16 only",
     )
     args = parser.parse_args()
 
@@ -138,8 +171,8 @@ def main() -> int:
         f"device: {torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'}; "
         f"torch {torch.__version__}"
     )
-    print("| policy | precision | checkpointing | tied embeddings | result |")
-    print("|---|---|---|---|---|")
+    print("| policy | precision | checkpointing | tied embeddings | switch | result |")
+    print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for tied in (True,) if args.quick else (True, False):
             model_dir = str(
@@ -156,12 +189,17 @@ def main() -> int:
                 ("adapters",) if args.quick else ("adapters", "layers"),
                 (True, False),
                 (True,) if args.quick else (True, False),
+                (False, True),
             )
-            for policy, bf16, checkpointing in cases:
-                result = one_case(model_dir, policy, bf16, checkpointing, device)
+            for policy, bf16, checkpointing, in_forward in cases:
+                if args.quick and in_forward and not bf16:
+                    continue
+                result = one_case(model_dir, policy, bf16, checkpointing, device, in_forward)
                 precision = "bf16 mixed + autocast" if bf16 else "float32"
+                switch = "in forward" if in_forward else "before"
                 print(
-                    f"| {policy} | {precision} | {checkpointing} | {tied} | {result} |", flush=True
+                    f"| {policy} | {precision} | {checkpointing} | {tied} | {switch} | {result} |",
+                    flush=True,
                 )
     dist.destroy_process_group()
     return 0
