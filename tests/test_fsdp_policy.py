@@ -1,7 +1,8 @@
 """tclora.fsdp_policy.AdapterWrapPolicy: FSDP units that never mix frozen and trainable weights.
 
 Lightning runs FSDP on GPUs only; torch's FSDP on the CPU, over gloo, stands in for it here (the
-same wrapping, flattening, sharding and gradient reduction).
+same wrapping, flattening, sharding and gradient reduction), alone and under Lightning's own
+FSDPStrategy (``lightning_fsdp_script.py``, which lets it run on the CPU).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tclora.fsdp_policy import AdapterWrapPolicy, adapter_modules
 from tclora.module import LoRAModule, _is_lora
 
 SCRIPT = Path(__file__).with_name("fsdp_policy_script.py")
+LIGHTNING_SCRIPT = Path(__file__).with_name("lightning_fsdp_script.py")
 SAFETENSORS = "adapter_model.safetensors"
 
 
@@ -107,6 +109,30 @@ def test_two_process_fsdp_adapter_units_train_like_layer_units(
             torch.testing.assert_close(got[key], before, rtol=0, atol=0)
         else:
             assert not torch.equal(got[key], before), key
+
+
+@pytest.mark.slow
+def test_lightning_fsdp_on_two_processes_trains_the_adapters_of_one_device(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A LoRAModule fit under Lightning's FSDPStrategy with AdapterWrapPolicy (FULL_SHARD, two
+    processes on the same batches) exports the adapters a one-device fit exports, bit for bit.
+    Lightning runs training_step inside the root FSDP module's forward, after FSDP has set each
+    unit's requires_grad from its original parameters; until 2026-11-27 LoRAModule switched the
+    adapter only there, and this fit raised "element 0 of tensors does not require grad" on both
+    ranks at the first step of adapter 1 (as on an H100 with one process)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    for mode in ("fsdp", "single"):
+        argv = [sys.executable, str(LIGHTNING_SCRIPT), str(tiny_model_dir), str(tmp_path), mode]
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    for index in range(2):
+        got = load_file(tmp_path / "fsdp" / f"cluster_{index}" / SAFETENSORS)
+        want = load_file(tmp_path / "single" / f"cluster_{index}" / SAFETENSORS)
+        assert sorted(got) == sorted(want) and len(got) == 28
+        for key, value in got.items():
+            torch.testing.assert_close(value, want[key], rtol=0, atol=0)
+        assert all(bool(want[k].any()) for k in want if ".lora_B." in k)  # trained: B left 0
 
 
 def test_the_unit_count_matches_what_fsdp_did_on_two_processes() -> None:
