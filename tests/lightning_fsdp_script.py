@@ -1,9 +1,11 @@
 """A LoRAModule fit through Lightning's own FSDPStrategy on two CPU processes (FULL_SHARD, gloo).
 
-Usage: ``python tests/lightning_fsdp_script.py MODEL_DIR OUT_DIR {fsdp,single}``. ``fsdp`` fits
-under ``FSDPStrategy(auto_wrap_policy=AdapterWrapPolicy)`` on 2 processes, ``single`` on one
-process without a strategy; both train 2 adapters for 6 steps (adapters 0, 1, 0, 1, 0, 0), every
-rank on the same batches, and export the adapters to ``OUT_DIR/<mode>``.
+Usage: ``python tests/lightning_fsdp_script.py MODEL_DIR OUT_DIR MODE``. Every mode trains 2
+adapters for 2 epochs of 3 steps (adapters 0, 1, 0 each epoch), every rank on the same batches,
+and exports the adapters to ``OUT_DIR/<MODE>``. ``fsdp`` fits under
+``FSDPStrategy(auto_wrap_policy=AdapterWrapPolicy)`` on 2 processes, ``single`` on one process
+without a strategy; ``fsdp-first-epoch`` stops the FSDP fit after epoch 1 and saves
+``OUT_DIR/ckpt/last.ckpt``, and ``fsdp-resumed`` resumes it from there to the end.
 
 Lightning refuses ``FSDPStrategy`` off a GPU (its accelerator check tests the exact class) and
 torch's FSDP needs ``device_id`` on the CPU: a subclass and a ``device_id`` default stand in for a
@@ -26,7 +28,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.utils.data import DataLoader
 
-CLUSTERS = (0, 1, 0, 1, 0, 0)
+CLUSTERS = (0, 1, 0)  # one epoch
 
 
 class CPUFSDPStrategy(FSDPStrategy):
@@ -41,6 +43,14 @@ def _fsdp_on_cpu() -> None:
         fsdp_init(self, *args, **kwargs)
 
     FullyShardedDataParallel.__init__ = init  # type: ignore[method-assign]
+    # Lightning gathers checkpoints with offload_to_cpu=True, and torch's offload of parameters
+    # already on the CPU crashes (tclora.module.full_parameters avoids it the same way)
+    import torch.distributed.fsdp as fsdp
+    import torch.distributed.fsdp.api as fsdp_api
+
+    for owner, name in ((fsdp, "FullStateDictConfig"), (fsdp_api, "FullOptimStateDictConfig")):
+        config = getattr(owner, name)
+        setattr(owner, name, lambda config=config, **kw: config(**{**kw, "offload_to_cpu": False}))
 
 
 class Batches(LightningDataModule):
@@ -66,17 +76,21 @@ class Batches(LightningDataModule):
 
 
 def main() -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     from tclora.fsdp_policy import AdapterWrapPolicy
     from tclora.module import LoRAModule
 
     model_dir, out, mode = sys.argv[1:4]
-    if mode == "fsdp":
+    if mode not in ("fsdp", "single", "fsdp-first-epoch", "fsdp-resumed"):
+        raise SystemExit(f"MODE={mode!r} must be fsdp, single, fsdp-first-epoch or fsdp-resumed")
+    if mode.startswith("fsdp"):
         _fsdp_on_cpu()
         strategy: Any = CPUFSDPStrategy(
             auto_wrap_policy=AdapterWrapPolicy([LlamaDecoderLayer]),
             sharding_strategy="FULL_SHARD",
+            state_dict_type="full",
             process_group_backend="gloo",
         )
         devices = 2
@@ -90,16 +104,22 @@ def main() -> None:
         accelerator="cpu",
         devices=devices,
         strategy=strategy,
-        max_steps=len(CLUSTERS),
+        max_epochs=1 if mode == "fsdp-first-epoch" else 2,
         use_distributed_sampler=False,  # every rank trains the same cluster at each step
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=mode == "fsdp-first-epoch",
+        callbacks=(
+            [ModelCheckpoint(dirpath=Path(out) / "ckpt", save_last=True, save_top_k=0)]
+            if mode == "fsdp-first-epoch"
+            else []
+        ),
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
     )
-    trainer.fit(module, datamodule=Batches())
+    last = Path(out) / "ckpt" / "last.ckpt"
+    trainer.fit(module, datamodule=Batches(), ckpt_path=last if mode == "fsdp-resumed" else None)
 
 
 if __name__ == "__main__":

@@ -116,23 +116,32 @@ def test_lightning_fsdp_on_two_processes_trains_the_adapters_of_one_device(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     """A LoRAModule fit under Lightning's FSDPStrategy with AdapterWrapPolicy (FULL_SHARD, two
-    processes on the same batches) exports the adapters a one-device fit exports, bit for bit.
-    Lightning runs training_step inside the root FSDP module's forward, after FSDP has set each
-    unit's requires_grad from its original parameters; until 2026-11-27 LoRAModule switched the
-    adapter only there, and this fit raised "element 0 of tensors does not require grad" on both
-    ranks at the first step of adapter 1 (as on an H100 with one process)."""
+    processes on the same batches) exports the adapters a one-device fit exports, bit for bit,
+    and so does the same fit stopped after its first epoch and resumed from its checkpoint (which
+    holds the adapters alone). Lightning runs training_step inside the root FSDP module's forward,
+    after FSDP has set each unit's requires_grad from its original parameters; until 2026-11-27
+    LoRAModule switched the adapter only there, and this fit raised "element 0 of tensors does not
+    require grad" on both ranks at the first step of adapter 1 (as on an H100 with one process)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    for mode in ("fsdp", "single"):
+    for mode in ("single", "fsdp", "fsdp-first-epoch", "fsdp-resumed"):
         argv = [sys.executable, str(LIGHTNING_SCRIPT), str(tiny_model_dir), str(tmp_path), mode]
         proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.returncode == 0, mode + proc.stderr[-3000:]
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert len(checkpoint["state_dict"]) == 56
+    assert all(_is_lora(k) for k in checkpoint["state_dict"])
     for index in range(2):
-        got = load_file(tmp_path / "fsdp" / f"cluster_{index}" / SAFETENSORS)
         want = load_file(tmp_path / "single" / f"cluster_{index}" / SAFETENSORS)
-        assert sorted(got) == sorted(want) and len(got) == 28
-        for key, value in got.items():
-            torch.testing.assert_close(value, want[key], rtol=0, atol=0)
-        assert all(bool(want[k].any()) for k in want if ".lora_B." in k)  # trained: B left 0
+        assert len(want) == 28 and all(bool(want[k].any()) for k in want if ".lora_B." in k)
+        for mode in ("fsdp", "fsdp-resumed"):
+            got = load_file(tmp_path / mode / f"cluster_{index}" / SAFETENSORS)
+            assert sorted(got) == sorted(want)
+            for key, value in got.items():
+                torch.testing.assert_close(value, want[key], rtol=0, atol=0, msg=mode)
+    # the comparison can fail: after one epoch of the two, adapter 0 is elsewhere
+    halfway = load_file(tmp_path / "fsdp-first-epoch" / "cluster_0" / SAFETENSORS)
+    final = load_file(tmp_path / "single" / "cluster_0" / SAFETENSORS)
+    assert any(not torch.equal(halfway[k], final[k]) for k in final)
 
 
 def test_the_unit_count_matches_what_fsdp_did_on_two_processes() -> None:
