@@ -6,7 +6,7 @@
 # sets AdapterWrapPolicy's FSDP units beside the decoder layers alone); TRAIN_STEP=0 skips
 # the train-step benchmark; STEPS sets the strategy fits' steps (default 64); T1, T2, T3, T4 and
 # T5 are the time limits in seconds of the strategy fits, the train-step benchmark, the two
-# DeepSpeed checks and fsdp_noshard_check.py; MEMORY="phi3-mini mistral-7b" runs memory_check.py
+# DeepSpeed checks and fsdp_noshard_check.py (32 rows; 240 s by default); MEMORY="phi3-mini mistral-7b" runs memory_check.py
 # on those shapes (T6 its limit). Logs: at most 8 files come back from a device call,
 # so pack them (tar) rather than count on each one.
 set -u
@@ -28,7 +28,7 @@ echo "gpu_strategies rc=$?"; tail -8 "$out/gpu_strategies.log"
 cp /tmp/gpu/gpu_strategies.json "$out/" 2>/dev/null
 for s in ddp fsdp fsdp_layers deepspeed; do cp /tmp/gpu/$s/fit.log "$out/fit-$s.log" 2>/dev/null; done
 for s in fsdp fsdp_layers; do cp /tmp/gpu/$s/merge.log "$out/merge-$s.log" 2>/dev/null; done
-timeout "${T5:-120}" python3 benchmarks/gpu_kit/fsdp_noshard_check.py > "$out/fsdp_noshard_check.log" 2>&1
+timeout "${T5:-240}" python3 benchmarks/gpu_kit/fsdp_noshard_check.py > "$out/fsdp_noshard_check.log" 2>&1
 echo "fsdp_noshard_check rc=$?"; grep '^|' "$out/fsdp_noshard_check.log"
 if [ -n "${MEMORY:-}" ]; then  # e.g. MEMORY="phi3-mini mistral-7b": the paper configs' peak memory
   timeout "${T6:-300}" python3 benchmarks/gpu_kit/memory_check.py --shape $MEMORY \
