@@ -39,9 +39,12 @@ Distributed notes:
   ``state_dict_type="full"`` so that :meth:`on_save_checkpoint` can drop the frozen base,
   ``dtype="float32"`` (FSDP flattens each unit into one dtype; peft keeps LoRA weights in float32)
   and :class:`tclora.fsdp_policy.AdapterWrapPolicy` (no unit mixes frozen and trainable weights).
-  The export at the end of fit unshards the parameters on rank zero (``summon_full_params``).
-  Training and the export ran on one H100 (``benchmarks/results/gpu/``, decoder layers as the
-  only units); several GPUs are untested there, torch's FSDP over two CPU processes is tested.
+  The adapter is switched in :meth:`on_train_batch_start`, before the strategy's forward: FSDP
+  reads which units require grad in the root module's pre-forward, and Lightning runs
+  :meth:`training_step` inside that forward. The export at the end of fit unshards the
+  parameters on rank zero (``summon_full_params``). Training and the export ran on one H100
+  (``benchmarks/results/gpu/``, decoder layers as the only units); several GPUs are untested
+  there; Lightning's FSDPStrategy over two CPU processes (fit, resume, export) is tested.
 * DeepSpeed: use ``exclude_frozen_parameters=True``. DeepSpeed steps flattened partitions, whose
   gradients are zeros rather than ``None`` for the inactive adapters, so AdamW would move them and
   advance their moments and step counts: their groups step with learning rate 0 and their
