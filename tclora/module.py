@@ -44,7 +44,9 @@ Distributed notes:
   :meth:`training_step` inside that forward. The export at the end of fit unshards the
   parameters on rank zero (``summon_full_params``). Training and the export ran on one H100
   (``benchmarks/results/gpu/``, decoder layers as the only units); several GPUs are untested
-  there; Lightning's FSDPStrategy over two CPU processes (fit, resume, export) is tested.
+  there; Lightning's FSDPStrategy over two CPU processes (fit, resume, export) is tested. On one
+  process (``NO_SHARD``) a model with tied embeddings needs mixed precision (checked in
+  :meth:`setup`: torch's FSDP asserts at the first step otherwise).
 * DeepSpeed: use ``exclude_frozen_parameters=True``. DeepSpeed steps flattened partitions, whose
   gradients are zeros rather than ``None`` for the inactive adapters, so AdamW would move them and
   advance their moments and step counts: their groups step with learning rate 0 and their
@@ -552,6 +554,8 @@ class LoRAModule(LightningModule):
 
         strategy = self.trainer.strategy
         policy = getattr(strategy, "kwargs", {}).get("auto_wrap_policy")
+        if isinstance(strategy, FSDPStrategy):
+            self._check_unsharded_tied_embeddings(strategy)
         if isinstance(strategy, FSDPStrategy) and not isinstance(policy, AdapterWrapPolicy):
             rank_zero_warn(
                 f"FSDPStrategy(auto_wrap_policy={type(policy).__name__}): FSDP units that hold "
@@ -579,6 +583,40 @@ class LoRAModule(LightningModule):
                 f"strategy={type(strategy).__name__} without find_unused_parameters: inactive "
                 "adapters are unused in a step, use strategy='ddp_find_unused_parameters_true'"
             )
+
+    def _check_unsharded_tied_embeddings(self, strategy: Any) -> None:
+        """Refuse, before the model is loaded, the FSDP set-up that fails at its first step.
+
+        Where FSDP shards nothing (one process, where torch turns ``FULL_SHARD`` into
+        ``NO_SHARD``, or ``sharding_strategy=NO_SHARD``) and parameters are not cast by mixed
+        precision, a model whose input and output embeddings are one tied weight (SmolLM2) makes
+        torch's FSDP (``use_orig_params``) assert ``as_params=True type(prim_param)=<class
+        'torch.Tensor'>`` at the first step, under any wrap policy: on an H100 (``32-true``,
+        ``bf16-true``) and on the CPU (``benchmarks/gpu_kit/fsdp_noshard_check.py``). Mixed
+        precision, or sharding over several processes, trains.
+
+        Raises:
+            ValueError: That set-up, with what to change.
+        """
+        from torch.distributed.fsdp import ShardingStrategy
+        from transformers import AutoConfig
+
+        world = int(strategy.world_size)
+        sharding = getattr(strategy, "sharding_strategy", None)
+        precision = str(getattr(self.trainer, "precision", ""))
+        if (world > 1 and sharding != ShardingStrategy.NO_SHARD) or precision.endswith("-mixed"):
+            return
+        if not getattr(AutoConfig.from_pretrained(self.model_path), "tie_word_embeddings", False):
+            return
+        raise ValueError(
+            f"FSDPStrategy with {world} process(es) and "
+            f"sharding_strategy={getattr(sharding, 'name', sharding)} shards nothing (NO_SHARD), "
+            f"and with precision={precision!r} torch's FSDP fails at the first step on the tied "
+            f"input and output embeddings of model={self.hparams['model']!r} "
+            "(AssertionError 'as_params=True type(prim_param)'): use precision 'bf16-mixed' or "
+            "'16-mixed', 2 or more processes with FULL_SHARD, or one device without FSDP "
+            "(strategy 'auto')"
+        )
 
     def _set_deepspeed_micro_batch(self, strategy: Any) -> None:
         """Give DeepSpeed's config ``train_micro_batch_size_per_gpu`` when it has none.

@@ -747,7 +747,9 @@ def test_fsdp_without_adapter_units_is_warned_about(tiny_model_dir: Path) -> Non
 
     module = LoRAModule(model=str(tiny_model_dir), num_adapters=2)
     for policy, name in (({LlamaDecoderLayer}, "ModuleWrapPolicy"), (None, "NoneType")):
-        module.trainer = SimpleNamespace(strategy=FSDPStrategy(auto_wrap_policy=policy))  # type: ignore[assignment]
+        module.trainer = SimpleNamespace(  # type: ignore[assignment]
+            strategy=FSDPStrategy(auto_wrap_policy=policy), precision="bf16-mixed"
+        )
         with pytest.warns(
             UserWarning,
             match=rf"FSDPStrategy\(auto_wrap_policy={name}\): FSDP units that hold frozen and "
@@ -763,6 +765,47 @@ def test_fsdp_without_adapter_units_is_warned_about(tiny_model_dir: Path) -> Non
         warnings.simplefilter("error")
         module.setup("fit")
     assert strategy.kwargs["auto_wrap_policy"] is policy
+
+
+def test_unsharded_fsdp_without_mixed_precision_refuses_tied_embeddings(
+    tiny_model_dir: Path, tmp_path: Path, tokenizer: Any
+) -> None:
+    """One process (torch turns FULL_SHARD into NO_SHARD) or NO_SHARD, no mixed precision, and
+    tied embeddings: torch's FSDP asserts at the first step (an H100 and the CPU); setup refuses
+    it before the model is loaded. Mixed precision, sharding or untied embeddings pass."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from tclora.fsdp_policy import AdapterWrapPolicy
+
+    def setup(model: Path, world: int, sharding: str, precision: str) -> None:
+        module = LoRAModule(model=str(model), num_adapters=2)
+        strategy = FSDPStrategy(
+            auto_wrap_policy=AdapterWrapPolicy([LlamaDecoderLayer]), sharding_strategy=sharding
+        )
+        strategy.cluster_environment = SimpleNamespace(world_size=lambda: world)  # type: ignore[assignment]
+        module.trainer = SimpleNamespace(strategy=strategy, precision=precision)  # type: ignore[assignment]
+        module.setup("fit")
+        assert module.model is None  # nothing loaded
+
+    for world, sharding, precision in ((1, "FULL_SHARD", "32-true"), (2, "NO_SHARD", "bf16-true")):
+        with pytest.raises(
+            ValueError,
+            match=rf"FSDPStrategy with {world} process\(es\) and sharding_strategy={sharding} "
+            rf"shards nothing \(NO_SHARD\), and with precision='{precision}' torch's FSDP fails "
+            r"at the first step on the tied input and output embeddings of model='.*tiny-llama.*' "
+            r".*use precision 'bf16-mixed' or '16-mixed', 2 or more processes with FULL_SHARD, or "
+            r"one device without FSDP \(strategy 'auto'\)",
+        ):
+            setup(tiny_model_dir, world, sharding, precision)
+    setup(tiny_model_dir, 1, "FULL_SHARD", "bf16-mixed")
+    setup(tiny_model_dir, 2, "FULL_SHARD", "32-true")
+    untied = tmp_path / "untied"
+    build_tiny_llama(len(tokenizer), tie_word_embeddings=False).save_pretrained(untied)
+    tokenizer.save_pretrained(untied)
+    setup(untied, 1, "FULL_SHARD", "32-true")
 
 
 @pytest.mark.parametrize("switch_in_step_only", [False, True])
