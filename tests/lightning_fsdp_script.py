@@ -2,7 +2,8 @@
 
 Usage: ``python tests/lightning_fsdp_script.py MODEL_DIR OUT_DIR MODE``. Every mode trains 2
 adapters for 2 epochs of 3 steps (adapters 0, 1, 0 each epoch), every rank on the same batches,
-and exports the adapters to ``OUT_DIR/<MODE>``. ``fsdp`` fits under
+exports the adapters to ``OUT_DIR/<MODE>`` and writes the last validation losses (one loader
+per cluster) to ``OUT_DIR/<MODE>-val.json``. ``fsdp`` fits under
 ``FSDPStrategy(auto_wrap_policy=AdapterWrapPolicy)`` on 2 processes, ``single`` on one process
 without a strategy; ``fsdp-first-epoch`` stops the FSDP fit after epoch 1 and saves
 ``OUT_DIR/ckpt/last.ckpt``, and ``fsdp-resumed`` resumes it from there to the end.
@@ -15,6 +16,7 @@ gradient reduction are Lightning's and torch's own.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -53,26 +55,33 @@ def _fsdp_on_cpu() -> None:
         setattr(owner, name, lambda config=config, **kw: config(**{**kw, "offload_to_cpu": False}))
 
 
+def _batch(cluster: int, seed: int) -> dict[str, torch.Tensor]:
+    ids = torch.randint(100, 2000, (2, 12), generator=torch.Generator().manual_seed(seed))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": labels,
+        "cluster_id": torch.full((2,), cluster, dtype=torch.long),
+    }
+
+
 class Batches(LightningDataModule):
-    """The same cluster-pure batches on every rank, in order."""
+    """The same cluster-pure batches on every rank, in order; one validation loader per
+    cluster."""
 
     num_clusters = 2
 
     def train_dataloader(self) -> DataLoader:
-        batches = []
-        for seed, cluster in enumerate(CLUSTERS):
-            ids = torch.randint(100, 2000, (2, 12), generator=torch.Generator().manual_seed(seed))
-            labels = ids.clone()
-            labels[:, :3] = -100
-            batches.append(
-                {
-                    "input_ids": ids,
-                    "attention_mask": torch.ones_like(ids),
-                    "labels": labels,
-                    "cluster_id": torch.full((2,), cluster, dtype=torch.long),
-                }
-            )
+        batches = [_batch(cluster, seed) for seed, cluster in enumerate(CLUSTERS)]
         return DataLoader(batches, batch_size=None, shuffle=False)  # type: ignore[arg-type]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [
+            DataLoader([_batch(c, 50 + c), _batch(c, 60 + c)], batch_size=None)  # type: ignore[arg-type]
+            for c in range(2)
+        ]
 
 
 def main() -> None:
@@ -116,10 +125,12 @@ def main() -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        limit_val_batches=0,
     )
     last = Path(out) / "ckpt" / "last.ckpt"
     trainer.fit(module, datamodule=Batches(), ckpt_path=last if mode == "fsdp-resumed" else None)
+    if trainer.is_global_zero:  # the last epoch's validation losses
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val")}
+        (Path(out) / f"{mode}-val.json").write_text(json.dumps(metrics))
 
 
 if __name__ == "__main__":

@@ -117,7 +117,7 @@ def test_lightning_fsdp_on_two_processes_trains_the_adapters_of_one_device(
 ) -> None:
     """A LoRAModule fit under Lightning's FSDPStrategy with AdapterWrapPolicy (FULL_SHARD, two
     processes on the same batches) exports the adapters a one-device fit exports, bit for bit,
-    and so does the same fit stopped after its first epoch and resumed from its checkpoint (which
+    with the same validation losses, and so does the same fit stopped after its first epoch and resumed from its checkpoint (which
     holds the adapters alone). Lightning runs training_step inside the root FSDP module's forward,
     after FSDP has set each unit's requires_grad from its original parameters; until 2026-11-27
     LoRAModule switched the adapter only there, and this fit raised "element 0 of tensors does not
@@ -138,6 +138,10 @@ def test_lightning_fsdp_on_two_processes_trains_the_adapters_of_one_device(
             assert sorted(got) == sorted(want)
             for key, value in got.items():
                 torch.testing.assert_close(value, want[key], rtol=0, atol=0, msg=mode)
+    # validation under FSDP (each cluster's loader through its adapter) gives the same losses
+    val = {m: json.loads((tmp_path / f"{m}-val.json").read_text()) for m in ("single", "fsdp")}
+    assert sorted(val["single"]) == ["val/loss", "val/loss_cluster_0", "val/loss_cluster_1"]
+    assert val["fsdp"] == val["single"]
     # the comparison can fail: after one epoch of the two, adapter 0 is elsewhere
     halfway = load_file(tmp_path / "fsdp-first-epoch" / "cluster_0" / SAFETENSORS)
     final = load_file(tmp_path / "single" / "cluster_0" / SAFETENSORS)
