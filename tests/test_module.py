@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -850,6 +851,10 @@ def test_lightning_fsdp_with_adapter_units_trains_every_adapter(
         auto_wrap_policy=AdapterWrapPolicy([LlamaDecoderLayer]), use_orig_params=True
     )
     trainer = make_trainer(strategy=strategy, max_steps=4)
+    # Lightning's process group set-up writes MASTER_ADDR/PORT, NODE_RANK, LOCAL_RANK and
+    # OMP_NUM_THREADS into os.environ; left there, a later Lightning subprocess would take
+    # LOCAL_RANK for a launcher's and never start its other ranks
+    environ = dict(os.environ)
     try:
         if switch_in_step_only:
             with pytest.raises(RuntimeError, match="element 0 of tensors does not require grad"):
@@ -859,6 +864,8 @@ def test_lightning_fsdp_with_adapter_units_trains_every_adapter(
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environ)
     units = FullyShardedDataParallel.fsdp_modules(trainer.strategy.model)
     assert len(units) == 3 + 14 * 2 * 2  # root, 2 layers, lora_A and lora_B of 14 layers x 2
     for index in range(2):
