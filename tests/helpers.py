@@ -22,6 +22,7 @@ __all__ = [
     "free_port",
     "git",
     "init_repo",
+    "make_batch",
     "make_multitask_samples",
     "merge_argv",
     "randomize_lora",
@@ -287,3 +288,17 @@ def init_repo(repo: Path, commit: str | None = None) -> Path:
         git(repo, "add", ".")
         git(repo, "commit", "-q", "-m", commit)
     return repo
+
+
+def make_batch(cluster: int, seed: int, rows: int = 2, length: int = 12) -> dict[str, torch.Tensor]:
+    """A cluster-pure batch in the ClusterDataModule format (no padding, 3 prompt tokens)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(100, 2000, (rows, length), generator=gen)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": labels,
+        "cluster_id": torch.full((rows,), cluster, dtype=torch.long),
+    }

@@ -30,6 +30,10 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.utils.data import DataLoader
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers import make_batch  # noqa: E402
+
 CLUSTERS = (0, 1, 0)  # one epoch
 
 
@@ -55,18 +59,6 @@ def _fsdp_on_cpu() -> None:
         setattr(owner, name, lambda config=config, **kw: config(**{**kw, "offload_to_cpu": False}))
 
 
-def _batch(cluster: int, seed: int) -> dict[str, torch.Tensor]:
-    ids = torch.randint(100, 2000, (2, 12), generator=torch.Generator().manual_seed(seed))
-    labels = ids.clone()
-    labels[:, :3] = -100
-    return {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "labels": labels,
-        "cluster_id": torch.full((2,), cluster, dtype=torch.long),
-    }
-
-
 class Batches(LightningDataModule):
     """The same cluster-pure batches on every rank, in order; one validation loader per
     cluster."""
@@ -74,12 +66,12 @@ class Batches(LightningDataModule):
     num_clusters = 2
 
     def train_dataloader(self) -> DataLoader:
-        batches = [_batch(cluster, seed) for seed, cluster in enumerate(CLUSTERS)]
+        batches = [make_batch(cluster, seed) for seed, cluster in enumerate(CLUSTERS)]
         return DataLoader(batches, batch_size=None, shuffle=False)  # type: ignore[arg-type]
 
     def val_dataloader(self) -> list[DataLoader]:
         return [
-            DataLoader([_batch(c, 50 + c), _batch(c, 60 + c)], batch_size=None)  # type: ignore[arg-type]
+            DataLoader([make_batch(c, 50 + c), make_batch(c, 60 + c)], batch_size=None)  # type: ignore[arg-type]
             for c in range(2)
         ]
 

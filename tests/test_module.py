@@ -12,7 +12,13 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import build_tiny_llama, deepspeed_strategy, free_port, randomize_lora
+from helpers import (
+    build_tiny_llama,
+    deepspeed_strategy,
+    free_port,
+    make_batch,
+    randomize_lora,
+)
 from lightning.pytorch import (
     Callback,
     LightningDataModule,
@@ -30,20 +36,6 @@ LLAMA_LINEARS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_pro
 
 
 # ----------------------------------------------------------------------------- helpers
-def make_batch(cluster: int, seed: int, rows: int = 2, length: int = 12) -> dict[str, torch.Tensor]:
-    """A cluster-pure batch in the ClusterDataModule format (no padding, 3 prompt tokens)."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(100, 2000, (rows, length), generator=gen)
-    labels = ids.clone()
-    labels[:, :3] = -100
-    return {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "labels": labels,
-        "cluster_id": torch.full((rows,), cluster, dtype=torch.long),
-    }
-
-
 class ListDataModule(LightningDataModule):
     """Yields a fixed list of batches in order; validation is one loader per cluster."""
 
