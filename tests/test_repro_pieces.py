@@ -370,7 +370,7 @@ def test_status_says_what_each_run_has(tmp_path: Path, capsys: pytest.CaptureFix
         work_dir=tmp_path / "work",
         results_dir=tmp_path / "results",
         seeds=(0,),
-        variants=("per_task", "kmeans4", "kmeans8", "single"),
+        variants=("per_task", "kmeans4", "kmeans8", "single", "mbc4"),
     )
     (sweep.results_dir / "runs").mkdir(parents=True)
     (sweep.results_dir / "runs" / "per_task-seed0.json").write_text("{}")
@@ -378,15 +378,19 @@ def test_status_says_what_each_run_has(tmp_path: Path, capsys: pytest.CaptureFix
     _fake_export(tmp_path / "trained", ["cluster_0"])
     piece.save_adapters(tmp_path / "trained", training_identity({"trainer": {}}, "d"), [1.0])
     piece.progress.write_text(json.dumps({"rows": [{}, {}, {}]}))
-    (piece.run.parent.parent / "kmeans8" / "seed0" / "checkpoints").mkdir(parents=True)
-    (piece.run.parent.parent / "kmeans8" / "seed0" / "checkpoints" / "last.ckpt").write_text("")
+    for variant in ("kmeans8", "single"):
+        (Piece(sweep, variant, 0).run / "checkpoints").mkdir(parents=True)
+    torch.save({"global_step": 75}, Piece(sweep, "kmeans8", 0).run / "checkpoints" / "last.ckpt")
+    (Piece(sweep, "single", 0).run / "checkpoints" / "last.ckpt").write_text("")  # unreadable
     argv = ["--status", "--work-dir", str(sweep.work_dir), "--results-dir", str(sweep.results_dir)]
     assert main([*argv, "--seeds", "0", "--variants", *sweep.variants]) == 0
     assert capsys.readouterr().out.splitlines() == [
         "per_task seed 0: recorded",
         "kmeans4 seed 0: trained; adapters and 3 study rows committed (the study goes on)",
-        "kmeans8 seed 0: training on this machine (checkpoint, nothing committed yet)",
-        "single seed 0: not started",
+        "kmeans8 seed 0: training on this machine (checkpoint at step 75, nothing committed yet)",
+        "single seed 0: training on this machine (checkpoint unreadable: RuntimeError, nothing "
+        "committed yet)",
+        "mbc4 seed 0: not started",
     ]
 
 
@@ -481,7 +485,7 @@ def test_a_kept_training_checkpoint_resumes_the_fit_on_a_new_machine(
     argv = ["--work-dir", str(sweep.work_dir), "--results-dir", str(sweep.results_dir)]
     assert main(["--status", *argv, "--seeds", "0", "--variants", "kmeans4", "mbc4"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == (
-        "mbc4 seed 0: training on this machine (checkpoint, nothing committed yet); "
+        "mbc4 seed 0: training on this machine (checkpoint at step 40, nothing committed yet); "
         "a checkpoint at step 30 committed"
     )
 

@@ -341,11 +341,21 @@ def status_lines(sweep: Sweep) -> list[str]:
                 rows = piece.committed_rows()
                 state = f"trained; adapters and {rows} study rows committed (the study goes on)"
             elif (piece.run / "checkpoints" / "last.ckpt").is_file():
-                state = "training on this machine (checkpoint, nothing committed yet)"
+                state = f"training on this machine ({_checkpoint_at(piece)}, nothing committed yet)"
             else:
                 state = "not started"
             lines.append(f"{variant} seed {seed}: {state}")
     return lines
+
+
+def _checkpoint_at(piece: Piece) -> str:
+    """``"checkpoint at step N"`` for the run folder's ``last.ckpt``, or why it cannot be read."""
+    from benchmarks.repro.checkpoints import checkpoint_step  # it imports this module
+
+    try:
+        return f"checkpoint at step {checkpoint_step(piece.run / 'checkpoints' / 'last.ckpt')}"
+    except Exception as err:  # noqa: BLE001 - the status reports, it does not fail
+        return f"checkpoint unreadable: {type(err).__name__}"
 
 
 def study_only_overrides(overrides: dict[str, Any], piece: Piece) -> dict[str, Any]:
