@@ -734,7 +734,7 @@ def test_committed_summary_is_the_aggregation_of_the_committed_records(tmp_path:
 
 
 def test_run_records_are_not_git_ignored() -> None:
-    """The records must be committable: a ``runs/`` ignore rule once matched
+    """The records and kept checkpoints must be committable: a ``runs/`` ignore rule once matched
     ``benchmarks/results/runs/`` too, and the first finished run's record was invisible to git."""
     import subprocess
 
@@ -743,11 +743,17 @@ def test_run_records_are_not_git_ignored() -> None:
     for path in (
         "benchmarks/results/runs/kmeans4-seed0.json",
         "benchmarks/results/repro_small.json",
+        # a kept training checkpoint: `*.ckpt` once hid it, so `git add` committed its
+        # checkpoint.json alone and no other machine could resume the fit
+        "benchmarks/results/checkpoints/single-seed0/last.ckpt",
     ):
         done = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT, check=False)
         assert done.returncode == 1, f"{path} is ignored by git"
-    done = subprocess.run(["git", "check-ignore", "-q", "runs/demo"], cwd=ROOT, check=False)
-    assert done.returncode == 0  # the working folders stay out of the repository
+    for path in ("runs/demo", "runs/repro_small/runs/single/seed0/checkpoints/last.ckpt"):
+        done = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT, check=False)
+        assert done.returncode == 0, path  # the working folders stay out of the repository
+    done = subprocess.run(["git", "check-ignore", "-q", "lightning_logs/x/last.ckpt"], cwd=ROOT)
+    assert done.returncode == 0  # and every other checkpoint
 
 
 def _kmeans4_sweep(tmp_path: Path) -> Sweep:

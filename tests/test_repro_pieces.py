@@ -462,6 +462,10 @@ def test_a_kept_training_checkpoint_resumes_the_fit_on_a_new_machine(
         "machine)\n"
     )
     assert git(repo, "status", "--porcelain", "results") == ""
+    assert git(repo, "ls-files", "results/checkpoints").split() == [
+        f"results/checkpoints/mbc4-seed0/{name}"
+        for name in ("checkpoint.json", "last.ckpt", "made_by.sha256")
+    ]  # the checkpoint itself too (test_run_records_are_not_git_ignored: not ignored here)
     assert kept.meta()["attempts_seconds"] == [100.0]
     assert keep_checkpoints(sweep, commit=True) == [
         "[ckpt] mbc4 seed 0: its checkpoint is kept already"

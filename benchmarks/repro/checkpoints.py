@@ -16,7 +16,9 @@ into its run folder where that folder has none as far on (before the pinned code
 sweep resumes the fit from it only when it was made by the very same run configuration and code
 (:func:`benchmarks.repro.runs.resume_checkpoint`: otherwise it is moved aside and the fit starts
 afresh). A kept checkpoint is removed once its run has trained adapters kept or a record. Each
-commit adds its size to the history: keep at most one per session.
+commit adds its size to the history: keep at most one per session. ``.gitignore`` ignores
+``*.ckpt`` everywhere but here (``!/benchmarks/results/checkpoints/*/last.ckpt``): without that
+exception ``git add`` skipped ``last.ckpt`` and committed the rest, and no machine could resume.
 
 This lives outside ``pieces/`` because the sweep's pinned code (``sweep_code.json``) removes a
 piece folder that holds no trained adapters.
